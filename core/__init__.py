@@ -1,0 +1,1 @@
+"""The core: admin API, install pipeline, blob stores and distribution to satellites."""

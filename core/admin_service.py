@@ -1,0 +1,253 @@
+"""PackageAdmin servicer: thin translation between protobuf and the core's modules."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from core import allowlist, fleet, lockfiles, settings
+from core.auth import current_identity
+from core.db import Database
+from core.hub import Hub
+from core.installer import Installer, InstallState
+from core.secrets import SecretBox
+from shared.errors import InvalidArgument
+from shared.manifest import TargetEnvironment
+from shared.names import check_lockfile_hash
+from shared.proto.scriptpkgs.v1 import admin_pb2 as pb
+from shared.proto.scriptpkgs.v1 import admin_pb2_grpc, common_pb2
+from shared.wire import environment_from_pb, environment_to_pb, manifest_to_pb
+
+_STATUS = {
+    "idle": pb.INSTALL_STATUS_IDLE,
+    "installing": pb.INSTALL_STATUS_INSTALLING,
+    "ready": pb.INSTALL_STATUS_READY,
+    "error": pb.INSTALL_STATUS_ERROR,
+}
+
+
+def _package_pb(p: allowlist.Package) -> pb.Package:
+    return pb.Package(
+        name=p.name,
+        version=p.version,
+        enabled=p.enabled,
+        added_by=p.added_by,
+        added_at_unix=p.added_at,
+        updated_at_unix=p.updated_at,
+    )
+
+
+def _install_pb(s: InstallState) -> pb.InstallState:
+    return pb.InstallState(
+        status=_STATUS.get(s.status, pb.INSTALL_STATUS_UNSPECIFIED),
+        lockfile_hash=s.lockfile_hash,
+        attempted_hash=s.attempted_hash,
+        started_at_unix=s.started_at,
+        finished_at_unix=s.finished_at,
+        total_bytes=s.total_bytes,
+        warnings=list(s.warnings),
+        error=s.error,
+        phase=s.phase,
+        wheels_done=s.wheels_done,
+        wheels_total=s.wheels_total,
+    )
+
+
+def _registry_pb(c: settings.RegistryConfig) -> pb.RegistryConfig:
+    target = c.target or settings.native_environment()
+    return pb.RegistryConfig(
+        index_url=c.settings.index_url,
+        extra_index_urls=list(c.settings.extra_index_urls),
+        username=c.settings.username,
+        has_auth_token=bool(c.settings.token),
+        wheels_only=c.settings.wheels_only,
+        target=environment_to_pb(target),
+        timeout_seconds=c.settings.timeout_seconds,
+    )
+
+
+class AdminService(admin_pb2_grpc.PackageAdminServicer):
+    def __init__(self, db: Database, box: SecretBox, installer: Installer, hub: Hub) -> None:
+        self._db = db
+        self._box = box
+        self._installer = installer
+        self._hub = hub
+
+    # ---- allowlist ----
+    async def ListPackages(
+        self, request: pb.ListPackagesRequest, context: object
+    ) -> pb.ListPackagesResponse:
+        rows = await self._db.run(allowlist.list_packages)
+        return pb.ListPackagesResponse(packages=[_package_pb(p) for p in rows])
+
+    async def AddPackage(self, request: pb.AddPackageRequest, context: object) -> pb.Package:
+        spec = allowlist.PackageSpec(
+            request.name, request.version, request.enabled if request.HasField("enabled") else None
+        )
+        actor = current_identity().name
+        return _package_pb(await self._db.run(allowlist.add_package, spec, actor))
+
+    async def RemovePackage(
+        self, request: pb.RemovePackageRequest, context: object
+    ) -> pb.RemovePackageResponse:
+        return pb.RemovePackageResponse(
+            removed=await self._db.run(allowlist.remove_package, request.name)
+        )
+
+    async def SetPackageEnabled(
+        self, request: pb.SetPackageEnabledRequest, context: object
+    ) -> pb.Package:
+        return _package_pb(await self._db.run(allowlist.set_enabled, request.name, request.enabled))
+
+    async def SetPackages(
+        self, request: pb.SetPackagesRequest, context: object
+    ) -> pb.ListPackagesResponse:
+        specs = [
+            allowlist.PackageSpec(p.name, p.version, p.enabled if p.HasField("enabled") else None)
+            for p in request.packages
+        ]
+        rows = await self._db.run(allowlist.set_packages, specs, current_identity().name)
+        return pb.ListPackagesResponse(packages=[_package_pb(p) for p in rows])
+
+    # ---- registry ----
+    async def GetRegistryConfig(
+        self, request: pb.GetRegistryConfigRequest, context: object
+    ) -> pb.RegistryConfig:
+        return _registry_pb(await self._db.run(settings.load_registry, self._box))
+
+    async def SetRegistryConfig(
+        self, request: pb.SetRegistryConfigRequest, context: object
+    ) -> pb.RegistryConfig:
+        target: TargetEnvironment | None = None
+        clear_target = False
+        if request.HasField("target"):
+            if request.target.platform or request.target.abi:
+                target = environment_from_pb(request.target)
+            else:
+                clear_target = True  # an empty target means: the core's own interpreter
+        if request.extra_index_urls and not request.replace_extra_index_urls:
+            raise InvalidArgument(
+                "replace_extra_index_urls", "must be true when extra_index_urls are given"
+            )
+        update = settings.RegistryUpdate(
+            index_url=request.index_url if request.HasField("index_url") else None,
+            extra_index_urls=list(request.extra_index_urls)
+            if request.replace_extra_index_urls
+            else None,
+            username=request.username if request.HasField("username") else None,
+            token=request.auth_token if request.HasField("auth_token") else None,
+            wheels_only=request.wheels_only if request.HasField("wheels_only") else None,
+            target=target,
+            clear_target=clear_target,
+            timeout_seconds=request.timeout_seconds
+            if request.HasField("timeout_seconds")
+            else None,
+        )
+        return _registry_pb(await self._db.run(settings.update_registry, self._box, update))
+
+    # ---- install ----
+    async def InstallNow(self, request: pb.InstallNowRequest, context: object) -> pb.InstallState:
+        return _install_pb(await self._installer.start())
+
+    async def GetInstallState(
+        self, request: pb.GetInstallStateRequest, context: object
+    ) -> pb.InstallState:
+        return _install_pb(await self._installer.state())
+
+    async def WatchInstall(
+        self, request: pb.WatchInstallRequest, context: object
+    ) -> AsyncIterator[pb.InstallState]:
+        async for state in self._installer.watch():
+            yield _install_pb(state)
+
+    async def GetManifest(
+        self, request: pb.AdminGetManifestRequest, context: object
+    ) -> common_pb2.Manifest:
+        wanted = request.lockfile_hash
+        if wanted:
+            wanted = check_lockfile_hash(wanted)
+        else:
+            wanted = await self._db.run(lockfiles.desired_hash)
+            if not wanted:
+                from shared.errors import NotFound
+
+                raise NotFound("nothing has been installed yet; run InstallNow")
+        return manifest_to_pb(await self._db.run(lockfiles.get_manifest, wanted))
+
+    async def ListLockfiles(
+        self, request: pb.ListLockfilesRequest, context: object
+    ) -> pb.ListLockfilesResponse:
+        rows = await self._db.run(lockfiles.list_lockfiles)
+        return pb.ListLockfilesResponse(
+            lockfiles=[
+                pb.LockfileSummary(
+                    lockfile_hash=r.lockfile_hash,
+                    sequence=r.sequence,
+                    created_at_unix=r.created_at,
+                    entry_count=r.entry_count,
+                    total_size=r.total_size,
+                    current=current,
+                )
+                for r, current in rows
+            ]
+        )
+
+    # ---- limits ----
+    async def GetSizeCap(self, request: pb.GetSizeCapRequest, context: object) -> pb.SizeCap:
+        cap = await self._db.run(settings.load_size_cap)
+        return pb.SizeCap(warn_bytes=cap.warn_bytes, block_bytes=cap.block_bytes)
+
+    async def SetSizeCap(self, request: pb.SizeCap, context: object) -> pb.SizeCap:
+        cap = settings.SizeCap(request.warn_bytes, request.block_bytes)
+        cap = await self._db.run(settings.save_size_cap, cap)
+        return pb.SizeCap(warn_bytes=cap.warn_bytes, block_bytes=cap.block_bytes)
+
+    # ---- fleet ----
+    async def ListSatellites(
+        self, request: pb.ListSatellitesRequest, context: object
+    ) -> pb.ListSatellitesResponse:
+        rows = await self._db.run(fleet.list_all)
+        desired = await self._db.run(lockfiles.desired_hash)
+        return pb.ListSatellitesResponse(
+            satellites=[
+                pb.Satellite(
+                    name=r.name,
+                    connected=self._hub.is_connected(r.name),
+                    last_seen_unix=r.last_seen,
+                    desired_hash=desired,
+                    current_hash=r.current_hash,
+                    status=r.status,
+                    error=r.error,
+                    last_pull_bytes=r.last_pull_bytes,
+                    last_pull_blobs=r.last_pull_blobs,
+                    last_duration_ms=r.last_duration_ms,
+                    agent_version=r.agent_version,
+                    python_version=r.python_version,
+                    platform=r.platform,
+                    revoked=r.revoked,
+                    created_at_unix=r.created_at,
+                )
+                for r in rows
+            ]
+        )
+
+    async def CreateSatellite(
+        self, request: pb.CreateSatelliteRequest, context: object
+    ) -> pb.CreateSatelliteResponse:
+        token = await self._db.run(fleet.create, request.name)
+        return pb.CreateSatelliteResponse(name=request.name, token=token)
+
+    async def RevokeSatellite(
+        self, request: pb.RevokeSatelliteRequest, context: object
+    ) -> pb.RevokeSatelliteResponse:
+        await self._db.run(fleet.revoke, request.name)
+        self._hub.close_key(request.name)
+        return pb.RevokeSatelliteResponse()
+
+
+def unimplemented(issue: str) -> str:
+    return f"not implemented yet (tracked in {issue})"
+
+
+_ = grpc  # the servicer base class raises UNIMPLEMENTED for methods not defined here

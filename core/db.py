@@ -1,0 +1,197 @@
+"""peewee models behind one DatabaseProxy, versioned schema migrations, and a thread to run on.
+
+peewee is synchronous and grpc.aio is not: every query runs through `Database.run`, which hands it
+to a small thread pool so the event loop never waits on SQLite or Postgres.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import peewee as pw
+
+from shared.errors import StoreError
+
+database_proxy = pw.DatabaseProxy()
+T = TypeVar("T")
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class BaseModel(pw.Model):
+    class Meta:
+        database = database_proxy
+
+
+class SchemaVersion(BaseModel):
+    version = pw.IntegerField()
+
+
+class Setting(BaseModel):
+    """Small JSON documents: registry config, size cap, keys (encrypted)."""
+
+    key = pw.CharField(primary_key=True, max_length=64)
+    value = pw.TextField()
+
+
+class AllowlistPackage(BaseModel):
+    name = pw.CharField(primary_key=True, max_length=128)
+    version = pw.CharField(max_length=64)
+    enabled = pw.BooleanField(default=True)
+    added_by = pw.CharField(max_length=128, default="")
+    added_at = pw.BigIntegerField(default=now)
+    updated_at = pw.BigIntegerField(default=now)
+
+
+class AdminToken(BaseModel):
+    token_hash = pw.CharField(primary_key=True, max_length=64)
+    role = pw.CharField(max_length=16)
+    label = pw.CharField(max_length=128, default="")
+    created_at = pw.BigIntegerField(default=now)
+
+
+class Lockfile(BaseModel):
+    """Published manifests (history). `sequence` increases on every publish, rollbacks included."""
+
+    lockfile_hash = pw.CharField(primary_key=True, max_length=64)
+    sequence = pw.BigIntegerField(index=True)
+    manifest_json = pw.TextField()
+    entry_count = pw.IntegerField()
+    total_size = pw.BigIntegerField()
+    created_at = pw.BigIntegerField(default=now)
+
+
+class BlobRecord(BaseModel):
+    sha256 = pw.CharField(primary_key=True, max_length=64)
+    size = pw.BigIntegerField()
+    backend = pw.CharField(max_length=32, default="filesystem")
+    created_at = pw.BigIntegerField(default=now)
+
+
+class InstallStateRow(BaseModel):
+    """A single row (id 1): the desired hash and the last install attempt."""
+
+    status = pw.CharField(max_length=16, default="idle")
+    lockfile_hash = pw.CharField(max_length=64, default="")
+    attempted_hash = pw.CharField(max_length=64, default="")
+    started_at = pw.BigIntegerField(default=0)
+    finished_at = pw.BigIntegerField(default=0)
+    total_bytes = pw.BigIntegerField(default=0)
+    warnings_json = pw.TextField(default="[]")
+    error = pw.TextField(default="")
+    phase = pw.CharField(max_length=32, default="")
+    wheels_done = pw.IntegerField(default=0)
+    wheels_total = pw.IntegerField(default=0)
+    owner = pw.CharField(max_length=64, default="")
+
+
+class SatelliteRow(BaseModel):
+    name = pw.CharField(primary_key=True, max_length=64)
+    token_hash = pw.CharField(max_length=64, unique=True)
+    revoked = pw.BooleanField(default=False)
+    created_at = pw.BigIntegerField(default=now)
+    last_seen = pw.BigIntegerField(default=0)
+    desired_hash = pw.CharField(max_length=64, default="")
+    current_hash = pw.CharField(max_length=64, default="")
+    status = pw.CharField(max_length=16, default="unknown")
+    error = pw.TextField(default="")
+    last_pull_bytes = pw.BigIntegerField(default=0)
+    last_pull_blobs = pw.BigIntegerField(default=0)
+    last_duration_ms = pw.BigIntegerField(default=0)
+    agent_version = pw.CharField(max_length=64, default="")
+    python_version = pw.CharField(max_length=64, default="")
+    platform = pw.CharField(max_length=128, default="")
+
+
+ALL_MODELS: list[type[BaseModel]] = [
+    SchemaVersion,
+    Setting,
+    AllowlistPackage,
+    AdminToken,
+    Lockfile,
+    BlobRecord,
+    InstallStateRow,
+    SatelliteRow,
+]
+
+
+def _migration_1(db: pw.Database) -> None:
+    db.create_tables(ALL_MODELS)
+    InstallStateRow.create(id=1)
+
+
+# Append-only: each entry brings the schema from version i to i + 1.
+MIGRATIONS: list[Callable[[pw.Database], None]] = [_migration_1]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def migrate(db: pw.Database) -> int:
+    """Apply pending migrations in one transaction each; returns the resulting version."""
+    with db.atomic():
+        if not db.table_exists(SchemaVersion._meta.table_name):
+            db.create_tables([SchemaVersion])
+            SchemaVersion.create(version=0)
+    row = SchemaVersion.get()
+    if row.version > SCHEMA_VERSION:
+        raise StoreError(
+            f"database schema is version {row.version}, this core knows up to {SCHEMA_VERSION};"
+            " upgrade the core"
+        )
+    for version in range(row.version, SCHEMA_VERSION):
+        with db.atomic():
+            MIGRATIONS[version](db)
+            SchemaVersion.update(version=version + 1).execute()
+    return SCHEMA_VERSION
+
+
+def open_database(data_dir: Path, url: str | None = None) -> pw.Database:
+    """SQLite in the data dir (WAL) by default; Postgres when a postgres:// URL is given."""
+    if url:
+        from playhouse.db_url import connect
+
+        db: pw.Database = connect(url)
+    else:
+        db = pw.SqliteDatabase(
+            str(data_dir / "core.sqlite3"),
+            pragmas={
+                "journal_mode": "wal",
+                "synchronous": "full",  # a published row must survive power loss
+                "foreign_keys": 1,
+                "busy_timeout": 10_000,
+            },
+            check_same_thread=False,
+        )
+    database_proxy.initialize(db)
+    db.connect(reuse_if_open=True)
+    migrate(db)
+    return db
+
+
+class Database:
+    """Runs peewee work off the event loop. SQLite gets one writer thread; Postgres a few."""
+
+    def __init__(self, db: pw.Database) -> None:
+        self.db = db
+        workers = 1 if isinstance(db, pw.SqliteDatabase) else 4
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="db")
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self._call, fn, args)
+
+    def _call(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        # peewee keeps one connection per thread; open it lazily in each pool thread.
+        self.db.connect(reuse_if_open=True)
+        return fn(*args)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        if not self.db.is_closed():
+            self.db.close()

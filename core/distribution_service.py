@@ -1,0 +1,121 @@
+"""PackageDistribution servicer: the satellite-facing stream, manifests, blobs and reports."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from core import fleet, lockfiles
+from core.auth import current_identity
+from core.blobstore import BlobStore
+from core.db import Database
+from core.hub import Hub
+from shared.errors import InvalidArgument, NotFound
+from shared.names import check_lockfile_hash, check_sha256
+from shared.proto.scriptpkgs.v1 import common_pb2, distribution_pb2_grpc
+from shared.proto.scriptpkgs.v1 import distribution_pb2 as pb
+from shared.signing import key_id, public_key_pem
+from shared.wire import manifest_to_pb
+
+log = logging.getLogger(__name__)
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+# Measured on loopback (see docs/benchmarks.md): 1 MiB chunks were fastest; the wire cap is 1 MiB.
+CHUNK_SIZE = 1024 * 1024
+
+_STATUS = {
+    pb.SYNC_STATUS_SYNCING: "syncing",
+    pb.SYNC_STATUS_READY: "ready",
+    pb.SYNC_STATUS_ERROR: "error",
+}
+
+
+class DistributionService(distribution_pb2_grpc.PackageDistributionServicer):
+    def __init__(
+        self, db: Database, hub: Hub, store: BlobStore, public_key: Ed25519PublicKey
+    ) -> None:
+        self._db = db
+        self._hub = hub
+        self._store = store
+        self._signing_key = pb.SigningKey(
+            public_key_pem=public_key_pem(public_key), key_id=key_id(public_key)
+        )
+
+    async def RefreshScriptPackages(
+        self, request: pb.SubscribeRequest, context: Ctx
+    ) -> AsyncIterator[pb.Refresh]:
+        name = current_identity().name
+        await self._db.run(
+            fleet.touch,
+            name,
+            request.agent_version,
+            request.python_version,
+            request.platform,
+            request.current_hash,
+        )
+        subscription = self._hub.subscribe(name)
+        log.info("satellite %s subscribed", name)
+        try:
+            async for value in subscription.values():
+                yield pb.Refresh(lockfile_hash=value)
+        finally:
+            log.info("satellite %s unsubscribed", name)
+        if subscription.revoked:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "satellite token revoked")
+        if subscription.closed:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "core shutting down; reconnect")
+
+    async def GetManifest(
+        self, request: pb.GetManifestRequest, context: Ctx
+    ) -> common_pb2.Manifest:
+        wanted = check_lockfile_hash(request.lockfile_hash)
+        return manifest_to_pb(await self._db.run(lockfiles.get_manifest, wanted))
+
+    async def DownloadBlob(
+        self, request: pb.DownloadBlobRequest, context: Ctx
+    ) -> AsyncIterator[pb.BlobChunk]:
+        sha = check_sha256(request.sha256)
+        total = await asyncio.to_thread(self._store.size, sha)
+        if total is None:
+            raise NotFound(f"no blob {sha} in the store")
+        if request.offset > total:
+            raise InvalidArgument("offset", f"must be <= the blob size {total}")
+        reader = await asyncio.to_thread(self._store.open_read, sha, request.offset)
+        offset = request.offset
+        try:
+            while True:
+                data = await asyncio.to_thread(reader.read, CHUNK_SIZE)
+                if not data:
+                    break
+                yield pb.BlobChunk(data=data, offset=offset, total_size=total)
+                offset += len(data)
+        finally:
+            reader.close()
+
+    async def ReportSyncState(
+        self, request: pb.ReportSyncStateRequest, context: Ctx
+    ) -> pb.ReportSyncStateResponse:
+        status = _STATUS.get(request.status)
+        if status is None:
+            raise InvalidArgument("status", "must be SYNCING, READY or ERROR")
+        report = fleet.SyncReportIn(
+            request.lockfile_hash,
+            status,
+            request.error,
+            request.blobs_pulled,
+            request.bytes_pulled,
+            request.duration_ms,
+            request.current_hash,
+        )
+        await self._db.run(fleet.record_report, current_identity().name, report)
+        return pb.ReportSyncStateResponse()
+
+    async def GetSigningKey(
+        self, request: pb.GetSigningKeyRequest, context: Ctx
+    ) -> pb.SigningKey:
+        return self._signing_key

@@ -1,0 +1,86 @@
+"""Satellite identities (tokens stored hashed) and their sync reports, for the fleet view."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from core.db import SatelliteRow, now
+from core.secrets import hash_token, new_token
+from shared.errors import FailedPrecondition, InvalidArgument, NotFound
+
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+
+
+@dataclass(frozen=True)
+class SyncReportIn:
+    lockfile_hash: str
+    status: str
+    error: str
+    blobs_pulled: int
+    bytes_pulled: int
+    duration_ms: int
+    current_hash: str
+
+
+def validate_name(name: str) -> str:
+    if not _NAME_RE.match(name):
+        raise InvalidArgument(
+            "name", "1-63 characters: lowercase letters, digits, . _ - (starting alphanumeric)"
+        )
+    return name
+
+
+def create(name: str) -> str:
+    """Returns the token, once. A revoked name may be re-created with a fresh token."""
+    name = validate_name(name)
+    token = new_token("spk_sat")
+    row = SatelliteRow.get_or_none(SatelliteRow.name == name)
+    if row is not None and not row.revoked:
+        raise FailedPrecondition(f"satellite {name!r} already exists; revoke it first to re-issue")
+    if row is not None:
+        row.delete_instance()
+    SatelliteRow.create(name=name, token_hash=hash_token(token))
+    return token
+
+
+def revoke(name: str) -> None:
+    updated = SatelliteRow.update(revoked=True).where(SatelliteRow.name == name).execute()
+    if not updated:
+        raise NotFound(f"no satellite named {name!r}")
+
+
+def authenticate(token: str) -> str | None:
+    row = SatelliteRow.get_or_none(SatelliteRow.token_hash == hash_token(token))
+    if row is None or row.revoked:
+        return None
+    return str(row.name)
+
+
+def touch(name: str, agent_version: str, python_version: str, platform: str, current: str) -> None:
+    SatelliteRow.update(
+        last_seen=now(),
+        agent_version=agent_version[:64],
+        python_version=python_version[:64],
+        platform=platform[:128],
+        current_hash=current[:64],
+    ).where(SatelliteRow.name == name).execute()
+
+
+def record_report(name: str, report: SyncReportIn) -> None:
+    fields: dict[object, object] = {
+        SatelliteRow.last_seen: now(),
+        SatelliteRow.desired_hash: report.lockfile_hash[:64],
+        SatelliteRow.status: report.status,
+        SatelliteRow.error: report.error[:4000],
+        SatelliteRow.current_hash: report.current_hash[:64],
+    }
+    if report.status != "syncing":
+        fields[SatelliteRow.last_pull_bytes] = report.bytes_pulled
+        fields[SatelliteRow.last_pull_blobs] = report.blobs_pulled
+        fields[SatelliteRow.last_duration_ms] = report.duration_ms
+    SatelliteRow.update(fields).where(SatelliteRow.name == name).execute()
+
+
+def list_all() -> list[SatelliteRow]:
+    return list(SatelliteRow.select().order_by(SatelliteRow.name))

@@ -1,0 +1,280 @@
+"""The install pipeline: allowlist -> pip resolution -> verified wheels -> signed manifest.
+
+One install at a time. Any failure leaves the previous desired hash and manifest in place, so the
+fleet stays on the last good set. Every wheel is downloaded at most once: blobs the store already
+holds (same sha256 from the index) are skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from shared.wheels import inspect_wheel
+
+from core import allowlist, lockfiles, settings
+from core.blobstore import BlobStore
+from core.db import BlobRecord, Database, InstallStateRow, database_proxy, now
+from core.hub import Hub
+from core.index_client import download_wheel
+from core.registry import RegistrySettings, ResolvedWheel, resolve
+from core.secrets import SecretBox
+from shared.errors import FailedPrecondition, SpkError
+from shared.manifest import Manifest, ManifestEntry
+
+log = logging.getLogger(__name__)
+DOWNLOAD_CONCURRENCY = 4
+
+
+@dataclass(frozen=True)
+class InstallState:
+    status: str
+    lockfile_hash: str
+    attempted_hash: str
+    started_at: int
+    finished_at: int
+    total_bytes: int
+    warnings: tuple[str, ...]
+    error: str
+    phase: str
+    wheels_done: int
+    wheels_total: int
+
+
+def _state_from_row(row: InstallStateRow) -> InstallState:
+    return InstallState(
+        row.status,
+        row.lockfile_hash,
+        row.attempted_hash,
+        row.started_at,
+        row.finished_at,
+        row.total_bytes,
+        tuple(json.loads(row.warnings_json)),
+        row.error,
+        row.phase,
+        row.wheels_done,
+        row.wheels_total,
+    )
+
+
+def read_state() -> InstallState:
+    return _state_from_row(InstallStateRow.get_by_id(1))
+
+
+def _update_state(**fields: object) -> InstallState:
+    if "warnings" in fields:
+        fields["warnings_json"] = json.dumps(list(fields.pop("warnings")))  # type: ignore[call-overload]
+    InstallStateRow.update(**fields).where(InstallStateRow._meta.primary_key == 1).execute()
+    return read_state()
+
+
+def recover_stale_install() -> bool:
+    """At startup: an install left `installing` by a crashed core is marked failed."""
+    row = InstallStateRow.get_by_id(1)
+    if row.status != "installing":
+        return False
+    _update_state(
+        status="error",
+        finished_at=now(),
+        phase="",
+        error="the core stopped during this install; the previous desired hash stays."
+        " Run InstallNow again.",
+    )
+    return True
+
+
+@dataclass
+class _Progress:
+    done: int = 0
+    total: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+class Installer:
+    def __init__(
+        self,
+        db: Database,
+        box: SecretBox,
+        signing_key: Ed25519PrivateKey,
+        store: BlobStore,
+        hub: Hub,
+        work_dir: Path,
+    ) -> None:
+        self._db = db
+        self._box = box
+        self._key = signing_key
+        self._store = store
+        self._hub = hub
+        self._work_dir = work_dir
+        self._task: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def state(self) -> InstallState:
+        return await self._db.run(read_state)
+
+    async def start(self) -> InstallState:
+        if self.running:
+            current = await self.state()
+            raise FailedPrecondition(
+                f"an install is already running (phase {current.phase or 'starting'},"
+                f" started at {current.started_at}); wait for it or watch it with WatchInstall"
+            )
+        state = await self._set(
+            status="installing",
+            attempted_hash="",
+            started_at=now(),
+            finished_at=0,
+            total_bytes=0,
+            warnings=[],
+            error="",
+            phase="starting",
+            wheels_done=0,
+            wheels_total=0,
+        )
+        self._task = asyncio.create_task(self._run(), name="install")
+        return state
+
+    async def wait(self) -> None:
+        if self._task is not None:
+            with contextlib.suppress(Exception):
+                await self._task
+
+    async def cancel(self) -> None:
+        """Shutdown: stop a running install; it is recorded as failed, the desired hash stays."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def watch(self) -> AsyncIterator[InstallState]:
+        """The current state at once, then every change until the install settles."""
+        while True:
+            event = self._changed
+            state = await self.state()
+            yield state
+            if state.status != "installing":
+                return
+            await event.wait()
+
+    async def _set(self, **fields: object) -> InstallState:
+        state = await self._db.run(lambda: _update_state(**fields))
+        event, self._changed = self._changed, asyncio.Event()
+        event.set()
+        return state
+
+    async def _run(self) -> None:
+        try:
+            manifest, warnings = await self._build_manifest()
+            published = await self._db.run(self._publish, manifest)
+            await self._set(
+                status="ready",
+                lockfile_hash=published.lockfile_hash,
+                attempted_hash=published.lockfile_hash,
+                finished_at=now(),
+                total_bytes=published.total_size,
+                warnings=warnings,
+                phase="",
+            )
+            self._hub.publish(published.lockfile_hash)
+            log.info(
+                "install ready: %s (%d wheels, %d bytes)",
+                published.lockfile_hash,
+                len(published.entries),
+                published.total_size,
+            )
+        except asyncio.CancelledError:
+            await self._set(
+                status="error",
+                error="the core stopped during this install; the previous desired hash stays",
+                finished_at=now(),
+                phase="",
+            )
+            raise
+        except SpkError as exc:
+            log.warning("install failed: %s", exc.message)
+            await self._set(status="error", error=exc.message, finished_at=now(), phase="")
+        except Exception as exc:
+            log.exception("install failed unexpectedly")
+            await self._set(
+                status="error",
+                error=f"internal error: {type(exc).__name__}; see the core log",
+                finished_at=now(),
+                phase="",
+            )
+
+    async def _build_manifest(self) -> tuple[Manifest, list[str]]:
+        reqs = await self._db.run(allowlist.enabled_requirements)
+        config = await self._db.run(settings.load_registry, self._box)
+        cap = await self._db.run(settings.load_size_cap)
+        environment = config.target or settings.native_environment()
+        entries: list[ManifestEntry] = []
+        if reqs:  # an empty allowlist needs no pip run and no scratch dir
+            await self._set(phase="resolving")
+            wheels = await resolve(reqs, config.settings, config.target, self._work_dir)
+            await self._set(phase="downloading", wheels_total=len(wheels))
+            entries = await self._fetch_all(wheels, config.settings)
+        manifest = Manifest.build(entries, environment)
+        await self._set(attempted_hash=manifest.lockfile_hash, total_bytes=manifest.total_size)
+        warnings, blocked = settings.check_size(manifest.total_size, cap)
+        if blocked:
+            raise FailedPrecondition(blocked)
+        return manifest, warnings
+
+    async def _fetch_all(
+        self, wheels: list[ResolvedWheel], registry: RegistrySettings
+    ) -> list[ManifestEntry]:
+        limit = asyncio.Semaphore(DOWNLOAD_CONCURRENCY)
+        progress = _Progress(total=len(wheels))
+
+        async def one(wheel: ResolvedWheel) -> ManifestEntry:
+            async with limit:
+                size = await self._fetch(wheel, registry)
+            progress.done += 1
+            await self._set(wheels_done=progress.done)
+            return ManifestEntry(
+                wheel.name, wheel.version, wheel.filename, wheel.sha256, size, wheel.requested
+            )
+
+        return list(await asyncio.gather(*(one(w) for w in wheels)))
+
+    async def _fetch(self, wheel: ResolvedWheel, registry: RegistrySettings) -> int:
+        known = await asyncio.to_thread(self._store.size, wheel.sha256)
+        if known is not None:
+            return known
+        self._work_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self._work_dir / f"dl-{wheel.sha256}-{os.getpid()}.whl"
+        try:
+            size = await download_wheel(wheel, registry, tmp)
+            # pip does not check RECORD or refuse symlinks; we do, before anything is published.
+            await asyncio.to_thread(inspect_wheel, tmp, filename=wheel.filename)
+            await asyncio.to_thread(self._store.put_file, wheel.sha256, tmp)
+            await self._db.run(
+                lambda: (
+                    BlobRecord.insert(sha256=wheel.sha256, size=size, backend=self._store.name)
+                    .on_conflict_ignore()
+                    .execute()
+                )
+            )
+            return size
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _publish(self, manifest: Manifest) -> Manifest:
+        """Record and make desired in one transaction; re-installing the desired set is a no-op."""
+        with database_proxy.atomic():
+            if lockfiles.desired_hash() == manifest.lockfile_hash:
+                return lockfiles.get_manifest(manifest.lockfile_hash)
+            published = lockfiles.publish(manifest, self._key)
+            _update_state(lockfile_hash=published.lockfile_hash)
+            return published

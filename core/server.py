@@ -1,0 +1,186 @@
+"""Server assembly: grpc.aio with auth, reflection (v1alpha + v1), health, and a clean lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection_pb2 as refl_pb2
+
+from core import auth, lockfiles
+from core.admin_service import AdminService
+from core.auth import AuthInterceptor
+from core.blobstore import FilesystemBlobStore
+from core.db import Database, open_database
+from core.distribution_service import DistributionService
+from core.hub import Hub
+from core.installer import Installer, recover_stale_install
+from core.secrets import SecretBox, load_or_create_key
+from shared.errors import StoreError
+from shared.proto.scriptpkgs.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    distribution_pb2,
+    distribution_pb2_grpc,
+)
+
+log = logging.getLogger(__name__)
+MAX_MESSAGE = 4 * 1024 * 1024
+DESIRED_POLL_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class CoreConfig:
+    """Parsed once at the edge (CLI/env) and passed in."""
+
+    data_dir: Path
+    listen: str = "127.0.0.1:50051"
+    database_url: str | None = None  # None: SQLite in data_dir
+    bootstrap_admin_token: str | None = None  # from SPK_ADMIN_TOKEN; stored hashed
+
+
+def _add_reflection_v1(server: grpc.aio.Server, servicer: Any) -> None:
+    """grpcio-reflection ships only v1alpha; v1 has the same messages, so serve it by name too."""
+    handler = grpc.method_handlers_generic_handler(
+        "grpc.reflection.v1.ServerReflection",
+        {
+            "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+                servicer.ServerReflectionInfo,
+                request_deserializer=refl_pb2.ServerReflectionRequest.FromString,
+                response_serializer=refl_pb2.ServerReflectionResponse.SerializeToString,
+            )
+        },
+    )
+    server.add_generic_rpc_handlers((handler,))
+
+
+def prepare_data_dir(data_dir: Path) -> None:
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(data_dir, 0o700)
+        probe = data_dir / ".write-probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise StoreError(f"data dir {data_dir} is not writable: {exc.strerror}") from None
+
+
+class CoreServer:
+    """`async with CoreServer(config) as core: await core.wait()`; `stop()` is idempotent."""
+
+    def __init__(self, config: CoreConfig) -> None:
+        self.config = config
+        self.port = 0
+        self._server: grpc.aio.Server | None = None
+        self._db: Database | None = None
+        self._poller: asyncio.Task[None] | None = None
+        self._stopped = asyncio.Event()
+        self.hub = Hub()
+        self.installer: Installer | None = None
+
+    async def start(self) -> None:
+        cfg = self.config
+        prepare_data_dir(cfg.data_dir)
+        box = SecretBox(load_or_create_key(cfg.data_dir))
+        self._db = db = Database(
+            await asyncio.to_thread(open_database, cfg.data_dir, cfg.database_url)
+        )
+        if cfg.bootstrap_admin_token:
+            await db.run(auth.ensure_bootstrap_token, cfg.bootstrap_admin_token)
+        if await db.run(recover_stale_install):
+            log.warning("an install was interrupted by a restart; marked failed")
+        key = await db.run(lockfiles.load_or_create_signing_key, box)
+        self.hub.publish(await db.run(lockfiles.desired_hash))
+        store = FilesystemBlobStore(cfg.data_dir / "blobs")
+        self.installer = Installer(db, box, key, store, self.hub, cfg.data_dir / "work")
+
+        server = grpc.aio.server(
+            interceptors=[AuthInterceptor(db)],
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE),
+                ("grpc.max_send_message_length", 2 * 1024 * 1024),
+                # Let agents ping every 10 s while idle so a dead peer is noticed; more is abuse.
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.keepalive_timeout_ms", 10_000),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        admin_pb2_grpc.add_PackageAdminServicer_to_server(
+            AdminService(db, box, self.installer, self.hub), server
+        )
+        distribution_pb2_grpc.add_PackageDistributionServicer_to_server(
+            DistributionService(db, self.hub, store, key.public_key()), server
+        )
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        names = [
+            admin_pb2.DESCRIPTOR.services_by_name["PackageAdmin"].full_name,
+            distribution_pb2.DESCRIPTOR.services_by_name["PackageDistribution"].full_name,
+            health.SERVICE_NAME,
+            reflection.SERVICE_NAME,
+            "grpc.reflection.v1.ServerReflection",
+        ]
+        refl = reflection.aio.ReflectionServicer(names)
+        reflection.enable_server_reflection(names, server)
+        _add_reflection_v1(server, refl)
+        try:
+            self.port = server.add_insecure_port(cfg.listen)
+        except RuntimeError:
+            self.port = 0
+        if self.port == 0:
+            raise StoreError(f"cannot listen on {cfg.listen}: address in use or not available")
+        await server.start()
+        self._server = server
+        for name in [*names[:2], ""]:
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._poller = asyncio.create_task(self._poll_desired(), name="desired-poll")
+        log.info("core listening on %s (port %d), data dir %s", cfg.listen, self.port, cfg.data_dir)
+
+    async def _poll_desired(self) -> None:
+        """Backstop: another core instance (or a restore) may change the desired hash."""
+        assert self._db is not None
+        while True:
+            await asyncio.sleep(DESIRED_POLL_SECONDS)
+            try:
+                self.hub.publish(await self._db.run(lockfiles.desired_hash))
+            except Exception:  # keep polling; the next round may succeed
+                log.exception("reading the desired hash failed")
+
+    async def wait(self) -> None:
+        await self._stopped.wait()
+
+    async def stop(self, grace: float = 5.0) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+        self.hub.close_all()
+        if self._server is not None:
+            await self._server.stop(grace)
+        if self.installer is not None:
+            await self.installer.cancel()
+        if self._db is not None:
+            self._db.close()
+
+    async def __aenter__(self) -> CoreServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()

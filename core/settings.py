@@ -1,0 +1,198 @@
+"""Registry config and size cap: validation, and their rows (token encrypted with SecretBox)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import sys
+import urllib.parse
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from core.db import Setting, database_proxy
+from core.registry import RegistrySettings
+from core.secrets import SecretBox
+from shared.errors import InvalidArgument
+from shared.manifest import TargetEnvironment
+
+REGISTRY_KEY = "registry"
+SIZE_CAP_KEY = "size_cap"
+MiB = 1024 * 1024
+DEFAULT_WARN = 150 * MiB
+DEFAULT_BLOCK = 300 * MiB
+MAX_URL_LENGTH = 2048
+
+
+@dataclass(frozen=True)
+class SizeCap:
+    warn_bytes: int = DEFAULT_WARN
+    block_bytes: int = DEFAULT_BLOCK
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    """What is stored; `settings.token` is the decrypted secret and never leaves the core."""
+
+    settings: RegistrySettings
+    target: TargetEnvironment | None  # None: the core's own interpreter and platform
+
+
+@dataclass(frozen=True)
+class RegistryUpdate:
+    """A partial update: None keeps the stored value; token "" clears it."""
+
+    index_url: str | None = None
+    extra_index_urls: Sequence[str] | None = None
+    username: str | None = None
+    token: str | None = None
+    wheels_only: bool | None = None
+    target: TargetEnvironment | None = None
+    clear_target: bool = False
+    timeout_seconds: int | None = None
+
+
+def native_environment() -> TargetEnvironment:
+    """The core's own interpreter; platform empty = pip's native platform tags."""
+    major, minor = sys.version_info[:2]
+    return TargetEnvironment(f"{major}.{minor}", "cp", f"cp{major}{minor}", "")
+
+
+def validate_index_url(url: str, field: str) -> str:
+    text = url.strip()
+    if len(text) > MAX_URL_LENGTH:
+        raise InvalidArgument(field, f"must be at most {MAX_URL_LENGTH} characters")
+    if any(ord(c) < 0x21 or ord(c) == 0x7F for c in text):
+        raise InvalidArgument(field, "must not contain spaces or control characters")
+    parsed = urllib.parse.urlsplit(text)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise InvalidArgument(
+            field, "must be an http(s) URL with a host, e.g. https://pypi.org/simple"
+        )
+    if parsed.username or parsed.password:
+        # Never store credentials in a URL: they would be returned and logged with it.
+        raise InvalidArgument(field, "must not contain credentials; set username and auth_token")
+    return text
+
+
+def validate_target(env: TargetEnvironment) -> TargetEnvironment:
+    import re
+
+    if not re.fullmatch(r"3\.\d{1,2}", env.python_version):
+        raise InvalidArgument("target.python_version", "must look like 3.11")
+    if env.implementation not in ("cp", "pp", "py"):
+        raise InvalidArgument("target.implementation", "must be one of cp, pp, py")
+    for field_name, value in (("target.abi", env.abi), ("target.platform", env.platform)):
+        if value and not re.fullmatch(r"[a-z0-9_.]{1,64}", value):
+            raise InvalidArgument(
+                field_name, "must be a wheel tag such as cp311 or manylinux_2_17_x86_64"
+            )
+    if not env.platform:
+        raise InvalidArgument(
+            "target.platform", "is required when a target is set (e.g. manylinux_2_17_x86_64)"
+        )
+    return env
+
+
+def load_registry(box: SecretBox) -> RegistryConfig:
+    row = Setting.get_or_none(Setting.key == REGISTRY_KEY)
+    if row is None:
+        return RegistryConfig(RegistrySettings(), None)
+    raw = json.loads(row.value)
+    token = ""
+    if raw.get("token_ct"):
+        token = box.decrypt(base64.b64decode(raw["token_ct"]), "registry token").decode()
+    target = TargetEnvironment(**raw["target"]) if raw.get("target") else None
+    settings = RegistrySettings(
+        index_url=raw["index_url"],
+        extra_index_urls=tuple(raw.get("extra_index_urls", ())),
+        username=raw.get("username", ""),
+        token=token,
+        wheels_only=raw.get("wheels_only", True),
+        timeout_seconds=raw.get("timeout_seconds", 30),
+    )
+    return RegistryConfig(settings, target)
+
+
+def update_registry(box: SecretBox, update: RegistryUpdate) -> RegistryConfig:
+    """Validate everything first, then write one row; nothing changes on a bad field."""
+    with database_proxy.atomic():
+        cur = load_registry(box)
+        s = cur.settings
+        if update.index_url is not None:
+            s = replace(s, index_url=validate_index_url(update.index_url, "index_url"))
+        if update.extra_index_urls is not None:
+            urls = tuple(
+                validate_index_url(u, f"extra_index_urls[{i}]")
+                for i, u in enumerate(update.extra_index_urls)
+            )
+            s = replace(s, extra_index_urls=urls)
+        if update.username is not None:
+            if len(update.username) > 256 or any(ord(c) < 0x20 for c in update.username):
+                raise InvalidArgument("username", "at most 256 printable characters")
+            s = replace(s, username=update.username)
+        if update.token is not None:
+            if len(update.token) > 4096 or any(ord(c) < 0x20 for c in update.token):
+                raise InvalidArgument("auth_token", "at most 4096 printable characters")
+            s = replace(s, token=update.token)
+        if update.wheels_only is not None:
+            s = replace(s, wheels_only=update.wheels_only)
+        if update.timeout_seconds is not None:
+            if not 1 <= update.timeout_seconds <= 600:
+                raise InvalidArgument("timeout_seconds", "must be between 1 and 600")
+            s = replace(s, timeout_seconds=update.timeout_seconds)
+        target = cur.target
+        if update.clear_target:
+            target = None
+        elif update.target is not None:
+            target = validate_target(update.target)
+        doc = {
+            "index_url": s.index_url,
+            "extra_index_urls": list(s.extra_index_urls),
+            "username": s.username,
+            "token_ct": base64.b64encode(box.encrypt(s.token.encode(), "registry token")).decode()
+            if s.token
+            else "",
+            "wheels_only": s.wheels_only,
+            "timeout_seconds": s.timeout_seconds,
+            "target": target.as_dict() if target else None,
+        }
+        Setting.replace(key=REGISTRY_KEY, value=json.dumps(doc)).execute()
+    return RegistryConfig(s, target)
+
+
+def load_size_cap() -> SizeCap:
+    row = Setting.get_or_none(Setting.key == SIZE_CAP_KEY)
+    if row is None:
+        return SizeCap()
+    raw = json.loads(row.value)
+    return SizeCap(int(raw["warn_bytes"]), int(raw["block_bytes"]))
+
+
+def save_size_cap(cap: SizeCap) -> SizeCap:
+    if cap.warn_bytes <= 0:
+        raise InvalidArgument("warn_bytes", "must be a positive number of bytes")
+    if cap.block_bytes <= 0:
+        raise InvalidArgument("block_bytes", "must be a positive number of bytes")
+    if cap.warn_bytes > cap.block_bytes:
+        raise InvalidArgument(
+            "warn_bytes", f"must be <= block_bytes ({cap.warn_bytes} > {cap.block_bytes})"
+        )
+    doc = {"warn_bytes": cap.warn_bytes, "block_bytes": cap.block_bytes}
+    Setting.replace(key=SIZE_CAP_KEY, value=json.dumps(doc)).execute()
+    return cap
+
+
+def check_size(total: int, cap: SizeCap) -> tuple[list[str], str | None]:
+    """(warnings, blocking error). Exactly warn is fine; exactly block only warns."""
+
+    def mib(n: int) -> str:
+        return f"{n / MiB:.1f} MiB ({n} bytes)"
+
+    if total > cap.block_bytes:
+        return [], (
+            f"install size {mib(total)} exceeds the block limit {mib(cap.block_bytes)};"
+            " remove packages or raise the size cap"
+        )
+    if total > cap.warn_bytes:
+        return [f"install size {mib(total)} exceeds the warn limit {mib(cap.warn_bytes)}"], None
+    return [], None

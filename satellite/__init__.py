@@ -1,0 +1,1 @@
+"""The satellite agent: sync to the core's desired lockfile, materialise offline, run scripts."""

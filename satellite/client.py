@@ -1,0 +1,180 @@
+"""The gRPC adapter behind satellite.ports.CoreClient. Transport errors become shared.errors here,
+and only here; generated protobuf types never leave this module."""
+
+from __future__ import annotations
+
+import platform
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from types import TracebackType
+
+import grpc
+
+from satellite.ports import SyncReport, SyncStatus
+from shared.errors import (
+    FailedPrecondition,
+    IntegrityError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    RegistryError,
+    SpkError,
+    Unauthenticated,
+)
+from shared.manifest import Manifest
+from shared.proto.scriptpkgs.v1 import distribution_pb2 as pb
+from shared.proto.scriptpkgs.v1 import distribution_pb2_grpc
+from shared.wire import manifest_from_pb
+
+AGENT_VERSION = "0.1.0"
+MANIFEST_TIMEOUT = 30.0  # seconds, as in the original system
+REPORT_TIMEOUT = 10.0
+BLOB_IDLE_TIMEOUT = 60.0  # a blob stream that stalls longer than this is abandoned and resumed
+
+_STATUS = {
+    SyncStatus.SYNCING: pb.SYNC_STATUS_SYNCING,
+    SyncStatus.READY: pb.SYNC_STATUS_READY,
+    SyncStatus.ERROR: pb.SYNC_STATUS_ERROR,
+}
+
+
+class CoreUnavailable(SpkError):
+    """The core cannot be reached right now; the agent retries with backoff."""
+
+
+def translate(exc: grpc.aio.AioRpcError, what: str) -> SpkError:
+    code, detail = exc.code(), exc.details() or ""
+    mapping: dict[grpc.StatusCode, type[SpkError]] = {
+        grpc.StatusCode.NOT_FOUND: NotFound,
+        grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+        grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+        grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+        grpc.StatusCode.DATA_LOSS: IntegrityError,
+    }
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidArgument(what, detail)
+    cls = mapping.get(code)
+    if cls is not None:
+        return cls(f"{what}: {detail}")
+    if code in (
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,
+    ):
+        return CoreUnavailable(f"{what}: core unavailable ({code.name}: {detail})")
+    return RegistryError(f"{what}: {code.name}: {detail}")
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    target: str  # host:port
+    token: str = field(repr=False)
+    root_certificates: bytes | None = None  # PEM CA bundle: TLS when set
+
+
+def channel_options() -> list[tuple[str, object]]:
+    return [
+        ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+        # Ping every 20 s (the core permits >= 10 s) so a dead core is noticed within ~30 s.
+        ("grpc.keepalive_time_ms", 20_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        # We do our own jittered backoff; keep gRPC's reconnect quick underneath it.
+        ("grpc.initial_reconnect_backoff_ms", 500),
+        ("grpc.max_reconnect_backoff_ms", 5_000),
+        ("grpc.enable_retries", 0),
+    ]
+
+
+class GrpcCoreClient:
+    """`async with GrpcCoreClient(config) as client: ...` — one channel, closed on exit."""
+
+    def __init__(self, config: ClientConfig) -> None:
+        self._config = config
+        if config.root_certificates is not None:
+            creds = grpc.ssl_channel_credentials(root_certificates=config.root_certificates)
+            self._channel = grpc.aio.secure_channel(config.target, creds, options=channel_options())
+        else:
+            self._channel = grpc.aio.insecure_channel(config.target, options=channel_options())
+        self._stub = distribution_pb2_grpc.PackageDistributionStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {config.token}"),)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> GrpcCoreClient:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def subscribe(self, current_hash: str) -> AsyncIterator[str]:
+        """Desired hashes: the first at once, then one per change. Ends or raises on loss."""
+        request = pb.SubscribeRequest(
+            agent_version=AGENT_VERSION,
+            python_version=platform.python_version(),
+            platform=f"{sys.implementation.name}-{platform.machine()}-{sys.platform}",
+            current_hash=current_hash,
+        )
+        call = self._stub.RefreshScriptPackages(request, metadata=self._metadata)
+        try:
+            async for refresh in call:
+                yield refresh.lockfile_hash
+        except grpc.aio.AioRpcError as exc:
+            raise translate(exc, "refresh stream") from None
+        finally:
+            call.cancel()
+
+    async def get_manifest(self, lockfile_hash: str) -> Manifest:
+        try:
+            reply = await self._stub.GetManifest(
+                pb.GetManifestRequest(lockfile_hash=lockfile_hash),
+                metadata=self._metadata,
+                timeout=MANIFEST_TIMEOUT,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise translate(exc, f"manifest {lockfile_hash[:12]}") from None
+        return manifest_from_pb(reply)
+
+    async def download_blob(self, sha256: str, offset: int) -> AsyncIterator[bytes]:
+        call = self._stub.DownloadBlob(
+            pb.DownloadBlobRequest(sha256=sha256, offset=offset), metadata=self._metadata
+        )
+        try:
+            async for chunk in call:
+                yield chunk.data
+        except grpc.aio.AioRpcError as exc:
+            raise translate(exc, f"blob {sha256[:12]}") from None
+        finally:
+            call.cancel()
+
+    async def report(self, report: SyncReport) -> None:
+        try:
+            await self._stub.ReportSyncState(
+                pb.ReportSyncStateRequest(
+                    lockfile_hash=report.lockfile_hash,
+                    status=_STATUS[report.status],
+                    error=report.error[:4000],
+                    blobs_pulled=report.blobs_pulled,
+                    bytes_pulled=report.bytes_pulled,
+                    duration_ms=report.duration_ms,
+                    current_hash=report.current_hash,
+                ),
+                metadata=self._metadata,
+                timeout=REPORT_TIMEOUT,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise translate(exc, "sync report") from None
+
+    async def signing_key_pem(self) -> str:
+        try:
+            reply = await self._stub.GetSigningKey(
+                pb.GetSigningKeyRequest(), metadata=self._metadata, timeout=MANIFEST_TIMEOUT
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise translate(exc, "signing key") from None
+        return str(reply.public_key_pem)

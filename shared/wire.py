@@ -1,0 +1,69 @@
+"""Conversions between the manifest model and its protobuf form (used by servicers and clients)."""
+
+from __future__ import annotations
+
+from shared.manifest import Manifest, ManifestEntry, TargetEnvironment
+from shared.proto.scriptpkgs.v1 import common_pb2
+
+
+def environment_to_pb(env: TargetEnvironment) -> common_pb2.TargetEnvironment:
+    return common_pb2.TargetEnvironment(
+        python_version=env.python_version,
+        implementation=env.implementation,
+        abi=env.abi,
+        platform=env.platform,
+    )
+
+
+def environment_from_pb(pb: common_pb2.TargetEnvironment) -> TargetEnvironment:
+    return TargetEnvironment(
+        python_version=pb.python_version,
+        implementation=pb.implementation,
+        abi=pb.abi,
+        platform=pb.platform,
+    )
+
+
+def manifest_to_pb(m: Manifest) -> common_pb2.Manifest:
+    return common_pb2.Manifest(
+        lockfile_hash=m.lockfile_hash,
+        entries=[
+            common_pb2.ManifestEntry(
+                name=e.name,
+                version=e.version,
+                filename=e.filename,
+                sha256=e.sha256,
+                size=e.size,
+                requested=e.requested,
+            )
+            for e in m.entries
+        ],
+        environment=environment_to_pb(m.environment),
+        sequence=m.sequence,
+        created_at_unix=m.created_at_unix,
+        signature=m.signature,
+        signing_key_id=m.signing_key_id,
+        total_size=m.total_size,
+    )
+
+
+def manifest_from_pb(pb: common_pb2.Manifest) -> Manifest:
+    return Manifest(
+        lockfile_hash=pb.lockfile_hash,
+        entries=tuple(
+            ManifestEntry(
+                name=e.name,
+                version=e.version,
+                filename=e.filename,
+                sha256=e.sha256,
+                size=e.size,
+                requested=e.requested,
+            )
+            for e in pb.entries
+        ),
+        environment=environment_from_pb(pb.environment),
+        sequence=pb.sequence,
+        created_at_unix=pb.created_at_unix,
+        signature=pb.signature,
+        signing_key_id=pb.signing_key_id,
+    )
