@@ -10,7 +10,7 @@ import contextvars
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -20,8 +20,9 @@ from core.secrets import hash_token, new_token
 from shared.errors import InvalidArgument, PermissionDenied, SpkError, Unauthenticated
 
 log = logging.getLogger(__name__)
-Ctx = grpc.aio.ServicerContext[Any, Any]
-Handler = grpc.RpcMethodHandler[Any, Any]
+if TYPE_CHECKING:  # the stubs are generic, the runtime classes are not
+    Ctx = grpc.aio.ServicerContext[Any, Any]
+    Handler = grpc.RpcMethodHandler[Any, Any]
 
 ADMIN_SERVICE = "/scriptpkgs.v1.PackageAdmin/"
 DIST_SERVICE = "/scriptpkgs.v1.PackageDistribution/"

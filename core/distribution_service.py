@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -23,7 +23,8 @@ from shared.signing import key_id, public_key_pem
 from shared.wire import manifest_to_pb
 
 log = logging.getLogger(__name__)
-Ctx = grpc.aio.ServicerContext[Any, Any]
+if TYPE_CHECKING:  # the stubs are generic, the runtime class is not
+    Ctx = grpc.aio.ServicerContext[Any, Any]
 
 # Measured on loopback (see docs/benchmarks.md): 1 MiB chunks were fastest; the wire cap is 1 MiB.
 CHUNK_SIZE = 1024 * 1024
