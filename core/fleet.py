@@ -75,7 +75,10 @@ def record_report(name: str, report: SyncReportIn) -> None:
         SatelliteRow.error: report.error[:4000],
         SatelliteRow.current_hash: report.current_hash[:64],
     }
-    if report.status != "syncing":
+    row = SatelliteRow.get_or_none(SatelliteRow.name == name)
+    no_op = report.blobs_pulled == 0 and row is not None and row.current_hash == report.current_hash
+    # A no-op report (already current) keeps the figures of the last sync that did work.
+    if report.status != "syncing" and not no_op:
         fields[SatelliteRow.last_pull_bytes] = report.bytes_pulled
         fields[SatelliteRow.last_pull_blobs] = report.blobs_pulled
         fields[SatelliteRow.last_duration_ms] = report.duration_ms

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import struct
 import zipfile
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +33,9 @@ class WheelSpec:
     record_overrides: Mapping[str, str] = field(default_factory=dict)  # path -> "hash,size" lie
     symlinks: Mapping[str, str] = field(default_factory=dict)  # archive path -> link target
     omit_record: bool = False
+    executables: Sequence[str] = ()  # paths in `files` stored with mode 0o755
+    special_entries: Mapping[str, int] = field(default_factory=dict)  # path -> st_mode, empty
+    extra_record_lines: Sequence[str] = ()  # raw RECORD lines, e.g. for files not in the zip
 
     @property
     def dist(self) -> str:
@@ -65,17 +70,27 @@ def build_wheel(spec: WheelSpec, out_dir: Path) -> Path:
     for path, data in files.items():
         lines.append(spec.record_overrides.get(path, f"{_record_hash(data)},{len(data)}"))
         lines[-1] = f"{path},{lines[-1]}"
+    lines.extend(spec.extra_record_lines)
     lines.append(f"{record_path},,")
     target = out_dir / spec.filename
     with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as zf:
         for path, data in files.items():
-            zf.writestr(path, data)
+            if path in spec.executables:
+                exe = zipfile.ZipInfo(path)
+                exe.external_attr = 0o100755 << 16
+                zf.writestr(exe, data, zipfile.ZIP_DEFLATED)
+            else:
+                zf.writestr(path, data)
         for path, data in spec.extra_entries.items():
             zf.writestr(path, data)
         for path, link in spec.symlinks.items():
             info = zipfile.ZipInfo(path)
             info.external_attr = 0o120777 << 16
             zf.writestr(info, link)
+        for path, mode in spec.special_entries.items():
+            info = zipfile.ZipInfo(path)
+            info.external_attr = mode << 16
+            zf.writestr(info, b"")
         if not spec.omit_record:
             zf.writestr(record_path, "\n".join(lines) + "\n")
     return target
@@ -98,4 +113,112 @@ def build_sdist(name: str, version: str, out_dir: Path) -> Path:
         info = tarfile.TarInfo(f"{base}/setup.py")
         info.size = len(setup)
         tf.addfile(info, io.BytesIO(setup))
+    return target
+
+
+# Raw-byte hostile archives: things zipfile will not write on its own.
+
+
+def patch_archive_bytes(wheel: Path, old: bytes, new: bytes) -> None:
+    """Replace `old` by `new` (same length) throughout the archive, e.g. a NUL into a name."""
+    assert len(old) == len(new), "same length keeps every offset valid"
+    data = wheel.read_bytes()
+    assert old in data, f"{old!r} not found in {wheel.name}"
+    wheel.write_bytes(data.replace(old, new))
+
+
+def alias_central_entry(wheel: Path, existing: str, alias: str) -> None:
+    """Add a central-directory entry `alias` pointing at `existing`'s local header.
+
+    Two entries sharing one local header is the overlapping-entries zip bomb: the same
+    compressed bytes are expanded once per alias. Assumes no zip64 and no archive comment.
+    """
+    data = wheel.read_bytes()
+    eocd = data.rfind(b"PK\x05\x06")
+    _, _, n_disk, n_total, cd_size, cd_offset, _ = struct.unpack_from("<HHHHIIH", data, eocd + 4)
+    pos = cd_offset
+    while pos < cd_offset + cd_size:
+        name_len, extra_len, comment_len = struct.unpack_from("<HHH", data, pos + 28)
+        if data[pos + 46 : pos + 46 + name_len] == existing.encode():
+            record = bytearray(data[pos : pos + 46])
+            struct.pack_into("<HHH", record, 28, len(alias.encode()), 0, 0)
+            record += alias.encode()
+            break
+        pos += 46 + name_len + extra_len + comment_len
+    else:
+        raise KeyError(existing)
+    end = bytearray(data[eocd:])
+    struct.pack_into("<HHI", end, 8, n_disk + 1, n_total + 1, cd_size + len(record))
+    wheel.write_bytes(
+        data[: cd_offset + cd_size] + bytes(record) + data[cd_offset + cd_size : eocd] + end
+    )
+
+
+def build_wide_wheel(name: str, version: str, n_files: int, out_dir: Path) -> Path:
+    """A well-formed wheel with `n_files` empty modules (zip64 when needed).
+
+    Written as raw stored entries: zipfile needs ~5 s for 100,000 entries, this ~0.5 s.
+    """
+    spec = WheelSpec(name, version)
+    files = {f"{spec.dist}/m{i}.py": b"" for i in range(n_files)}
+    files[f"{spec.dist_info}/METADATA"] = (
+        f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode()
+    )
+    files[f"{spec.dist_info}/WHEEL"] = (
+        f"Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: {spec.tag}\n".encode()
+    )
+    record = "".join(f"{path},{_record_hash(data)},{len(data)}\n" for path, data in files.items())
+    files[f"{spec.dist_info}/RECORD"] = (record + f"{spec.dist_info}/RECORD,,\n").encode()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / spec.filename
+    local, central = bytearray(), bytearray()
+    for path, data in files.items():
+        raw, crc, offset = path.encode(), zlib.crc32(data), len(local)
+        # version 2.0, UTF-8 names, stored, 1980-01-01, regular file 0o644 made on Unix
+        local += struct.pack(
+            "<4s5H3L2H",
+            b"PK\x03\x04",
+            20,
+            0x800,
+            0,
+            0,
+            0x21,
+            crc,
+            len(data),
+            len(data),
+            len(raw),
+            0,
+        )
+        local += raw + data
+        central += struct.pack(
+            "<4s6H3L5H2L",
+            b"PK\x01\x02",
+            0x314,
+            20,
+            0x800,
+            0,
+            0,
+            0x21,
+            crc,
+            len(data),
+            len(data),
+            len(raw),
+            0,
+            0,
+            0,
+            0,
+            0o100644 << 16,
+            offset,
+        )
+        central += raw
+    count, cd_offset, tail = len(files), len(local), b""
+    if count > 0xFFFF:
+        zip64_at = cd_offset + len(central)
+        tail = struct.pack(
+            "<4sQ2H2L4Q", b"PK\x06\x06", 44, 45, 45, 0, 0, count, count, len(central), cd_offset
+        )
+        tail += struct.pack("<4sLQL", b"PK\x06\x07", 0, zip64_at, 1)
+    short = min(count, 0xFFFF)
+    tail += struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, short, short, len(central), cd_offset, 0)
+    target.write_bytes(bytes(local) + bytes(central) + tail)
     return target

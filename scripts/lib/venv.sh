@@ -6,8 +6,14 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 stamp="$VENV/.spk-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e '.[test]'
+  echo "setting up $VENV (log: $VENV/install.log)" >&2
+  if ! { "$VENV/bin/python" -m pip install --disable-pip-version-check --upgrade pip &&
+         "$VENV/bin/python" -m pip install --disable-pip-version-check -e '.[test]'; } \
+       >"$VENV/install.log" 2>&1; then
+    tail -20 "$VENV/install.log" >&2
+    echo "installing the project into $VENV failed; see $VENV/install.log" >&2
+    exit 1
+  fi
   touch "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"

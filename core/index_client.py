@@ -1,0 +1,248 @@
+"""Talk to the package index directly: download a resolved wheel, list a project's versions.
+
+pip decides WHAT to install (core/registry.py); this module fetches the bytes once and verifies
+them against the sha256 the index published. urllib is blocking, so every request runs in a
+worker thread (asyncio.to_thread). Errors are translated in one place (`_translate`):
+
+    HTTP 401/403              -> RegistryError ("the index rejected the credentials ...")
+    HTTP 404                  -> NotFound
+    other HTTP / socket error -> RegistryError
+    sha256 mismatch           -> IntegrityError (the partial file is removed)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterable
+from html.parser import HTMLParser
+from http.client import HTTPException, HTTPResponse
+from pathlib import Path
+from urllib.parse import unquote, urljoin, urlsplit
+
+from packaging.utils import (
+    InvalidSdistFilename,
+    InvalidWheelFilename,
+    canonicalize_name,
+    parse_sdist_filename,
+    parse_wheel_filename,
+)
+from packaging.version import InvalidVersion, Version
+
+from core.registry import RegistrySettings, ResolvedWheel, validate_settings
+from shared.errors import NotFound, RegistryError, SpkError, StoreError
+from shared.hashing import READ_CHUNK, StreamVerifier
+from shared.names import normalize_name
+
+VERSIONS_TIMEOUT_SECONDS = 5.0  # an admin is waiting on this one
+MAX_PROJECT_PAGE = 32 * 1024 * 1024  # the biggest PyPI project pages are a few MiB
+PEP691_JSON = "application/vnd.pypi.simple.v1+json"
+ACCEPT_SIMPLE = f"{PEP691_JSON}, application/vnd.pypi.simple.v1+html;q=0.2, text/html;q=0.01"
+_SDIST_SUFFIXES = (".tar.gz", ".zip", ".tar.bz2", ".tgz", ".tar")
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    default = {"http": 80, "https": 443}.get(parts.scheme)
+    return (parts.scheme, (parts.hostname or "").lower(), parts.port or default)
+
+
+def basic_auth_header(url: str, settings: RegistrySettings) -> str | None:
+    """The Authorization value for `url`, only if it lives on an index origin and a token is set.
+
+    Scheme, host and port must all match: files on a CDN or over plain http get no credentials.
+    """
+    if not settings.token or _origin(url) not in {_origin(u) for u in settings.index_urls}:
+        return None
+    raw = f"{settings.login}:{settings.token}".encode()
+    return "Basic " + base64.b64encode(raw).decode("ascii")
+
+
+class _LinkParser(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.hrefs: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        href = dict(attrs).get("href")
+        if tag == "a" and href:
+            self.hrefs.append(href)
+
+
+def project_filenames(body: bytes, content_type: str) -> list[str]:
+    """File names on a project page, PEP 691 JSON or PEP 503 HTML."""
+    if content_type.split(";")[0].strip() in (PEP691_JSON, "application/json"):
+        doc = json.loads(body)
+        return [str(f["filename"]) for f in doc.get("files", []) if "filename" in f]
+    parser = _LinkParser()
+    parser.feed(body.decode("utf-8", "replace"))
+    # PEP 503: the anchor text must equal the file name; the href's last segment is the same
+    # thing and survives sloppy servers that put something else in the text.
+    return [unquote(urlsplit(href).path.rsplit("/", 1)[-1]) for href in parser.hrefs]
+
+
+def _version_from_filename(name: str, filename: str) -> str | None:
+    try:
+        if filename.endswith(".whl"):
+            fname, version, _, _ = parse_wheel_filename(filename)
+            return str(version) if fname == name else None
+        fname, version = parse_sdist_filename(filename)
+        return str(version) if fname == name else None
+    except (InvalidWheelFilename, InvalidSdistFilename, InvalidVersion):
+        pass
+    # Legacy files with versions PEP 440 cannot parse: keep them (they sort last).
+    if filename.endswith(".whl"):
+        parts = filename[: -len(".whl")].split("-")
+        return parts[1] if len(parts) >= 5 and canonicalize_name(parts[0]) == name else None
+    for suffix in _SDIST_SUFFIXES:
+        if filename.endswith(suffix):
+            stem, _, raw = filename[: -len(suffix)].rpartition("-")
+            return raw if stem and raw and canonicalize_name(stem) == name else None
+    return None
+
+
+def sort_versions(versions: Iterable[str]) -> list[str]:
+    """Newest first by PEP 440 (a prerelease ranks below its release), unparseable ones last."""
+    parsed: dict[Version, str] = {}
+    legacy: list[str] = []
+    for raw in versions:
+        try:
+            parsed.setdefault(Version(raw), str(Version(raw)))
+        except InvalidVersion:
+            if raw not in legacy:
+                legacy.append(raw)
+    return [parsed[v] for v in sorted(parsed, reverse=True)] + legacy
+
+
+def versions_from_filenames(name: str, filenames: Iterable[str]) -> list[str]:
+    found = (_version_from_filename(name, f) for f in filenames)
+    return sort_versions(v for v in found if v)
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+def _opener() -> urllib.request.OpenerDirector:
+    # Only http(s): urllib's default opener would also follow file:, ftp: and data: URLs,
+    # and an index (or a redirect) must never make the core read its own disk.
+    opener = urllib.request.OpenerDirector()
+    for handler in (
+        urllib.request.ProxyHandler(),
+        urllib.request.UnknownHandler(),
+        urllib.request.HTTPHandler(),
+        urllib.request.HTTPSHandler(),
+        urllib.request.HTTPDefaultErrorHandler(),
+        urllib.request.HTTPRedirectHandler(),
+        urllib.request.HTTPErrorProcessor(),
+    ):
+        opener.add_handler(handler)
+    return opener
+
+
+def _translate(exc: BaseException, url: str) -> SpkError:
+    where = urlsplit(url)._replace(query="", fragment="").geturl()
+    if isinstance(exc, urllib.error.HTTPError):
+        if exc.code in (401, 403):
+            return RegistryError(
+                f"the index rejected the credentials (HTTP {exc.code}) for {where}; "
+                "check the registry username and token"
+            )
+        if exc.code == 404:
+            return NotFound(f"{where} was not found on the index (HTTP 404)")
+        return RegistryError(f"the index answered HTTP {exc.code} for {where}")
+    reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+    return RegistryError(f"the index is unreachable at {where}: {reason or type(exc).__name__}")
+
+
+def _open(url: str, settings: RegistrySettings, accept: str, timeout: float) -> HTTPResponse:
+    if urlsplit(url).scheme not in ("http", "https"):
+        raise RegistryError(f"refusing to fetch {url!r}: only http(s) URLs are allowed")
+    headers = {"Accept": accept, "User-Agent": "spk-core"}
+    request = urllib.request.Request(url, headers=headers)  # noqa: S310 - scheme checked above
+    if auth := basic_auth_header(url, settings):
+        # Unredirected: urllib would otherwise replay Authorization to wherever a 3xx points.
+        request.add_unredirected_header("Authorization", auth)
+    try:
+        response: HTTPResponse = _opener().open(request, timeout=timeout)
+    except (urllib.error.URLError, OSError) as exc:
+        raise _translate(exc, url) from None
+    return response
+
+
+def _read(response: HTTPResponse, size: int, url: str) -> bytes:
+    try:
+        return response.read(size)
+    except (OSError, HTTPException) as exc:  # reset, timeout, truncated body
+        raise _translate(exc, url) from None
+
+
+def _download_sync(wheel: ResolvedWheel, settings: RegistrySettings, dest: Path) -> int:
+    verifier = StreamVerifier(wheel.filename, wheel.sha256)
+    try:
+        with _open(wheel.url, settings, "*/*", settings.timeout_seconds) as response:
+            try:
+                out = dest.open("wb")
+            except OSError as exc:
+                raise StoreError(f"cannot write {dest}: {exc.strerror}") from None
+            with out:
+                while chunk := _read(response, READ_CHUNK, wheel.url):
+                    verifier.update(chunk)  # hash while writing: the bytes pass through once
+                    out.write(chunk)
+        verifier.finish()
+    except BaseException:
+        # A partial or tampered file must not look like a download.
+        with contextlib.suppress(FileNotFoundError):
+            dest.unlink()
+        raise
+    return verifier.size
+
+
+async def download_wheel(wheel: ResolvedWheel, settings: RegistrySettings, dest: Path) -> int:
+    """Stream `wheel.url` into `dest`, verifying its sha256; return the byte count.
+
+    Raises IntegrityError on a hash mismatch, RegistryError on HTTP/network failure (401/403:
+    credentials rejected), NotFound on 404. `dest` is removed on any failure.
+    """
+    return await asyncio.to_thread(_download_sync, wheel, settings, dest)
+
+
+def _read_capped(response: HTTPResponse, url: str) -> bytes:
+    body = _read(response, MAX_PROJECT_PAGE + 1, url)
+    if len(body) > MAX_PROJECT_PAGE:
+        raise RegistryError(f"the project page {url} is larger than {MAX_PROJECT_PAGE} bytes")
+    return body
+
+
+def _versions_sync(name: str, settings: RegistrySettings) -> list[str]:
+    filenames: list[str] = []
+    found = False
+    for index in settings.index_urls:
+        url = urljoin(index.rstrip("/") + "/", f"{name}/")
+        try:
+            with _open(url, settings, ACCEPT_SIMPLE, VERSIONS_TIMEOUT_SECONDS) as response:
+                body = _read_capped(response, url)
+                content_type = response.headers.get("Content-Type", "text/html")
+        except NotFound:
+            continue  # an extra index that lacks the project is normal
+        found = True
+        filenames += project_filenames(body, content_type)
+    if not found:
+        raise NotFound(f"package '{name}' was not found on the index {settings.describe_index()}")
+    return versions_from_filenames(name, filenames)
+
+
+async def package_versions(name: str, settings: RegistrySettings) -> list[str]:
+    """Every version of `name` on the configured indexes that has a wheel or sdist, newest first.
+
+    Raises InvalidArgument (bad name), NotFound (on no index), RegistryError (unreachable, 401).
+    """
+    project = normalize_name(name)
+    validate_settings(settings)
+    return await asyncio.to_thread(_versions_sync, project, settings)

@@ -1,0 +1,501 @@
+"""Resolve the allowlist with pip against the configured package index.
+
+    resolve()                 I/O: private scratch dir, pip subprocess, report.json
+      build_pip_argv()        pure: the exact pip command line (never carries a secret)
+      build_child_env()       pure: the minimal environment pip runs in
+      render_netrc()          pure: the only place the token is written down
+      parse_report()          pure: pip's --report JSON -> ResolvedWheel list
+      classify_failure()      pure: pip's stderr + debug log -> ResolveError / RegistryError
+
+pip runs as `sys.executable -m pip` (pip 23.x refuses --dry-run --report with --platform),
+`--isolated` and with PIP_CONFIG_FILE=/dev/null: --isolated alone skips PIP_* variables and the
+user config but still reads the global (/etc, /etc/xdg) and site pip.conf files, which on a real
+host add indexes, find-links or constraints we must not inherit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import shutil
+import sys
+import sysconfig
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import (
+    InvalidSdistFilename,
+    InvalidWheelFilename,
+    canonicalize_name,
+    parse_sdist_filename,
+    parse_wheel_filename,
+)
+from packaging.version import InvalidVersion, Version
+
+from shared.errors import InvalidArgument, RegistryError, ResolveError, SpkError
+from shared.manifest import TargetEnvironment
+from shared.names import check_sha256, exact_version, normalize_name
+
+SDIST_REFUSAL = "source distributions (sdists) are not installed because building them runs code"
+TOKEN_LOGIN = "__token__"  # noqa: S105 - a well-known username, not a secret
+MAX_EXCERPT_LINES = 5
+MAX_EXCERPT_LINE = 240
+# Network plumbing a host may need to reach its index at all; none of these name package sources.
+_PASSTHROUGH_ENV = (
+    "http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
+    "SSL_CERT_FILE", "SSL_CERT_DIR",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RegistrySettings:
+    """Where and how pip reaches the package index. Parsed once at the edge, passed in."""
+
+    index_url: str = "https://pypi.org/simple"
+    extra_index_urls: tuple[str, ...] = ()
+    username: str = ""  # empty means the "__token__" convention (PyPI, devpi, Artifactory)
+    token: str = field(default="", repr=False)  # secret: never in repr, logs, errors, argv
+    wheels_only: bool = True  # our ignore-scripts: a wheel install runs no code
+    timeout_seconds: int = 30  # per socket operation, passed to pip --timeout
+    retries: int = 2  # pip's default of 5 with back-off turns "index down" into an 8 s wait
+
+    @property
+    def index_urls(self) -> tuple[str, ...]:
+        return (self.index_url, *self.extra_index_urls)
+
+    @property
+    def login(self) -> str:
+        return self.username or TOKEN_LOGIN
+
+    def describe_index(self) -> str:
+        extra = f" (+{len(self.extra_index_urls)} extra)" if self.extra_index_urls else ""
+        return f"{self.index_url}{extra}"
+
+
+@dataclass(frozen=True)
+class ResolvedWheel:
+    name: str  # PEP 503 normalised
+    version: str
+    filename: str
+    url: str  # never contains credentials
+    sha256: str  # as published by the index (pip's report)
+    requested: bool  # on the allowlist (top level) vs pulled in as a dependency
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_url(url: str, field_name: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidArgument(field_name, "must be an http(s) URL such as https://pypi.org/simple")
+    if parts.username is not None or parts.password is not None:
+        # A URL is logged and shown everywhere; credentials belong in username/token.
+        raise InvalidArgument(field_name, "must not contain credentials; set username and token")
+    if any(ch.isspace() for ch in url):
+        raise InvalidArgument(field_name, "must not contain whitespace")
+
+
+def _check_secretish(value: str, field_name: str) -> None:
+    # Spaces and quotes survive netrc quoting; control characters (newlines) would not.
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+        raise InvalidArgument(field_name, "must not contain control characters")
+
+
+def validate_settings(settings: RegistrySettings) -> None:
+    """Raise InvalidArgument naming the field; messages never echo the token."""
+    _check_url(settings.index_url, "registry.index_url")
+    for i, url in enumerate(settings.extra_index_urls):
+        _check_url(url, f"registry.extra_index_urls[{i}]")
+    _check_secretish(settings.username, "registry.username")
+    _check_secretish(settings.token, "registry.token")
+    if not 1 <= settings.timeout_seconds <= 600:
+        raise InvalidArgument("registry.timeout_seconds", "must be between 1 and 600")
+    if not 0 <= settings.retries <= 10:
+        raise InvalidArgument("registry.retries", "must be between 0 and 10")
+
+
+# --------------------------------------------------------------------------- pure builders
+
+
+def render_requirements(requirements: Sequence[tuple[str, str]]) -> str:
+    return "".join(f"{name}=={version}\n" for name, version in requirements)
+
+
+def _netrc_quote(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def render_netrc(settings: RegistrySettings) -> str:
+    """netrc lines for every index host; empty when there is no token."""
+    if not settings.token:
+        return ""
+    hosts = dict.fromkeys(urlsplit(u).hostname or "" for u in settings.index_urls)
+    login, password = _netrc_quote(settings.login), _netrc_quote(settings.token)
+    return "".join(f"machine {h} login {login} password {password}\n" for h in hosts if h)
+
+
+def build_pip_argv(
+    settings: RegistrySettings,
+    environment: TargetEnvironment | None,
+    *,
+    requirements_file: Path,
+    report_file: Path,
+    log_file: Path,
+    python: str = sys.executable,
+) -> list[str]:
+    """The pip command line. Credentials never appear here: argv is world-readable in /proc."""
+    cross = environment is not None and bool(environment.platform)
+    argv = [python, "-m", "pip", "install", "--dry-run", "--ignore-installed"]
+    argv += ["--report", str(report_file), "--isolated", "--no-cache-dir"]
+    argv += ["--disable-pip-version-check", "--no-input", "--quiet", "--no-color"]
+    # keyring could fetch credentials from the core's own user session: only our netrc counts.
+    argv += ["--keyring-provider", "disabled"]
+    # The console stays quiet; the debug log says WHY a link was skipped or a fetch failed.
+    argv += ["--log", str(log_file)]
+    if settings.wheels_only or cross:  # pip refuses --platform without it anyway
+        argv.append("--only-binary=:all:")
+    argv += ["--index-url", settings.index_url]
+    for url in settings.extra_index_urls:
+        argv += ["--extra-index-url", url]
+    argv += ["--timeout", str(settings.timeout_seconds), "--retries", str(settings.retries)]
+    if environment is not None and cross:
+        argv += ["--python-version", environment.python_version]
+        if environment.implementation:
+            argv += ["--implementation", environment.implementation]
+        if environment.abi:
+            argv += ["--abi", environment.abi]
+        for plat in filter(None, (p.strip() for p in environment.platform.split(","))):
+            argv += ["--platform", plat]
+    argv += ["-r", str(requirements_file)]
+    return argv
+
+
+def build_child_env(scratch: Path, parent: Mapping[str, str] | None = None) -> dict[str, str]:
+    """A minimal environment built from scratch: no PIP_* (but one), no PYTHON*, HOME private."""
+    parent = os.environ if parent is None else parent
+    env = {
+        "PATH": parent.get("PATH", os.defpath),
+        "LANG": "C.UTF-8",
+        "HOME": str(scratch),
+        "NETRC": str(scratch / "netrc"),
+        "TMPDIR": str(scratch / "tmp"),  # pip's own temp dirs die with the scratch dir
+        "PIP_CONFIG_FILE": os.devnull,  # the one PIP_ variable: "read no config file at all"
+        "GRPC_ENABLE_FORK_SUPPORT": "false",
+    }
+    env.update({k: parent[k] for k in _PASSTHROUGH_ENV if k in parent})
+    return env
+
+
+# --------------------------------------------------------------------------- report parsing
+
+
+def _strip_userinfo(url: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def _report_sha256(name: str, archive: Mapping[str, Any]) -> str:
+    hashes = archive.get("hashes") or {}
+    raw = hashes.get("sha256") if isinstance(hashes, Mapping) else None
+    legacy = archive.get("hash")
+    if not raw and isinstance(legacy, str) and legacy.startswith("sha256="):
+        raw = legacy.removeprefix("sha256=")
+    if not isinstance(raw, str) or not raw:
+        raise ResolveError(f"the index gave no sha256 for '{name}'; refusing an unverifiable wheel")
+    try:
+        return check_sha256(raw)
+    except InvalidArgument:
+        raise ResolveError(f"the index gave a malformed sha256 for '{name}'") from None
+
+
+def parse_report(report: Mapping[str, Any]) -> list[ResolvedWheel]:
+    """Turn pip's installation report into ResolvedWheels (one per install item)."""
+    wheels: list[ResolvedWheel] = []
+    for item in report.get("install") or []:
+        metadata, info = item.get("metadata") or {}, item.get("download_info") or {}
+        name = canonicalize_name(str(metadata.get("name", "")))
+        version = str(metadata.get("version", ""))
+        url = _strip_userinfo(str(info.get("url", "")))
+        filename = unquote(urlsplit(url).path.rsplit("/", 1)[-1])
+        if not name or not version or not filename:
+            raise ResolveError(f"pip's report has an incomplete entry ({name or '?'} {version})")
+        if not filename.endswith(".whl"):
+            raise ResolveError(f"'{name}' {version} resolved to {filename}; {SDIST_REFUSAL}")
+        sha = _report_sha256(name, info.get("archive_info") or {})
+        requested = bool(item.get("requested", False))
+        wheels.append(ResolvedWheel(name, version, filename, url, sha, requested))
+    return wheels
+
+
+# --------------------------------------------------------------------------- failure classification
+
+_FETCH_FAIL = re.compile(r"Could not fetch URL (?P<url>\S+): (?P<reason>.*?) - skipping")
+_HTTP_STATUS = re.compile(r"\b(\d{3}) (?:Client|Server) Error\b|HTTP error (\d{3})")
+_NO_MATCH = re.compile(r"No matching distribution found for (?P<req>\S+)")
+_FROM_VERSIONS = re.compile(
+    r"satisfies the requirement (?P<req>\S+) \(from versions: (?P<versions>[^)]*)\)"
+)
+_TAG_SKIP = re.compile(r"none of the wheel's tags \((?P<tags>[^)]*)\) are compatible.*?"
+                       r"/(?P<file>[^/#\s]+\.whl)")  # fmt: skip
+_SDIST_SKIP = re.compile(r"No sources permitted for [^:]+: \S*/(?P<file>[^/#\s]+)")
+_REQUIRES_PYTHON = re.compile(r"Ignored the following versions that require a different python.*")
+_INSECURE_HOST = re.compile(r"located at (?P<host>\S+) is not a trusted or secure host")
+_URL_USERINFO = re.compile(r"//[^/\s@]+@")
+_LOG_STAMP = re.compile(r"^\d{4}-\d\d-\d\dT[\d:,.]+ ?")  # pip --log line prefix
+
+
+def scrub(text: str, secret: str) -> str:
+    """Remove the token and any URL userinfo from text that is about to leave this module."""
+    if secret:
+        text = text.replace(secret, "***")
+    return _URL_USERINFO.sub("//***@", text)
+
+
+def excerpt(stderr: str) -> str:
+    """A few short lines of pip output, error lines preferred, fit for an operator message."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("ERROR")] or lines
+    kept = [ln[:MAX_EXCERPT_LINE] for ln in errors[-MAX_EXCERPT_LINES:]]
+    return " | ".join(kept) or "(no output)"
+
+
+def _conflict_causes(log: str) -> list[str]:
+    """pip's "The conflict is caused by:" block (INFO level: only in the log at --quiet)."""
+    lines = [_LOG_STAMP.sub("", ln).strip() for ln in log.splitlines()]
+    if "The conflict is caused by:" not in lines:
+        return []
+    block = lines[lines.index("The conflict is caused by:") + 1 :]
+    causes = block[: block.index("")] if "" in block else block
+    return [c[:MAX_EXCERPT_LINE] for c in causes[:MAX_EXCERPT_LINES]]
+
+
+def _describe_env(environment: TargetEnvironment | None) -> str:
+    if environment is not None and environment.platform:
+        return environment.describe()
+    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    return f"{sys.implementation.name} {version} {sysconfig.get_platform()} (the core's own)"
+
+
+def _index_of(url: str, settings: RegistrySettings) -> str:
+    return next((u for u in settings.index_urls if url.startswith(u.rstrip("/"))), url)
+
+
+def _file_matches(filename: str, name: str, version: str | None) -> bool:
+    try:
+        if filename.endswith(".whl"):
+            fname, fver, _, _ = parse_wheel_filename(filename)
+        else:
+            fname, fver = parse_sdist_filename(filename)
+    except (InvalidWheelFilename, InvalidSdistFilename, InvalidVersion):
+        return False
+    return fname == name and (version is None or fver == Version(version))
+
+
+def _pinned(req: Requirement) -> str | None:
+    specs = list(req.specifier)
+    if len(specs) == 1 and specs[0].operator in ("==", "==="):
+        return specs[0].version
+    return None
+
+
+def _explain_missing(
+    raw_req: str, stderr: str, log: str, settings: RegistrySettings, env: TargetEnvironment | None
+) -> str:
+    try:
+        req = Requirement(raw_req)
+        name, version = canonicalize_name(req.name), _pinned(req)
+    except InvalidRequirement:
+        name, version = canonicalize_name(re.split(r"[<>=!~;\[ ]", raw_req, maxsplit=1)[0]), None
+    what = f"'{name}' {version}" if version else f"'{name}' ({raw_req})"
+    tags = sorted({m["tags"] for m in _TAG_SKIP.finditer(log)
+                   if _file_matches(m["file"], name, version)})  # fmt: skip
+    sdists = [
+        m["file"] for m in _SDIST_SKIP.finditer(log) if _file_matches(m["file"], name, version)
+    ]
+    if tags:
+        also = " (the sdist on the index is refused too)" if sdists else ""
+        return (
+            f"no wheel of {what} fits the target environment {_describe_env(env)}; the index has "
+            f"wheels for: {', '.join(tags)}{also}. {SDIST_REFUSAL.capitalize()}."
+        )
+    if sdists:
+        return (
+            f"{what} is only published as a source distribution on {settings.describe_index()} "
+            f"(target {_describe_env(env)}); {SDIST_REFUSAL}. Pick a version that ships a wheel."
+        )
+    if requires_python := _REQUIRES_PYTHON.search(stderr):
+        return f"{what} cannot be installed: {requires_python.group(0)[:200]}"
+    available: list[str] = []
+    for m in _FROM_VERSIONS.finditer(stderr):
+        if m["req"] == raw_req and m["versions"].strip() != "none":
+            available = [v.strip() for v in m["versions"].split(",") if v.strip()]
+    if available:
+        newest = sorted(available, key=_version_key, reverse=True)[:10]
+        wanted = f"version {version} of '{name}'" if version else f"no version of {what}"
+        return (
+            f"{wanted} is not on the index {settings.describe_index()}; "
+            f"available with a wheel for {_describe_env(env)}: {', '.join(newest)}"
+        )
+    return f"package '{name}' was not found on the index {settings.describe_index()}"
+
+
+def _version_key(raw: str) -> tuple[int, Version]:
+    try:
+        return (1, Version(raw))
+    except InvalidVersion:
+        return (0, Version("0"))
+
+
+def classify_failure(
+    returncode: int,
+    stderr: str,
+    log: str,
+    settings: RegistrySettings,
+    environment: TargetEnvironment | None,
+) -> SpkError:
+    """Map a failed pip run to one operator-facing error; the token is scrubbed at this exit."""
+    cls, message = _classify(returncode, stderr, log, settings, environment)
+    return cls(scrub(message, settings.token))
+
+
+def _classify(
+    rc: int, stderr: str, log: str, settings: RegistrySettings, env: TargetEnvironment | None
+) -> tuple[type[ResolveError | RegistryError], str]:
+    text = f"{stderr}\n{log}"
+    # Credentials first: pip reports a 401 on the project page as "(from versions: none)".
+    for m in _HTTP_STATUS.finditer(text):
+        code = m.group(1) or m.group(2)
+        if code in ("401", "403"):
+            return RegistryError, (
+                f"the index rejected the credentials (HTTP {code}) at "
+                f"{settings.describe_index()}; check the registry username and token"
+            )
+    # Same for a dead index: pip skips the page and then says the package has no versions.
+    for m in _FETCH_FAIL.finditer(text):
+        status = _HTTP_STATUS.search(m["reason"])
+        if status is None or (status.group(1) or status.group(2) or "").startswith("5"):
+            where = _index_of(m["url"], settings)
+            return RegistryError, f"the index {where} is unreachable: {m['reason'][:200]}"
+    if insecure := _INSECURE_HOST.search(text):
+        return RegistryError, (
+            f"pip ignores the index host {insecure['host']}: plain http is only allowed for "
+            "localhost; use an https URL"
+        )
+    if missing := _NO_MATCH.search(stderr):
+        return ResolveError, _explain_missing(missing["req"], stderr, log, settings, env)
+    if "conflicting dependencies" in stderr or "ResolutionImpossible" in stderr:
+        why = "; ".join(_conflict_causes(log)) or excerpt(stderr)
+        return ResolveError, f"the allowlist has conflicting dependencies: {why}"
+    if "Retrying" in stderr and "connection broken" in stderr:
+        return RegistryError, f"the index {settings.describe_index()} is unreachable"
+    return ResolveError, f"pip could not resolve the allowlist (exit {rc}): {excerpt(stderr)}"
+
+
+# --------------------------------------------------------------------------- I/O
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def _prepare_scratch(parent: Path, pins: list[tuple[str, str]], settings: RegistrySettings) -> Path:
+    """A 0700 dir holding requirements.txt, the 0600 netrc and pip's private TMPDIR."""
+    parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="resolve-", dir=parent))  # mkdtemp: mode 0700
+    try:
+        (scratch / "tmp").mkdir(mode=0o700)
+        _write_private(scratch / "requirements.txt", render_requirements(pins))
+        if netrc := render_netrc(settings):
+            _write_private(scratch / "netrc", netrc)  # the token's only plaintext copy on disk
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    return scratch
+
+
+def _read_text(path: Path) -> str:
+    return path.read_text("utf-8", "replace") if path.exists() else ""
+
+
+async def _run_pip(
+    argv: list[str], env: dict[str, str], cwd: Path, deadline: float
+) -> tuple[int, str]:
+    # asyncio's subprocess API, never multiprocessing: fork after grpc has threads is unsafe.
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+        cwd=cwd,
+    )
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), timeout=deadline)
+    except BaseException:  # timeout or cancellation: never leave pip running
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        # Reap it here so its transport closes on this loop (no zombie, no late __del__ noise).
+        await asyncio.shield(proc.wait())
+        raise
+    return proc.returncode or 0, err.decode("utf-8", "replace")
+
+
+async def resolve(
+    requirements: Sequence[tuple[str, str]],
+    settings: RegistrySettings,
+    environment: TargetEnvironment | None,
+    scratch_parent: Path,
+    *,
+    deadline_seconds: float = 600.0,
+) -> list[ResolvedWheel]:
+    """Resolve pinned (name, version) pairs to the exact wheels to download, dependencies included.
+
+    Raises InvalidArgument (bad settings or pins), ResolveError (the index cannot satisfy the
+    allowlist; names the package) or RegistryError (index unreachable, credentials rejected).
+    """
+    pins = [
+        (normalize_name(n, f"requirements[{i}]"), exact_version(v, f"requirements[{i}]"))
+        for i, (n, v) in enumerate(requirements)
+    ]
+    validate_settings(settings)
+    if not pins:
+        return []  # nothing to resolve: no subprocess, no scratch dir
+    scratch = _prepare_scratch(scratch_parent, pins, settings)
+    try:
+        report_file, log_file = scratch / "report.json", scratch / "pip.log"
+        argv = build_pip_argv(
+            settings,
+            environment,
+            requirements_file=scratch / "requirements.txt",
+            report_file=report_file,
+            log_file=log_file,
+        )
+        try:
+            rc, stderr = await _run_pip(argv, build_child_env(scratch), scratch, deadline_seconds)
+        except TimeoutError:
+            raise RegistryError(
+                f"pip did not finish within {deadline_seconds:.0f} s resolving against "
+                f"{settings.describe_index()}"
+            ) from None
+        if rc != 0:
+            raise classify_failure(rc, stderr, _read_text(log_file), settings, environment)
+        try:
+            report = json.loads(_read_text(report_file))
+        except ValueError as exc:
+            raise ResolveError(f"pip succeeded but its report is unreadable: {exc}") from None
+        return parse_report(report)
+    finally:
+        # Synchronous on purpose: a `finally` may run during cancellation, where awaiting a
+        # thread could be interrupted and leave the netrc (the token) on disk.
+        shutil.rmtree(scratch, ignore_errors=True)

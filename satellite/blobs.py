@@ -1,0 +1,182 @@
+"""Verified wheel blobs on a satellite: `blobs/ab/<sha256>.whl`, resumable partial downloads.
+
+A download is written to `blobs/.partial/<sha256>` while it is hashed. `BlobWriter.commit()`
+checks size and sha256, fsyncs, renames into place and fsyncs the directory, so a blob under
+`blobs/ab/` is always complete and was verified at least once. A partial outlives a dropped
+stream and is resumed (its bytes re-hashed) by the next writer; any verification failure deletes
+it, since a partial that produced a wrong hash cannot be trusted for a resume either.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from pathlib import Path
+from types import TracebackType
+
+from shared.errors import IntegrityError, StoreError
+from shared.fsutil import fsync_dir
+from shared.hashing import READ_CHUNK, StreamVerifier, sha256_file
+from shared.names import check_sha256
+
+PARTIAL_DIR = ".partial"
+
+
+class BlobCorrupt(IntegrityError):
+    """A blob already on disk no longer matches its sha256 (bit rot, tampering). It was deleted."""
+
+
+def checked_sha(sha256: str) -> str:
+    """The one choke point for hashes that become path components: 64 lowercase hex only."""
+    try:
+        return check_sha256(sha256)
+    except Exception:
+        raise IntegrityError(f"{sha256!r} is not a sha256 hex digest; refusing it") from None
+
+
+class BlobDir:
+    """The `blobs/` directory: lookups, writers and on-disk verification."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.partial_root = root / PARTIAL_DIR
+
+    def path(self, sha256: str) -> Path:
+        sha = checked_sha(sha256)
+        return self.root / sha[:2] / f"{sha}.whl"
+
+    def partial_path(self, sha256: str) -> Path:
+        return self.partial_root / checked_sha(sha256)
+
+    def has(self, sha256: str) -> bool:
+        return self.path(sha256).is_file()
+
+    def partial_offset(self, sha256: str) -> int:
+        try:
+            return self.partial_path(sha256).stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def open_writer(self, sha256: str, expected_size: int) -> BlobWriter:
+        """A writer that resumes a partial download of `sha256`, if one is usable."""
+        self.partial_root.mkdir(parents=True, exist_ok=True)
+        return BlobWriter(self.partial_path(sha256), self.path(sha256), sha256, expected_size)
+
+    def verify(self, sha256: str) -> Path:
+        """The blob's path after re-hashing it; a rotten blob is deleted and BlobCorrupt raised."""
+        path = self.path(sha256)
+        if not path.is_file():
+            raise StoreError(f"blob {sha256} is not on this satellite (expected {path})")
+        actual = sha256_file(path)
+        if actual != sha256:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            raise BlobCorrupt(
+                f"blob {sha256} on disk hashes to {actual} (bit rot or tampering); deleted it,"
+                " the next pull downloads it again"
+            )
+        return path
+
+    def discard(self, sha256: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path(sha256).unlink()
+
+
+class BlobWriter:
+    """Appends one blob's bytes to its partial file while hashing them.
+
+    `offset` is where the download must resume. `write` refuses bytes beyond `expected_size`
+    (a stream that never ends). Thread-safe: the async caller writes through worker threads and
+    may `close()` from the event loop after a cancellation while a write is still running.
+    """
+
+    def __init__(self, partial: Path, final: Path, sha256: str, expected_size: int) -> None:
+        self.sha256 = sha256
+        self.expected_size = expected_size
+        self._partial = partial
+        self._final = final
+        self._lock = threading.Lock()
+        self._verifier = StreamVerifier(f"blob {sha256}", sha256, expected_size)
+        self._fd: int | None = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            self._rehash_existing()
+        except BaseException:
+            self.close()
+            raise
+        self.offset = self._verifier.size
+
+    def _rehash_existing(self) -> None:
+        assert self._fd is not None
+        size = os.fstat(self._fd).st_size
+        if size > self.expected_size:
+            # Cannot be a prefix of the blob: start over rather than fail forever.
+            os.ftruncate(self._fd, 0)
+            return
+        pos = 0
+        while pos < size:
+            chunk = os.pread(self._fd, min(READ_CHUNK, size - pos), pos)
+            if not chunk:
+                break
+            self._verifier.update(chunk)
+            pos += len(chunk)
+
+    def write(self, chunk: bytes) -> None:
+        with self._lock:
+            fd = self._require_open()
+            try:
+                self._verifier.update(chunk)
+            except IntegrityError:
+                self._discard_locked()
+                raise
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view) :]
+
+    def commit(self) -> Path:
+        """Verify size and sha256, then publish durably. On mismatch the partial is deleted."""
+        with self._lock:
+            fd = self._require_open()
+            try:
+                self._verifier.finish()
+            except IntegrityError:
+                self._discard_locked()
+                raise
+            os.fsync(fd)
+            os.close(fd)
+            self._fd = None
+            self._final.parent.mkdir(exist_ok=True)
+            os.replace(self._partial, self._final)
+            fsync_dir(self._final.parent)
+            fsync_dir(self._partial.parent)
+            return self._final
+
+    def close(self) -> None:
+        """Release the file; an uncommitted partial stays for the next resume."""
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+    def _require_open(self) -> int:
+        if self._fd is None:
+            raise StoreError(f"blob {self.sha256}: writer already closed")
+        return self._fd
+
+    def _discard_locked(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        with contextlib.suppress(FileNotFoundError):
+            self._partial.unlink()
+
+    def __enter__(self) -> BlobWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

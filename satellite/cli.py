@@ -1,0 +1,118 @@
+"""`spk-satellite`: agent, run, status."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from satellite import runner
+from satellite.agent import Agent, AgentConfig
+from satellite.store import SatelliteStore
+from shared.errors import SpkError
+
+DEFAULT_DATA_DIR = Path("spk-satellite-data")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="spk-satellite", description="script-packages satellite")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    agent = sub.add_parser("agent", help="keep this host in sync with the core")
+    agent.add_argument("--core", required=True, help="HOST:PORT of a core instance")
+    agent.add_argument("--token-file", type=Path, required=True, help="file holding the token")
+    agent.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    key = agent.add_mutually_exclusive_group()
+    key.add_argument("--signing-key", type=Path, help="the core's public key (PEM) to pin")
+    key.add_argument(
+        "--trust-on-first-use",
+        action="store_true",
+        help="fetch the core's key on first contact and pin it (logged loudly)",
+    )
+    agent.add_argument("--ca-file", type=Path, help="CA bundle to verify the core (enables TLS)")
+    agent.add_argument(
+        "--tree-grace", type=float, default=3600.0, help="seconds a superseded tree is kept"
+    )
+    agent.add_argument("--no-drift-watch", action="store_true", help="disable drift repair")
+    agent.add_argument("--log-level", default="INFO")
+
+    run = sub.add_parser("run", help="run a script against the current package tree")
+    run.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    run.add_argument("script", type=Path)
+    run.add_argument("args", nargs=argparse.REMAINDER)
+
+    status = sub.add_parser("status", help="desired and current hash, state, last error")
+    status.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    status.add_argument("--json", action="store_true")
+    return p
+
+
+async def _agent(args: argparse.Namespace) -> None:
+    try:
+        token = args.token_file.read_text().strip()
+    except OSError as exc:
+        raise SpkError(f"cannot read --token-file {args.token_file}: {exc.strerror}") from None
+    if not token:
+        raise SpkError(f"--token-file {args.token_file} is empty")
+    config = AgentConfig(
+        core=args.core,
+        token=token,
+        data_dir=args.data_dir,
+        signing_key_pem=args.signing_key.read_text() if args.signing_key else None,
+        trust_on_first_use=args.trust_on_first_use,
+        ca_certificates=args.ca_file.read_bytes() if args.ca_file else None,
+        tree_grace_seconds=args.tree_grace,
+        watch_drift=not args.no_drift_watch,
+    )
+    agent = Agent(config)
+    loop = asyncio.get_running_loop()
+    task = agent.start()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(agent.shutdown()))
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+
+
+def _print_status(store: SatelliteStore, as_json: bool) -> None:
+    info = runner.status(store)
+    if as_json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+        return
+    for key in ("state", "desired_hash", "current_hash", "sync_status", "last_error"):
+        print(f"{key:>15}: {info.get(key) or '-'}")
+    print(f"{'tree size':>15}: {info.get('tree_size_bytes', 0)} bytes")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(args, "log_level", "WARNING").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+    try:
+        if args.command == "agent":
+            asyncio.run(_agent(args))
+        elif args.command == "run":
+            script_args = args.args[1:] if args.args[:1] == ["--"] else args.args
+            return runner.run_script(SatelliteStore(args.data_dir), args.script, script_args)
+        elif args.command == "status":
+            _print_status(SatelliteStore(args.data_dir), args.json)
+    except SpkError as exc:
+        print(f"spk-satellite: error: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Make a manifest's packages present: pull missing blobs (resuming), verify, unpack.
+
+Pure orchestration like the reconciler: the store and the core are injected; blocking store
+calls run in worker threads. Each package is its own pipeline (pull -> unpack), so unpacking the
+first wheel overlaps downloading the next; pulls and unpacks have separate bounds because one
+waits on the network and the other on CPU and disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from satellite.blobs import BlobCorrupt
+from satellite.ports import CoreClient
+from shared.errors import IntegrityError, SpkError
+from shared.manifest import ManifestEntry
+
+log = logging.getLogger(__name__)
+
+
+class BlobSink(Protocol):
+    """One resumable blob download (satellite.blobs.BlobWriter)."""
+
+    offset: int
+
+    def write(self, chunk: bytes) -> None: ...
+    def commit(self) -> Path: ...
+    def close(self) -> None: ...
+
+
+class PackageStore(Protocol):
+    """The store operations this module needs (satellite.store.SatelliteStore)."""
+
+    def has_blob(self, sha256: str) -> bool: ...
+    def open_blob_writer(self, sha256: str, expected_size: int) -> BlobSink: ...
+    def has_pkg(self, sha256: str) -> bool: ...
+    def unpack(self, entry: ManifestEntry) -> Path: ...
+
+
+@dataclass
+class Progress:
+    """Counters of work actually done (what a reconcile reports to the core)."""
+
+    blobs_pulled: int = 0
+    bytes_pulled: int = 0
+    pkgs_unpacked: int = 0
+    tree_built: bool = False
+
+
+class ReconcileFailed(SpkError):
+    """One or more packages could not be materialised; the message names each of them."""
+
+
+async def ensure_pkgs(
+    entries: Iterable[ManifestEntry],
+    store: PackageStore,
+    core: CoreClient,
+    progress: Progress,
+    pull_concurrency: int,
+    unpack_concurrency: int,
+) -> None:
+    """Pull and unpack every package that is not unpacked yet; ReconcileFailed names failures."""
+    unique = list({e.sha256: e for e in entries}.values())
+    missing = await asyncio.to_thread(lambda: [e for e in unique if not store.has_pkg(e.sha256)])
+    pulls = asyncio.Semaphore(pull_concurrency)
+    unpacks = asyncio.Semaphore(unpack_concurrency)
+    # gather, not a TaskGroup: one failure must not cancel the others midway (their threads
+    # would keep running unobserved); every package finishes or fails on its own.
+    results = await asyncio.gather(
+        *(_ensure_pkg(e, store, core, progress, pulls, unpacks) for e in missing),
+        return_exceptions=True,
+    )
+    failures = [r for r in results if isinstance(r, BaseException)]
+    for failure in failures:
+        if not isinstance(failure, Exception):
+            raise failure
+    if failures:
+        messages = [str(f) for f in failures]
+        more = f" (and {len(messages) - 3} more)" if len(messages) > 3 else ""
+        raise ReconcileFailed("; ".join(messages[:3]) + more) from failures[0]
+
+
+async def _ensure_pkg(
+    entry: ManifestEntry,
+    store: PackageStore,
+    core: CoreClient,
+    progress: Progress,
+    pulls: asyncio.Semaphore,
+    unpacks: asyncio.Semaphore,
+) -> None:
+    try:
+        for attempt in (1, 2):
+            if not await asyncio.to_thread(store.has_blob, entry.sha256):
+                async with pulls:
+                    await _pull(entry, store, core, progress)
+            try:
+                async with unpacks:
+                    await asyncio.to_thread(store.unpack, entry)
+            except BlobCorrupt:
+                if attempt == 2:
+                    raise
+                # The store deleted the rotten blob; the next round pulls a fresh copy.
+                log.warning("blob of %s rotted on disk; pulling it again", entry.filename)
+                continue
+            progress.pkgs_unpacked += 1
+            return
+    except Exception as exc:
+        raise ReconcileFailed(
+            f"{entry.name} {entry.version} ({entry.filename}, blob {entry.sha256[:12]}): {exc}"
+        ) from exc
+
+
+async def _pull(
+    entry: ManifestEntry, store: PackageStore, core: CoreClient, progress: Progress
+) -> None:
+    """Download one blob into the store, resuming a partial; a bad resume starts over once."""
+    for attempt in (1, 2):
+        writer = await asyncio.to_thread(store.open_blob_writer, entry.sha256, entry.size)
+        resumed_at = writer.offset
+        stream = core.download_blob(entry.sha256, resumed_at)
+        try:
+            async for chunk in stream:
+                await asyncio.to_thread(writer.write, chunk)
+                progress.bytes_pulled += len(chunk)
+            await asyncio.to_thread(writer.commit)
+            progress.blobs_pulled += 1
+            return
+        except IntegrityError:
+            # The writer deleted the partial: if the old bytes were the bad ones, a fresh
+            # download succeeds; if the core serves bad bytes, the second attempt fails too.
+            if resumed_at == 0 or attempt == 2:
+                raise
+            log.warning("resumed download of %s failed verification; retrying", entry.filename)
+        finally:
+            # Synchronous on purpose: waits at most for one chunk write still in a thread, and
+            # must run even when this task is being cancelled. The partial stays for a resume.
+            writer.close()
+            await _aclose(stream)
+
+
+async def _aclose(stream: AsyncIterator[bytes]) -> None:
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        try:
+            await aclose()
+        except Exception:
+            log.debug("closing a blob stream failed", exc_info=True)
+
+
+def is_expected(exc: BaseException) -> bool:
+    """Our own errors carry their explanation; anything else is a bug worth a traceback."""
+    while isinstance(exc, ReconcileFailed) and exc.__cause__ is not None:
+        exc = exc.__cause__
+    return isinstance(exc, SpkError)

@@ -1,0 +1,220 @@
+"""The satellite's on-disk store: one agent per data dir, everything published by rename.
+
+    <data>/agent.lock               flock held by the one agent using this dir
+    <data>/state.json               AgentState (desired hash, last status and error, sequence)
+    <data>/blobs/ab/<sha256>.whl    verified wheels             (satellite/blobs.py)
+    <data>/blobs/.partial/<sha256>  resumable downloads
+    <data>/pkgs/<sha256>/           unpacked wheels             (satellite/pkgs.py)
+    <data>/trees/<hash>/            assembled install trees     (satellite/trees.py)
+    <data>/current -> trees/<hash>  relative symlink, replaced by rename(2), never unlinked first
+
+Every method is synchronous and blocking: the async reconciler calls them through
+`asyncio.to_thread`. Operations on different sha256s are independent, so unpacking several
+wheels at once from several threads is safe. Anything named `.tmp-*` or `current.tmp-*` is an
+unfinished build that `cleanup_temp()` removes at agent start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import logging
+import os
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from satellite.blobs import BlobDir, BlobWriter, checked_sha
+from satellite.pkgs import TMP_PREFIX, PkgDir, remove_dir
+from satellite.trees import TreeDir, TreePin
+from shared.errors import IntegrityError, StoreError
+from shared.fsutil import fsync_dir, write_bytes_atomic
+from shared.manifest import Manifest, ManifestEntry
+
+log = logging.getLogger(__name__)
+
+CURRENT = "current"
+CURRENT_TMP = "current.tmp-"
+STATE_FILE = "state.json"
+LOCK_FILE = "agent.lock"
+
+
+@dataclass(frozen=True)
+class AgentState:
+    """What the agent remembers between runs; the runner reads it to know what is desired."""
+
+    desired_hash: str | None = None  # None: never heard from the core; "": nothing desired
+    status: str = ""  # a SyncStatus value of the last reconcile
+    error: str = ""  # the last reconcile's error, "" when it succeeded
+    highest_sequence: int = 0  # highest manifest sequence ever flipped to (rollback guard)
+    updated_at_unix: float = 0.0
+
+
+class SatelliteStore:
+    """The file-system adapter behind the reconciler, the runner and drift repair."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.blobs = BlobDir(self.root / "blobs")
+        self.pkgs = PkgDir(self.root / "pkgs")
+        self.trees = TreeDir(self.root / "trees")
+
+    # -- agent lock ------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def acquire_agent_lock(self) -> Iterator[None]:
+        """Hold `agent.lock` exclusively; a second agent on the same dir gets StoreError."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                by = f", held by pid {holder}" if holder.isdigit() else ""
+                raise StoreError(
+                    f"another agent is using data dir {self.root} (lock file {path}{by});"
+                    " stop it or give this agent its own --data-dir"
+                ) from None
+            # The pid is only a hint for the message above; the flock is the lock.
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            yield
+        finally:
+            os.close(fd)
+
+    # -- blobs -----------------------------------------------------------------------------
+
+    def has_blob(self, sha256: str) -> bool:
+        return self.blobs.has(sha256)
+
+    def blob_path(self, sha256: str) -> Path:
+        return self.blobs.path(sha256)
+
+    def partial_offset(self, sha256: str) -> int:
+        return self.blobs.partial_offset(sha256)
+
+    def open_blob_writer(self, sha256: str, expected_size: int) -> BlobWriter:
+        return self.blobs.open_writer(sha256, expected_size)
+
+    # -- unpacked packages -----------------------------------------------------------------
+
+    def has_pkg(self, sha256: str) -> bool:
+        return self.pkgs.has(sha256)
+
+    def unpack(self, entry: ManifestEntry) -> Path:
+        """Re-verify the blob (disks rot), then extract it; BlobCorrupt deletes a rotten blob."""
+        if self.pkgs.has(entry.sha256):
+            return self.pkgs.site(entry.sha256)
+        return self.pkgs.unpack(entry, self.blobs.verify(entry.sha256))
+
+    def verify_pkg(self, sha256: str) -> list[str]:
+        return self.pkgs.verify(sha256)
+
+    def discard_pkg(self, sha256: str) -> None:
+        self.pkgs.discard(sha256)
+
+    # -- trees -----------------------------------------------------------------------------
+
+    def has_tree(self, lockfile_hash: str) -> bool:
+        return self.trees.has(lockfile_hash)
+
+    def tree_site(self, lockfile_hash: str) -> Path:
+        return self.trees.site(lockfile_hash)
+
+    def assemble_tree(self, manifest: Manifest, replace: bool = False) -> Path:
+        return self.trees.assemble(manifest, self.pkgs, replace=replace)
+
+    def tree_manifest(self, lockfile_hash: str) -> Manifest:
+        """The manifest a tree was built from, read offline from its `.spk-tree.json`."""
+        return self.trees.meta(lockfile_hash).manifest
+
+    def verify_tree(self, lockfile_hash: str) -> list[str]:
+        return self.trees.verify(lockfile_hash)
+
+    def tree_size_bytes(self, lockfile_hash: str) -> int:
+        return self.trees.size_bytes(lockfile_hash)
+
+    def retire_others(self, now: float) -> list[str]:
+        return self.trees.retire_others(self.current_hash(), now)
+
+    def gc_trees(self, grace_seconds: float, now: float) -> list[str]:
+        return self.trees.gc(self.current_hash(), grace_seconds, now)
+
+    def pin_tree(self, lockfile_hash: str) -> contextlib.AbstractContextManager[TreePin]:
+        return self.trees.pin(lockfile_hash)
+
+    # -- current ---------------------------------------------------------------------------
+
+    def current_hash(self) -> str | None:
+        """The hash `current` names, or None when it is missing, foreign or dangling."""
+        try:
+            target = os.readlink(self.root / CURRENT)
+        except OSError:  # missing, or not a symlink
+            return None
+        parts = Path(target).parts
+        if len(parts) != 2 or parts[0] != "trees":
+            return None
+        try:
+            lockfile_hash = checked_sha(parts[1])
+        except IntegrityError:
+            return None
+        return lockfile_hash if self.trees.has(lockfile_hash) else None
+
+    def flip_current(self, lockfile_hash: str) -> None:
+        """Point `current` at a built tree: new symlink, rename over the old one, fsync."""
+        if not self.trees.has(lockfile_hash):
+            raise StoreError(f"cannot flip to tree {lockfile_hash}: it is not built")
+        self.trees.unretire(lockfile_hash)
+        tmp = self.root / f"{CURRENT_TMP}{secrets.token_hex(4)}"
+        os.symlink(f"trees/{lockfile_hash}", tmp)
+        try:
+            os.replace(tmp, self.root / CURRENT)
+        except OSError as exc:
+            tmp.unlink()
+            raise StoreError(
+                f"cannot replace {self.root / CURRENT} ({exc.strerror}); it must be a symlink"
+            ) from exc
+        fsync_dir(self.root)
+
+    # -- state -----------------------------------------------------------------------------
+
+    def load_state(self) -> AgentState:
+        path = self.root / STATE_FILE
+        try:
+            raw = json.loads(path.read_text())
+            fields = {f.name for f in dataclasses.fields(AgentState)}
+            return AgentState(**{k: v for k, v in raw.items() if k in fields})
+        except FileNotFoundError:
+            return AgentState()
+        except (ValueError, TypeError) as exc:
+            # Written atomically, so this means outside interference: start afresh, loudly.
+            log.error("ignoring unreadable agent state %s: %s", path, exc)
+            return AgentState()
+
+    def save_state(self, state: AgentState) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        body = json.dumps(dataclasses.asdict(state), sort_keys=True, indent=1)
+        write_bytes_atomic(self.root / STATE_FILE, body.encode())
+
+    # -- housekeeping ----------------------------------------------------------------------
+
+    def cleanup_temp(self) -> list[Path]:
+        """Remove unfinished builds left by a crash. Resumable partial downloads are kept."""
+        removed = self.trees.cleanup_temp()
+        if self.pkgs.root.is_dir():
+            for path in self.pkgs.root.glob(f"{TMP_PREFIX}*"):
+                remove_dir(path)
+                removed.append(path)
+        if self.root.is_dir():
+            for pattern in (f"{CURRENT_TMP}*", f"{TMP_PREFIX}*"):
+                for path in self.root.glob(pattern):
+                    remove_dir(path)
+                    removed.append(path)
+        for path in removed:
+            log.info("removed leftover %s", path)
+        return removed

@@ -1,0 +1,304 @@
+"""Install trees on a satellite: `trees/<lockfile hash>/`, assembled from `pkgs/` by hard links.
+
+    trees/<hash>/site-packages/   what scripts import; sealed read-only after assembly
+    trees/<hash>/.spk-tree.json   the manifest and every expected file (drift checks, offline)
+    trees/<hash>/.spk-pin         runs hold a shared flock on it; GC needs it exclusive
+    trees/<hash>/.spk-retired     when it stopped being current (absent while current)
+    trees/<hash>/pycache/         the runner's bytecode cache (-X pycache_prefix); dies with it
+
+Hard links cost no data copy (the `cp -al` floor in the benchmark), but share inodes with
+`pkgs/`: see pkgs.py for why drift checks compare against recorded hashes. A tree is built in
+`trees/.tmp-<hash>-<rand>/` and renamed into place after one syncfs: its data blocks are the
+already durable package files, so only directory entries are new (fsync of ~400 directories of
+the w31 workload costs about as much as one syncfs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from satellite.blobs import checked_sha
+from satellite.pkgs import (
+    SITE,
+    TMP_PREFIX,
+    FileMap,
+    PkgDir,
+    compare_files,
+    list_dirs,
+    remove_dir,
+    scan_files,
+    seal,
+    syncfs,
+    temp_name,
+)
+from shared.errors import NotFound, StoreError
+from shared.fsutil import fsync_dir, write_bytes_atomic
+from shared.manifest import Manifest
+
+TREE_META = ".spk-tree.json"
+PIN_FILE = ".spk-pin"
+RETIRED_MARK = ".spk-retired"
+PYCACHE = "pycache"
+
+
+@dataclass(frozen=True)
+class TreePin:
+    """A tree held for a script run. `fd` carries the shared lock; pass it to the child."""
+
+    lockfile_hash: str
+    site: Path
+    pycache: Path
+    fd: int
+
+
+@dataclass(frozen=True)
+class TreeMeta:
+    manifest: Manifest
+    files: FileMap
+
+
+class TreeDir:
+    """The `trees/` directory: assembly, verification, retirement, pins and GC."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def dir(self, lockfile_hash: str) -> Path:
+        return self.root / checked_sha(lockfile_hash)
+
+    def site(self, lockfile_hash: str) -> Path:
+        return self.dir(lockfile_hash) / SITE
+
+    def has(self, lockfile_hash: str) -> bool:
+        return (self.dir(lockfile_hash) / TREE_META).is_file()
+
+    def hashes(self) -> list[str]:
+        """Every complete tree on disk."""
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            p.name
+            for p in self.root.iterdir()
+            if not p.name.startswith(TMP_PREFIX) and (p / TREE_META).is_file()
+        )
+
+    def meta(self, lockfile_hash: str) -> TreeMeta:
+        path = self.dir(lockfile_hash) / TREE_META
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise NotFound(f"tree {lockfile_hash} is not on this satellite") from None
+        except ValueError as exc:
+            raise StoreError(f"tree {lockfile_hash}: unreadable {path}: {exc}") from None
+        files = {rel: (str(v[0]), int(v[1])) for rel, v in raw["files"].items()}
+        return TreeMeta(Manifest.from_json(json.dumps(raw["manifest"])), files)
+
+    def assemble(self, manifest: Manifest, pkgs: PkgDir, replace: bool = False) -> Path:
+        """Link every package of `manifest` into a new tree; every package must be unpacked.
+
+        Two wheels may ship the same path only with identical content (old-style namespace
+        packages such as `google/__init__.py`); anything else is refused, naming both wheels.
+        With `replace`, an existing tree of the same hash is swapped out (drift repair).
+        """
+        lockfile_hash = checked_sha(manifest.lockfile_hash)
+        final = self.dir(lockfile_hash)
+        if final.exists() and not replace:
+            raise StoreError(f"tree {lockfile_hash} already exists at {final}")
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / temp_name(lockfile_hash)
+        site = tmp / SITE
+        site.mkdir(parents=True)
+        try:
+            files = _link_packages(manifest, pkgs, site)
+            (tmp / PIN_FILE).touch(0o444)
+            meta = {
+                "format": 1,
+                "manifest": json.loads(manifest.to_json()),
+                "files": {rel: [sha, size, pkg] for rel, (sha, size, pkg) in files.items()},
+            }
+            (tmp / TREE_META).write_text(json.dumps(meta, sort_keys=True))
+            seal(site)
+            syncfs(tmp)
+            if final.exists():
+                # Two renames, not one atomic exchange: for a moment `current` dangles; readers
+                # of `current` (the runner) retry, and this only happens on drift repair.
+                old = self.root / temp_name(f"old-{lockfile_hash}")
+                os.rename(final, old)
+                os.rename(tmp, final)
+                fsync_dir(self.root)
+                remove_dir(old)
+            else:
+                os.rename(tmp, final)
+                fsync_dir(self.root)
+        except BaseException:
+            remove_dir(tmp)
+            raise
+        return final / SITE
+
+    def verify(self, lockfile_hash: str) -> list[str]:
+        """Missing, changed and extra files (and directories) compared with the recorded hashes."""
+        meta = self.meta(lockfile_hash)
+        site = self.site(lockfile_hash)
+        label = f"tree {lockfile_hash[:12]}"
+        if not site.is_dir():
+            return [f"{label}: {SITE} is missing"]
+        actual, problems = scan_files(site)
+        problems = [f"{label}: {p}" for p in problems]
+        problems += compare_files(meta.files, actual, label)
+        expected_dirs = {rel.rpartition("/")[0] for rel in meta.files}
+        expected_dirs |= {d for rel in expected_dirs for d in _parents(rel)}
+        for extra in sorted(list_dirs(site) - expected_dirs):
+            problems.append(f"{label}: extra directory {extra}")
+        return problems
+
+    def retire_others(self, current: str | None, now: float) -> list[str]:
+        """Mark every tree except `current` as retired at `now`, unless it already is."""
+        retired: list[str] = []
+        for lockfile_hash in self.hashes():
+            mark = self.dir(lockfile_hash) / RETIRED_MARK
+            if lockfile_hash == current or mark.exists():
+                continue
+            write_bytes_atomic(mark, f"{now}\n".encode())
+            retired.append(lockfile_hash)
+        return retired
+
+    def unretire(self, lockfile_hash: str) -> None:
+        """A tree becoming current again must not carry its old retirement into the next GC."""
+        mark = self.dir(lockfile_hash) / RETIRED_MARK
+        if mark.exists():
+            mark.unlink()
+            fsync_dir(mark.parent)
+
+    def retired_at(self, lockfile_hash: str) -> float | None:
+        mark = self.dir(lockfile_hash) / RETIRED_MARK
+        try:
+            return float(mark.read_text().strip())
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return mark.stat().st_mtime
+
+    def gc(self, current: str | None, grace_seconds: float, now: float) -> list[str]:
+        """Delete trees retired for longer than the grace and not pinned; never `current`."""
+        removed: list[str] = []
+        for lockfile_hash in self.hashes():
+            if lockfile_hash == current:
+                continue
+            retired = self.retired_at(lockfile_hash)
+            if retired is None or now - retired < grace_seconds:
+                continue
+            doomed = self._unlink_unless_pinned(lockfile_hash)
+            if doomed is not None:
+                remove_dir(doomed)
+                removed.append(lockfile_hash)
+        return removed
+
+    def _unlink_unless_pinned(self, lockfile_hash: str) -> Path | None:
+        """Rename the tree out of sight while holding its pin exclusively; None when pinned."""
+        tree = self.dir(lockfile_hash)
+        try:
+            fd = os.open(tree / PIN_FILE, os.O_RDONLY)
+        except FileNotFoundError:
+            fd = None
+        try:
+            if fd is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return None
+            # Renamed while locked: a run that wins the lock after us finds no tree at the path
+            # (TreeDir.pin checks) instead of a half-deleted one.
+            doomed = self.root / temp_name(f"gc-{lockfile_hash}")
+            os.rename(tree, doomed)
+            fsync_dir(self.root)
+            return doomed
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    @contextlib.contextmanager
+    def pin(self, lockfile_hash: str) -> Iterator[TreePin]:
+        """Hold a shared flock on the tree's pin file for the duration of a run."""
+        tree = self.dir(lockfile_hash)
+        pin_path = tree / PIN_FILE
+        try:
+            fd = os.open(pin_path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise NotFound(f"tree {lockfile_hash} is not on this satellite") from None
+        try:
+            # Blocking is fine: GC holds the lock exclusively only for one rename.
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            try:
+                same = os.fstat(fd).st_ino == os.stat(pin_path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same or not (tree / TREE_META).is_file():
+                raise NotFound(f"tree {lockfile_hash} was removed while it was being pinned")
+            yield TreePin(lockfile_hash, tree / SITE, tree / PYCACHE, fd)
+        finally:
+            os.close(fd)
+
+    def size_bytes(self, lockfile_hash: str) -> int:
+        return sum(size for _, size in self.meta(lockfile_hash).files.values())
+
+    def cleanup_temp(self) -> list[Path]:
+        removed: list[Path] = []
+        if not self.root.is_dir():
+            return removed
+        for path in self.root.iterdir():
+            if path.name.startswith(TMP_PREFIX):
+                remove_dir(path)
+                removed.append(path)
+            elif path.is_dir():
+                for inner in path.glob(f"{TMP_PREFIX}*"):  # write_bytes_atomic leftovers
+                    inner.unlink()
+                    removed.append(inner)
+        return removed
+
+
+def _parents(rel: str) -> Iterator[str]:
+    while rel:
+        yield rel
+        rel = rel.rpartition("/")[0]
+
+
+def _link_packages(manifest: Manifest, pkgs: PkgDir, site: Path) -> dict[str, tuple[str, int, str]]:
+    """Hard-link each package's files into `site`; returns rel -> (sha256, size, package sha)."""
+    owners: dict[str, tuple[str, int, str]] = {}
+    owner_files: dict[str, str] = {}
+    made: set[str] = {""}
+    for entry in manifest.entries:
+        source = pkgs.site(entry.sha256)
+        for rel, (sha, size) in sorted(pkgs.files(entry.sha256).items()):
+            previous = owners.get(rel)
+            if previous is not None:
+                if previous[0] == sha:
+                    continue
+                raise StoreError(
+                    f"{owner_files[rel]} and {entry.filename} both install {rel} with different"
+                    " content; they cannot share one tree (fix the allowlist)"
+                )
+            parent = rel.rpartition("/")[0]
+            try:
+                if parent not in made:
+                    os.makedirs(site / parent, exist_ok=True)
+                    made.update(_parents(parent))
+                os.link(source / rel, site / rel)
+            except (FileExistsError, NotADirectoryError, IsADirectoryError):
+                clash = next((owner_files[p] for p in _parents(rel) if p in owner_files), None)
+                if clash is None:  # a file of this wheel where another wheel has a directory
+                    inside = (f for p, f in owner_files.items() if p.startswith(f"{rel}/"))
+                    clash = next(inside, None)
+                raise StoreError(
+                    f"{entry.filename} installs {rel}, which clashes with a file or directory"
+                    f" of {clash or 'another wheel'}; they cannot share one tree"
+                ) from None
+            owners[rel] = (sha, size, entry.sha256)
+            owner_files[rel] = entry.filename
+    return owners

@@ -1,0 +1,36 @@
+"""Shared pytest fixtures. Keep each group self-contained; add new groups below."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.index_server import PackageIndex
+
+# --------------------------------------------------------------------------- package index
+# A real pypiserver on 127.0.0.1 serving `wheel_dir` (build wheels into it with
+# tests.wheelfactory.build_wheel, before or after the server starts).
+
+INDEX_TOKEN = 'pypi-tok3n-"quoted"-and-\\backslash'  # awkward on purpose: netrc quoting
+
+
+@pytest.fixture
+def wheel_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "index-packages"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def package_index(wheel_dir: Path) -> Iterator[PackageIndex]:
+    with PackageIndex(wheel_dir) as index:
+        yield index
+
+
+@pytest.fixture
+def auth_package_index(wheel_dir: Path) -> Iterator[PackageIndex]:
+    """Every request needs basic auth `__token__` / `index.token` (htpasswd)."""
+    with PackageIndex(wheel_dir, token=INDEX_TOKEN) as index:
+        yield index

@@ -1,0 +1,230 @@
+"""core/index_client.py: wheel download and version listing against real loopback servers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from core.index_client import (
+    basic_auth_header,
+    download_wheel,
+    package_versions,
+    project_filenames,
+    sort_versions,
+    versions_from_filenames,
+)
+from core.registry import RegistrySettings, ResolvedWheel
+from shared.errors import IntegrityError, NotFound, RegistryError
+from tests.index_server import PackageIndex
+from tests.wheelfactory import WheelSpec, build_sdist, build_wheel
+
+
+def resolved(index: PackageIndex, wheel: Path, sha256: str | None = None) -> ResolvedWheel:
+    digest = sha256 or hashlib.sha256(wheel.read_bytes()).hexdigest()
+    url = f"{index.base_url}/packages/{wheel.name}"
+    return ResolvedWheel("c", "3.0", wheel.name, url, digest, True)
+
+
+# --------------------------------------------------------------------------- tiny scripted servers
+
+Handler = Callable[[BaseHTTPRequestHandler], None]
+
+
+class Scripted:
+    """A loopback HTTP server whose GET answer is a plain function; it records request headers."""
+
+    def __init__(self, answer: Handler) -> None:
+        self.requests: list[tuple[str, dict[str, str]]] = []
+        outer = self
+
+        class _H(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                outer.requests.append((self.path, dict(self.headers.items())))
+                answer(self)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _H)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def scripted() -> Iterator[Callable[[Handler], Scripted]]:
+    servers: list[Scripted] = []
+
+    def start(answer: Handler) -> Scripted:
+        servers.append(Scripted(answer))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.close()
+
+
+def send(h: BaseHTTPRequestHandler, status: int, body: bytes = b"", **headers: str) -> None:
+    h.send_response(status)
+    for k, v in {"Content-Length": str(len(body)), **headers}.items():
+        h.send_header(k.replace("_", "-"), v)
+    h.end_headers()
+    h.wfile.write(body)
+
+
+# --------------------------------------------------------------------------- download
+
+
+async def test_download_verifies_and_counts(
+    package_index: PackageIndex, wheel_dir: Path, tmp_path: Path
+) -> None:
+    wheel = build_wheel(WheelSpec("c", "3.0"), wheel_dir)
+    dest = tmp_path / "c.whl"
+    size = await download_wheel(resolved(package_index, wheel), RegistrySettings(), dest)
+    assert size == wheel.stat().st_size
+    assert dest.read_bytes() == wheel.read_bytes()
+
+
+async def test_tampered_wheel_is_an_integrity_error(
+    package_index: PackageIndex, wheel_dir: Path, tmp_path: Path
+) -> None:
+    wheel = build_wheel(WheelSpec("c", "3.0"), wheel_dir)
+    expected = resolved(package_index, wheel)  # what the index published at resolve time
+    wheel.write_bytes(wheel.read_bytes() + b"evil")  # ... then the file changes underneath
+    dest = tmp_path / "c.whl"
+    with pytest.raises(IntegrityError, match="sha256 mismatch"):
+        await download_wheel(expected, RegistrySettings(), dest)
+    assert not dest.exists()  # no tampered bytes left behind
+
+
+async def test_download_from_auth_index(
+    auth_package_index: PackageIndex, wheel_dir: Path, tmp_path: Path
+) -> None:
+    token = auth_package_index.token
+    assert token
+    wheel = build_wheel(WheelSpec("c", "3.0"), wheel_dir)
+    item = resolved(auth_package_index, wheel)
+    good = RegistrySettings(index_url=auth_package_index.url, token=token)
+    assert await download_wheel(item, good, tmp_path / "ok.whl") == wheel.stat().st_size
+
+    with pytest.raises(RegistryError, match=r"rejected the credentials \(HTTP 401\)"):
+        await download_wheel(
+            item, RegistrySettings(index_url=auth_package_index.url), tmp_path / "x"
+        )
+    wrong = RegistrySettings(index_url=auth_package_index.url, token="nope-" + token)
+    with pytest.raises(RegistryError, match=r"rejected the credentials \(HTTP 40[13]\)") as err:
+        await download_wheel(item, wrong, tmp_path / "y")
+    assert token not in str(err.value)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_auth_header_only_for_index_origins() -> None:
+    s = RegistrySettings(index_url="https://idx.example/simple", token="t", username="u")
+    assert basic_auth_header("https://idx.example/packages/a.whl", s) == "Basic dTp0"  # u:t
+    assert basic_auth_header("https://IDX.example:443/x.whl", s) is not None
+    assert basic_auth_header("http://idx.example/x.whl", s) is None  # never over plain http
+    assert basic_auth_header("https://idx.example:8443/x.whl", s) is None
+    assert basic_auth_header("https://files.example/x.whl", s) is None
+    assert (
+        basic_auth_header("https://idx.example/x.whl", RegistrySettings(index_url=s.index_url))
+        is None
+    )
+
+
+async def test_credentials_never_follow_a_redirect_to_another_host(
+    scripted: Callable[[Handler], Scripted], wheel_dir: Path, tmp_path: Path
+) -> None:
+    wheel = build_wheel(WheelSpec("c", "3.0"), wheel_dir)
+    cdn = scripted(lambda h: send(h, 200, wheel.read_bytes()))
+    index = scripted(lambda h: send(h, 302, Location=f"{cdn.url}/c.whl"))
+    settings = RegistrySettings(index_url=f"{index.url}/simple/", token="tok-SECRET")
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    item = ResolvedWheel("c", "3.0", wheel.name, f"{index.url}/packages/{wheel.name}", digest, True)
+    assert await download_wheel(item, settings, tmp_path / "c.whl") == wheel.stat().st_size
+    assert "Authorization" in index.requests[0][1]
+    assert "Authorization" not in cdn.requests[0][1]
+
+
+async def test_non_http_urls_are_refused(tmp_path: Path) -> None:
+    secret = tmp_path / "secret.whl"
+    secret.write_bytes(b"x")
+    item = ResolvedWheel("c", "1", "c.whl", secret.as_uri(), "0" * 64, True)
+    with pytest.raises(RegistryError, match="only http"):
+        await download_wheel(item, RegistrySettings(), tmp_path / "out.whl")
+
+
+# --------------------------------------------------------------------------- versions
+
+
+def test_sort_versions() -> None:
+    raw = ["1.0", "2.0rc1", "2.0", "banana", "1.0.0", "10.0", "2.0.post1", "1!0.1"]
+    assert sort_versions(raw) == ["1!0.1", "10.0", "2.0.post1", "2.0", "2.0rc1", "1.0", "banana"]
+
+
+def test_project_filenames_json_and_html() -> None:
+    doc = {"meta": {"api-version": "1.1"}, "name": "c", "files": [{"filename": "c-1.0.tar.gz"}]}
+    assert project_filenames(json.dumps(doc).encode(), "application/vnd.pypi.simple.v1+json") == [
+        "c-1.0.tar.gz"
+    ]
+    html = b'<a href="../../p/c-2.0-py3-none-any.whl#sha256=ab">c-2.0-py3-none-any.whl</a>'
+    assert project_filenames(html, "text/html; charset=utf-8") == ["c-2.0-py3-none-any.whl"]
+
+
+def test_versions_from_filenames_skip_other_projects() -> None:
+    names = [
+        "my_pkg-1.0-py3-none-any.whl",
+        "my-pkg-1.1.tar.gz",
+        "my_pkg-2.0b1-cp311-cp311-win_amd64.whl",
+        "my_pkg_extra-9.0-py3-none-any.whl",  # a different project
+        "my-pkg-weird_version.tar.gz",  # not PEP 440: kept, sorted last
+    ]
+    assert versions_from_filenames("my-pkg", names) == ["2.0b1", "1.1", "1.0", "weird_version"]
+
+
+async def test_package_versions_from_a_pep503_index(
+    package_index: PackageIndex, wheel_dir: Path
+) -> None:
+    for version in ("3.0", "3.1rc1", "3.1", "2.0"):
+        build_wheel(WheelSpec("c", version), wheel_dir)
+    build_sdist("c", "1.5", wheel_dir)
+    settings = RegistrySettings(index_url=package_index.url)
+    assert await package_versions("C", settings) == ["3.1", "3.1rc1", "3.0", "2.0", "1.5"]
+    with pytest.raises(NotFound, match="package 'nosuch' was not found"):
+        await package_versions("nosuch", settings)
+
+
+async def test_package_versions_prefers_pep691_json(
+    scripted: Callable[[Handler], Scripted],
+) -> None:
+    doc = {"files": [{"filename": "c-1.0-py3-none-any.whl"}, {"filename": "c-1.1.tar.gz"}]}
+    body = json.dumps(doc).encode()
+    index = scripted(
+        lambda h: send(h, 200, body, Content_Type="application/vnd.pypi.simple.v1+json")
+    )
+    versions = await package_versions("c", RegistrySettings(index_url=f"{index.url}/simple"))
+    assert versions == ["1.1", "1.0"]
+    path, headers = index.requests[0]
+    assert path == "/simple/c/"
+    assert headers["Accept"].startswith("application/vnd.pypi.simple.v1+json")
+
+
+async def test_package_versions_errors(auth_package_index: PackageIndex, wheel_dir: Path) -> None:
+    build_wheel(WheelSpec("c", "3.0"), wheel_dir)
+    token = auth_package_index.token
+    assert token
+    with pytest.raises(RegistryError, match=r"rejected the credentials \(HTTP 401\)") as err:
+        await package_versions("c", RegistrySettings(index_url=auth_package_index.url))
+    assert token not in str(err.value)
+    ok = RegistrySettings(index_url=auth_package_index.url, token=token)
+    assert await package_versions("c", ok) == ["3.0"]
+    with pytest.raises(RegistryError, match="unreachable"):
+        await package_versions("c", RegistrySettings(index_url="http://127.0.0.1:9/simple"))

@@ -1,0 +1,545 @@
+"""core/registry.py: pip resolution against a real pypiserver on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import netrc
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+import core.registry as registry
+from core.registry import (
+    RegistrySettings,
+    build_child_env,
+    build_pip_argv,
+    classify_failure,
+    parse_report,
+    render_netrc,
+    resolve,
+    validate_settings,
+)
+from shared.errors import InvalidArgument, RegistryError, ResolveError
+from shared.manifest import TargetEnvironment
+from tests.index_server import PackageIndex
+from tests.wheelfactory import WheelSpec, build_sdist, build_wheel
+
+WIN = TargetEnvironment("3.11", "cp", "cp311", "win_amd64")
+LINUX = TargetEnvironment("3.11", "cp", "cp311", "manylinux_2_17_x86_64")
+
+
+def settings_for(index: PackageIndex, **kw: object) -> RegistrySettings:
+    return RegistrySettings(index_url=index.url, timeout_seconds=5, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def chain(wheel_dir: Path) -> dict[str, Path]:
+    """a==1.0 -> b==2.0 -> c (any); c also has a newer prerelease that must not win."""
+    return {
+        "a": build_wheel(WheelSpec("a", "1.0", requires=["b==2.0"]), wheel_dir),
+        "b": build_wheel(WheelSpec("b", "2.0", requires=["c"]), wheel_dir),
+        "c": build_wheel(WheelSpec("c", "3.0"), wheel_dir),
+        "c-rc": build_wheel(WheelSpec("c", "3.1rc1"), wheel_dir),
+    }
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --------------------------------------------------------------------------- pure parts
+
+
+def test_build_pip_argv_is_exact_and_carries_no_secret(tmp_path: Path) -> None:
+    s = RegistrySettings(
+        index_url="https://idx.example/simple",
+        extra_index_urls=("https://extra.example/simple",),
+        username="bob",
+        token="tok-SECRET",
+        timeout_seconds=7,
+    )
+    argv = build_pip_argv(
+        s,
+        LINUX,
+        requirements_file=tmp_path / "r.txt",
+        report_file=tmp_path / "rep.json",
+        log_file=tmp_path / "pip.log",
+        python="/py",
+    )
+    assert argv[:4] == ["/py", "-m", "pip", "install"]
+    for flag in ("--dry-run", "--ignore-installed", "--isolated", "--no-cache-dir", "--no-input"):
+        assert flag in argv
+    assert "--disable-pip-version-check" in argv and "--only-binary=:all:" in argv
+    pairs = {argv[i]: argv[i + 1] for i in range(len(argv) - 1)}
+    assert pairs["--index-url"] == "https://idx.example/simple"
+    assert pairs["--extra-index-url"] == "https://extra.example/simple"
+    assert pairs["--timeout"] == "7"
+    assert pairs["--python-version"] == "3.11" and pairs["--implementation"] == "cp"
+    assert pairs["--abi"] == "cp311" and pairs["--platform"] == "manylinux_2_17_x86_64"
+    assert pairs["--report"] == str(tmp_path / "rep.json")
+    assert argv[-2:] == ["-r", str(tmp_path / "r.txt")]
+    joined = " ".join(argv)
+    assert "SECRET" not in joined and "bob" not in joined
+
+    native = build_pip_argv(
+        RegistrySettings(),
+        TargetEnvironment("3.11"),  # no platform: the core's own tags, no target flags
+        requirements_file=Path("r"),
+        report_file=Path("p"),
+        log_file=Path("l"),
+    )
+    assert native[0] == sys.executable
+    assert not {"--platform", "--python-version", "--abi", "--extra-index-url"} & set(native)
+
+
+def test_child_env_is_built_from_scratch(tmp_path: Path) -> None:
+    parent = {
+        "PATH": "/usr/bin",
+        "PIP_FIND_LINKS": "/decoy",
+        "PIP_INDEX_URL": "http://decoy/simple",
+        "PYTHONPATH": "/decoy",
+        "HOME": "/root",
+        "SECRET_THING": "x",
+        "https_proxy": "http://proxy:3128",
+    }
+    env = build_child_env(tmp_path, parent)
+    assert env == {
+        "PATH": "/usr/bin",
+        "LANG": "C.UTF-8",
+        "HOME": str(tmp_path),
+        "NETRC": str(tmp_path / "netrc"),
+        "TMPDIR": str(tmp_path / "tmp"),
+        "PIP_CONFIG_FILE": os.devnull,
+        "GRPC_ENABLE_FORK_SUPPORT": "false",
+        "https_proxy": "http://proxy:3128",
+    }
+
+
+def test_netrc_round_trips_through_the_stdlib_parser(tmp_path: Path) -> None:
+    token = 'we"ird\\tok#en with space'
+    s = RegistrySettings(
+        index_url="https://a.example:8443/simple",
+        extra_index_urls=("https://b.example/s",),
+        token=token,
+    )
+    path = tmp_path / "netrc"
+    path.write_text(render_netrc(s))
+    parsed = netrc.netrc(str(path))
+    assert parsed.authenticators("a.example") == ("__token__", "", token)
+    assert parsed.authenticators("b.example") == ("__token__", "", token)
+    assert render_netrc(RegistrySettings()) == ""
+    assert 'login "bob"' in render_netrc(RegistrySettings(username="bob", token="t"))
+
+
+@pytest.mark.parametrize(
+    ("settings", "field"),
+    [
+        (RegistrySettings(index_url="https://u:p@idx.example/simple"), "registry.index_url"),
+        (RegistrySettings(index_url="file:///opt/pypi/simple"), "registry.index_url"),
+        (RegistrySettings(extra_index_urls=("ftp://x",)), "registry.extra_index_urls[0]"),
+        (RegistrySettings(token="line\nbreak-SECRET"), "registry.token"),
+        (RegistrySettings(timeout_seconds=0), "registry.timeout_seconds"),
+    ],
+)
+def test_settings_are_validated_without_echoing_secrets(
+    settings: RegistrySettings, field: str
+) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        validate_settings(settings)
+    assert err.value.field == field
+    assert "SECRET" not in str(err.value)
+
+
+def test_token_is_not_in_repr() -> None:
+    assert "tok-SECRET" not in repr(RegistrySettings(token="tok-SECRET"))
+
+
+def test_parse_report() -> None:
+    digest = "ab" * 32
+    report = {
+        "install": [
+            {
+                "requested": True,
+                "metadata": {"name": "Foo_Bar", "version": "1.0"},
+                "download_info": {
+                    "url": "https://user:pw@files.example/p/foo_bar-1.0-py3-none-any.whl",
+                    "archive_info": {"hashes": {"sha256": digest}},
+                },
+            },
+            {
+                "metadata": {"name": "dep", "version": "2.0"},
+                "download_info": {
+                    "url": "https://files.example/p/dep-2.0-py3-none-any.whl",
+                    "archive_info": {"hash": f"sha256={digest}"},  # the legacy field only
+                },
+            },
+        ]
+    }
+    foo, dep = parse_report(report)
+    assert (foo.name, foo.version, foo.requested) == ("foo-bar", "1.0", True)
+    assert foo.filename == "foo_bar-1.0-py3-none-any.whl" and foo.sha256 == digest
+    assert foo.url == "https://files.example/p/foo_bar-1.0-py3-none-any.whl"
+    assert (dep.name, dep.requested, dep.sha256) == ("dep", False, digest)
+    assert parse_report({"install": []}) == []
+
+    no_hash = {"install": [{**report["install"][1], "download_info": {"url": "https://x/d.whl"}}]}
+    with pytest.raises(ResolveError, match="no sha256 for 'dep'"):
+        parse_report(no_hash)
+    sdist = {"install": [{**report["install"][1]}]}
+    sdist["install"][0]["download_info"] = {
+        "url": "https://x/dep-2.0.tar.gz",
+        "archive_info": {"hashes": {"sha256": digest}},
+    }
+    with pytest.raises(ResolveError, match="sdists"):
+        parse_report(sdist)
+
+
+def test_classify_failure_scrubs_the_token() -> None:
+    s = RegistrySettings(token="tok-SECRET")
+    stderr = "ERROR: something odd tok-SECRET happened\nERROR: https://u:tok-SECRET@h/x\n"
+    err = classify_failure(1, stderr, "", s, None)
+    assert isinstance(err, ResolveError)
+    assert "tok-SECRET" not in str(err) and "something odd" in str(err)
+
+
+NO_MATCH = (
+    "ERROR: Could not find a version that satisfies the requirement c==3.0 (from versions: none)\n"
+    "ERROR: No matching distribution found for c==3.0\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("log_line", "expected"),
+    [  # lines captured from pip 26.3's --log output
+        (
+            "Could not fetch URL https://idx.example/simple/c/: connection error: Failed to "
+            "resolve IP address for 'idx.example' ([Errno -2] Name or service not known)"
+            " - skipping",
+            "the index https://idx.example/simple is unreachable: connection error: Failed to "
+            "resolve IP address",
+        ),
+        (
+            "Could not fetch URL https://idx.example/simple/c/: 503 Server Error: Service "
+            "Unavailable for url: https://idx.example/simple/c/ - skipping",
+            "the index https://idx.example/simple is unreachable: 503 Server Error",
+        ),
+    ],
+)
+def test_classify_network_failures(log_line: str, expected: str) -> None:
+    s = RegistrySettings(index_url="https://idx.example/simple")
+    err = classify_failure(1, NO_MATCH, f"2026-01-01T00:00:00,000 {log_line}\n", s, None)
+    assert isinstance(err, RegistryError)
+    assert str(err).startswith(expected)
+
+
+# --------------------------------------------------------------------------- real pip, real index
+
+
+async def test_resolves_a_dependency_chain(
+    package_index: PackageIndex, chain: dict[str, Path], tmp_path: Path
+) -> None:
+    wheels = await resolve([("A", "1.0")], settings_for(package_index), None, tmp_path / "scratch")
+    got = {w.name: w for w in wheels}
+    assert set(got) == {"a", "b", "c"}
+    assert got["a"].requested and not got["b"].requested and not got["c"].requested
+    assert got["c"].version == "3.0"  # the prerelease is not picked for a bare "c"
+    for name in ("a", "b", "c"):
+        assert got[name].filename == chain[name].name
+        assert got[name].sha256 == sha(chain[name])
+        assert got[name].url.startswith(package_index.base_url)
+    assert list((tmp_path / "scratch").iterdir()) == []  # scratch removed after success
+
+
+async def test_empty_allowlist_runs_nothing(tmp_path: Path) -> None:
+    assert (
+        await resolve(
+            [], RegistrySettings(index_url="http://127.0.0.1:9/simple"), None, tmp_path / "s"
+        )
+        == []
+    )
+    assert not (tmp_path / "s").exists()
+
+
+async def test_bad_pin_is_refused_before_pip_runs(tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgument, match=r"requirements\[0\]"):
+        await resolve([("--index-url=http://evil", "1.0")], RegistrySettings(), None, tmp_path)
+
+
+async def test_platform_only_wheel_names_package_and_environment(
+    package_index: PackageIndex, wheel_dir: Path, tmp_path: Path
+) -> None:
+    build_wheel(WheelSpec("winonly", "1.0", tag="cp311-cp311-win_amd64"), wheel_dir)
+    s = settings_for(package_index)
+    with pytest.raises(ResolveError) as err:
+        await resolve([("winonly", "1.0")], s, LINUX, tmp_path)
+    msg = str(err.value)
+    assert "no wheel of 'winonly' 1.0 fits the target environment" in msg
+    assert "manylinux_2_17_x86_64" in msg and "cp311-cp311-win_amd64" in msg
+    assert "not installed because building them runs code" in msg
+    with pytest.raises(ResolveError, match="winonly"):
+        await resolve([("winonly", "1.0")], s, None, tmp_path)  # native linux core
+    # ... and the same index serves it to a Windows target.
+    (wheel,) = await resolve([("winonly", "1.0")], s, WIN, tmp_path)
+    assert wheel.filename == "winonly-1.0-cp311-cp311-win_amd64.whl"
+
+
+async def test_transitive_platform_only_wheel_names_the_dependency(
+    package_index: PackageIndex, wheel_dir: Path, tmp_path: Path
+) -> None:
+    build_wheel(WheelSpec("top", "1.0", requires=["winonly>=1"]), wheel_dir)
+    build_wheel(WheelSpec("winonly", "1.0", tag="cp311-cp311-win_amd64"), wheel_dir)
+    with pytest.raises(ResolveError, match="no wheel of 'winonly'"):
+        await resolve([("top", "1.0")], settings_for(package_index), LINUX, tmp_path)
+
+
+async def test_sdist_only_package_is_refused(
+    package_index: PackageIndex, wheel_dir: Path, tmp_path: Path
+) -> None:
+    build_sdist("sdonly", "1.0", wheel_dir)
+    with pytest.raises(ResolveError) as err:
+        await resolve([("sdonly", "1.0")], settings_for(package_index), None, tmp_path)
+    assert "'sdonly' 1.0 is only published as a source distribution" in str(err.value)
+    assert "sdists) are not installed because building them runs code" in str(err.value)
+
+
+async def test_requires_python_mismatch_is_explained(tmp_path: Path) -> None:
+    # pypiserver does not publish data-requires-python, so serve a static PEP 503 tree.
+    root = tmp_path / "static"
+    build_wheel(WheelSpec("newpy", "1.0"), root / "packages")
+    page = root / "simple" / "newpy" / "index.html"
+    page.parent.mkdir(parents=True)
+    href = "/packages/newpy-1.0-py3-none-any.whl"
+    page.write_text(f'<a href="{href}" data-requires-python="&gt;=3.99">newpy-1.0</a>')
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(root))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/simple/"
+        with pytest.raises(ResolveError) as err:
+            await resolve([("newpy", "1.0")], RegistrySettings(index_url=url), None, tmp_path / "s")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "'newpy' 1.0 cannot be installed" in str(err.value)
+    assert "require a different python version: 1.0 Requires-Python >=3.99" in str(err.value)
+
+
+async def test_conflicting_pins_name_the_cause(
+    package_index: PackageIndex, chain: dict[str, Path], wheel_dir: Path, tmp_path: Path
+) -> None:
+    build_wheel(WheelSpec("needsc", "1.0", requires=["c==3.0"]), wheel_dir)
+    pins = [("needsc", "1.0"), ("c", "3.1rc1")]
+    with pytest.raises(ResolveError) as err:
+        await resolve(pins, settings_for(package_index), None, tmp_path)
+    assert str(err.value) == (
+        "the allowlist has conflicting dependencies: "
+        "The user requested c==3.1rc1; needsc 1.0 depends on c==3.0"
+    )
+
+
+async def test_unknown_package(
+    package_index: PackageIndex, chain: dict[str, Path], tmp_path: Path
+) -> None:
+    with pytest.raises(ResolveError) as err:
+        await resolve([("nosuch", "1.0")], settings_for(package_index), None, tmp_path / "s")
+    assert str(err.value) == f"package 'nosuch' was not found on the index {package_index.url}"
+    assert list((tmp_path / "s").iterdir()) == []  # scratch removed after failure
+
+
+async def test_unknown_version_lists_available_ones(
+    package_index: PackageIndex, chain: dict[str, Path], tmp_path: Path
+) -> None:
+    with pytest.raises(ResolveError) as err:
+        await resolve([("c", "9.9")], settings_for(package_index), None, tmp_path)
+    assert "version 9.9 of 'c' is not on the index" in str(err.value)
+    assert str(err.value).endswith(": 3.1rc1, 3.0")
+
+
+async def test_closed_port_is_a_registry_error_quickly(tmp_path: Path) -> None:
+    with socket.socket() as s:  # bound, never listening: connection refused
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/simple/"
+        started = time.monotonic()
+        with pytest.raises(RegistryError, match="is unreachable"):
+            await resolve([("c", "3.0")], RegistrySettings(index_url=url), None, tmp_path)
+    assert time.monotonic() - started < 10
+
+
+async def test_plain_http_to_a_remote_host_is_explained(tmp_path: Path) -> None:
+    # pip drops a non-local http index before connecting (no network is touched here).
+    settings = RegistrySettings(index_url="http://index.example.invalid/simple/")
+    with pytest.raises(RegistryError, match="plain http is only allowed for localhost"):
+        await resolve([("c", "3.0")], settings, None, tmp_path)
+
+
+async def test_silent_index_times_out(tmp_path: Path) -> None:
+    with socket.socket() as s:  # listening but never accepting: the request hangs
+        s.bind(("127.0.0.1", 0))
+        s.listen(8)
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/simple/"
+        settings = RegistrySettings(index_url=url, timeout_seconds=1, retries=0)
+        with pytest.raises(RegistryError, match="didn't respond within"):
+            await resolve([("c", "3.0")], settings, None, tmp_path)
+        # An overall deadline kills pip even when every socket op stays under its timeout.
+        slow = RegistrySettings(index_url=url, timeout_seconds=30, retries=0)
+        with pytest.raises(RegistryError, match="did not finish within"):
+            await resolve([("c", "3.0")], slow, None, tmp_path / "d", deadline_seconds=1.5)
+        assert list((tmp_path / "d").iterdir()) == []
+
+
+async def test_cancel_kills_pip_and_removes_scratch(tmp_path: Path) -> None:
+    scratch = tmp_path / "scratch"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(8)
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/simple/"
+        settings = RegistrySettings(index_url=url, timeout_seconds=60, retries=0, token="t")
+        task = asyncio.create_task(resolve([("c", "3.0")], settings, None, scratch))
+        deadline = time.monotonic() + 10
+        while not _pip_pids(str(scratch)) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert _pip_pids(str(scratch)), "pip never started"
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert _pip_pids(str(scratch)) == []
+    assert list(scratch.iterdir()) == []
+
+
+def _pip_pids(marker: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes()
+            status = (proc / "status").read_text()
+        except OSError:
+            continue
+        if marker.encode() in cmd and "State:\tZ" not in status:
+            pids.append(int(proc.name))
+    return pids
+
+
+async def test_auth_index(
+    auth_package_index: PackageIndex, chain: dict[str, Path], tmp_path: Path
+) -> None:
+    token = auth_package_index.token
+    assert token
+    ok = await resolve(
+        [("a", "1.0")], settings_for(auth_package_index, token=token), None, tmp_path
+    )
+    assert {w.name for w in ok} == {"a", "b", "c"}
+    assert all(token not in w.url for w in ok)
+
+    with pytest.raises(RegistryError) as missing:
+        await resolve([("a", "1.0")], settings_for(auth_package_index), None, tmp_path)
+    assert "the index rejected the credentials (HTTP 401)" in str(missing.value)
+
+    wrong = settings_for(auth_package_index, token=token + "-wrong")
+    with pytest.raises(RegistryError) as rejected:
+        await resolve([("a", "1.0")], wrong, None, tmp_path)
+    # pypiserver answers 403 (not 401) when credentials are present but wrong.
+    assert "the index rejected the credentials (HTTP 40" in str(rejected.value)
+    assert token not in str(rejected.value) and "wrong" not in str(rejected.value)
+
+
+async def test_host_pip_config_and_env_do_not_leak(
+    package_index: PackageIndex,
+    chain: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    decoy_dir = tmp_path / "decoy"
+    build_wheel(WheelSpec("c", "9.9"), decoy_dir)
+    build_wheel(WheelSpec("decoy", "1.0"), decoy_dir)
+    with PackageIndex(decoy_dir) as decoy:
+        conf = tmp_path / "pip.conf"
+        conf.write_text(f"[global]\nextra-index-url = {decoy.url}\nfind-links = {decoy_dir}\n")
+        monkeypatch.setenv("PIP_FIND_LINKS", str(decoy_dir))
+        monkeypatch.setenv("PIP_INDEX_URL", decoy.url)
+        monkeypatch.setenv("PIP_EXTRA_INDEX_URL", decoy.url)
+        monkeypatch.setenv("PIP_CONFIG_FILE", str(conf))
+        monkeypatch.setenv("PIP_NO_INDEX", "1")
+        s = settings_for(package_index)
+        for pin in (("c", "9.9"), ("decoy", "1.0")):
+            with pytest.raises(ResolveError, match=f"'{pin[0]}'"):
+                await resolve([pin], s, None, tmp_path)
+        wheels = await resolve([("a", "1.0")], s, None, tmp_path)
+        assert {w.url.rsplit("/", 1)[0] for w in wheels} == {f"{package_index.base_url}/packages"}
+
+
+def _watch_pip(stop: threading.Event, seen: list[tuple[str, dict[str, str]]]) -> None:
+    """Collect (cmdline, environ) of every pip --dry-run process until `stop` is set."""
+    while not stop.is_set():
+        for proc in Path("/proc").iterdir():
+            try:
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                if "pip install --dry-run" not in cmd or any(c == cmd for c, _ in seen):
+                    continue
+                raw = (proc / "environ").read_bytes().split(b"\0")
+                env = dict(e.decode().split("=", 1) for e in raw if b"=" in e)
+                seen.append((cmd, env))
+            except (OSError, ValueError):
+                continue
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def pip_watcher() -> Iterator[list[tuple[str, dict[str, str]]]]:
+    seen: list[tuple[str, dict[str, str]]] = []
+    stop = threading.Event()
+    thread = threading.Thread(target=_watch_pip, args=(stop, seen), daemon=True)
+    thread.start()
+    yield seen
+    stop.set()
+    thread.join()
+
+
+async def test_token_never_reaches_argv_or_env(
+    auth_package_index: PackageIndex,
+    chain: dict[str, Path],
+    tmp_path: Path,
+    pip_watcher: list[tuple[str, dict[str, str]]],
+) -> None:
+    token = auth_package_index.token
+    assert token
+    await resolve([("a", "1.0")], settings_for(auth_package_index, token=token), None, tmp_path)
+    assert pip_watcher, "the /proc watcher never saw pip running"
+    for cmd, env in pip_watcher:
+        assert token not in cmd and "__token__" not in cmd
+        assert token not in " ".join(env.values())
+        assert not {k for k in env if k.startswith("PYTHON")}
+        assert {k for k in env if k.startswith("PIP_")} == {"PIP_CONFIG_FILE"}
+        assert env["GRPC_ENABLE_FORK_SUPPORT"] == "false"
+
+
+async def test_scratch_is_private_while_pip_runs(
+    package_index: PackageIndex,
+    chain: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    modes: dict[str, int] = {}
+    real_run = registry._run_pip
+
+    async def spy(
+        argv: list[str], env: dict[str, str], cwd: Path, deadline: float
+    ) -> tuple[int, str]:
+        modes.update({p.name: p.stat().st_mode & 0o777 for p in [cwd, *cwd.iterdir()]})
+        return await real_run(argv, env, cwd, deadline)
+
+    monkeypatch.setattr(registry, "_run_pip", spy)
+    s = settings_for(package_index, token="t0k")  # a token so the netrc exists
+    await resolve([("a", "1.0")], s, None, tmp_path / "scratch")
+    scratch_name = next(n for n in modes if n.startswith("resolve-"))
+    assert modes[scratch_name] == 0o700
+    assert modes["netrc"] == 0o600 and modes["requirements.txt"] == 0o600
+    assert list((tmp_path / "scratch").iterdir()) == []
