@@ -184,7 +184,9 @@ class PkgDir:
             seal(tmp / SITE)
             syncfs(tmp)
             final = self.dir(sha)
-            if final.exists():  # a leftover without marker (has() was False): not ours to keep
+            # Callers unpack each sha once at a time (the reconciler dedupes, the agent lock
+            # keeps other agents out), so anything already here is a leftover without marker.
+            if final.exists() and not self.has(sha):
                 remove_dir(final)
             os.rename(tmp, final)
             fsync_dir(self.root)

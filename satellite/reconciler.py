@@ -367,8 +367,13 @@ class Reconciler:
         return self._desired
 
     def request(self, lockfile_hash: str | None) -> None:
-        """Make `lockfile_hash` ("" or None: nothing) the target; never blocks."""
-        self._desired = lockfile_hash or ""
+        """Make `lockfile_hash` the target ("": nothing desired); never blocks.
+
+        None changes nothing but re-runs the current target (a cheap no-op when `current`
+        already names it): what a drift watcher wants after `current` broke.
+        """
+        if lockfile_hash is not None:
+            self._desired = lockfile_hash
         self._requested += 1
         self._wake.set()
 

@@ -204,7 +204,10 @@ class SatelliteStore:
     # -- housekeeping ----------------------------------------------------------------------
 
     def cleanup_temp(self) -> list[Path]:
-        """Remove unfinished builds left by a crash. Resumable partial downloads are kept."""
+        """Remove unfinished builds left by a crash. Resumable partial downloads are kept.
+
+        Call it only while holding the agent lock: another agent's builds look the same.
+        """
         removed = self.trees.cleanup_temp()
         if self.pkgs.root.is_dir():
             for path in self.pkgs.root.glob(f"{TMP_PREFIX}*"):

@@ -104,11 +104,12 @@ class TreeDir:
 
         Two wheels may ship the same path only with identical content (old-style namespace
         packages such as `google/__init__.py`); anything else is refused, naming both wheels.
-        With `replace`, an existing tree of the same hash is swapped out (drift repair).
+        With `replace`, an existing tree of the same hash is swapped out (drift repair); a
+        directory without `.spk-tree.json` is never a tree and is always swapped out.
         """
         lockfile_hash = checked_sha(manifest.lockfile_hash)
         final = self.dir(lockfile_hash)
-        if final.exists() and not replace:
+        if self.has(lockfile_hash) and not replace:
             raise StoreError(f"tree {lockfile_hash} already exists at {final}")
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / temp_name(lockfile_hash)

@@ -335,3 +335,18 @@ async def test_a_repair_request_goes_through_the_worker(world: World) -> None:
     outcomes = [r.outcome for r in results]
     assert outcomes == [Outcome.FLIPPED, Outcome.REPAIRED, Outcome.ALREADY_CURRENT]
     assert world.store.verify_tree(manifest.lockfile_hash) == []
+
+
+async def test_request_none_reruns_the_current_target(world: World) -> None:
+    manifest = world.publish(world.package("alpha", "1.0"))
+    async with Reconciler(world.deps) as reconciler:
+        reconciler.request(None)  # nothing requested yet: nothing to do, nothing recorded
+        assert await reconciler.wait_idle() is None
+        reconciler.request(manifest.lockfile_hash)
+        await reconciler.wait_idle()
+        (world.store.root / "current").unlink()  # broken by hand
+        reconciler.request(None)
+        result = await reconciler.wait_idle()
+    assert result is not None and result.outcome is Outcome.FLIPPED
+    assert reconciler.desired == manifest.lockfile_hash
+    assert world.store.current_hash() == manifest.lockfile_hash

@@ -1,0 +1,82 @@
+"""A loopback TCP proxy that can throttle and cut connections, for fault tests."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+
+class TcpProxy:
+    """Forwards 127.0.0.1:<port> to a target; `rate` caps downstream bytes/s (0: unlimited)."""
+
+    def __init__(self, target_port: int, rate: int = 0, chunk: int = 16 * 1024) -> None:
+        self.target_port = target_port
+        self.rate = rate
+        self.chunk = chunk
+        self._listener = socket.socket()
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(64)
+        self.port = self._listener.getsockname()[1]
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self.bytes_down = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns += [client, upstream]
+            threading.Thread(target=self._pipe, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, True), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, down: bool) -> None:
+        try:
+            while True:
+                data = src.recv(self.chunk)
+                if not data:
+                    break
+                dst.sendall(data)
+                if down:
+                    self.bytes_down += len(data)
+                    if self.rate:
+                        time.sleep(len(data) / self.rate)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def cut(self) -> None:
+        """Drop every open connection (new ones are still accepted)."""
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for s in conns:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def close(self) -> None:
+        self._closed = True
+        self._listener.close()
+        self.cut()

@@ -1,0 +1,266 @@
+"""Satellites against the real core, as real processes on loopback (issue: push-triggered sync)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shared.proto.scriptpkgs.v1 import admin_pb2 as apb
+from tests.core_process import AdminClient, CoreProcess, eventually
+from tests.index_server import PackageIndex
+from tests.satellite_process import SatelliteProcess
+from tests.tcp_proxy import TcpProxy
+from tests.wheelfactory import WheelSpec, build_wheel
+
+
+@pytest.fixture
+def core(tmp_path: Path, package_index: PackageIndex) -> Iterator[CoreProcess]:
+    proc = CoreProcess(tmp_path / "core").start()
+    proc.admin().SetRegistryConfig(apb.SetRegistryConfigRequest(index_url=package_index.url))
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def satellites(tmp_path: Path) -> Iterator[list[SatelliteProcess]]:
+    started: list[SatelliteProcess] = []
+    yield started
+    for sat in started:
+        sat.stop()
+
+
+def _sat(core: CoreProcess, tmp_path: Path, started: list[SatelliteProcess], name: str, *extra: str) -> SatelliteProcess:
+    sat = SatelliteProcess(core, name, tmp_path, *extra).register().start()
+    started.append(sat)
+    return sat
+
+
+def _install(admin: AdminClient, *pins: tuple[str, str]) -> str:
+    admin.SetPackages(apb.SetPackagesRequest(packages=[apb.PackageSpec(name=n, version=v) for n, v in pins]))
+    state = admin.install_and_wait()
+    assert state.status == apb.INSTALL_STATUS_READY, state.error
+    return str(state.lockfile_hash)
+
+
+def _converged(sat: SatelliteProcess, wanted: str, timeout: float = 60) -> apb.Satellite:
+    def check() -> apb.Satellite | None:
+        row = sat.fleet_row()
+        assert row.status != "error", f"{sat.name}: {row.error}\n{sat.log()[-3000:]}"
+        return row if row.current_hash == wanted and row.status == "ready" and sat.current() == wanted else None
+
+    return eventually(check, timeout=timeout, interval=0.2)
+
+
+def _script(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / f"script-{abs(hash(body))}.py"
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+def test_two_satellites_converge_and_delta_pulls_one_wheel(
+    core: CoreProcess, tmp_path: Path, wheel_dir: Path, satellites: list[SatelliteProcess]
+) -> None:
+    build_wheel(WheelSpec("alpha", "1.0", requires=["beta==2.0"]), wheel_dir)
+    build_wheel(WheelSpec("beta", "2.0"), wheel_dir)
+    extra = build_wheel(WheelSpec("gamma", "3.0", files={"gamma/__init__.py": b"X = 3\n" * 500}), wheel_dir)
+    admin = core.admin()
+    first = _install(admin, ("alpha", "1.0"))
+    a = _sat(core, tmp_path, satellites, "sat-a")
+    b = _sat(core, tmp_path, satellites, "sat-b")
+    row_a, row_b = _converged(a, first), _converged(b, first)
+    assert row_a.last_pull_blobs == 2 and row_b.last_pull_blobs == 2
+    assert row_a.connected and row_a.agent_version and row_a.python_version
+
+    script = _script(tmp_path, """
+        import alpha, beta
+        print(alpha.VERSION, beta.VERSION)
+    """)
+    out = a.run(script)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1.0", "2.0"]
+
+    second = _install(admin, ("alpha", "1.0"), ("gamma", "3.0"))
+    row = _converged(a, second)
+    assert row.last_pull_blobs == 1
+    assert row.last_pull_bytes == extra.stat().st_size  # exactly that wheel's bytes
+    _converged(b, second)
+    assert a.status()["state"] == "ready"
+
+    # A package that is not on the allowlist does not import, even if the agent's venv has it.
+    leak = _script(tmp_path, """
+        import importlib.util, sys
+        for mod in ("peewee", "pip", "grpc"):
+            assert importlib.util.find_spec(mod) is None, mod
+        import gamma
+        sys.exit(7)
+    """)
+    assert a.run(leak).returncode == 7
+
+
+def test_corrupted_blob_is_refused_and_current_kept(
+    core: CoreProcess, tmp_path: Path, wheel_dir: Path, satellites: list[SatelliteProcess]
+) -> None:
+    build_wheel(WheelSpec("alpha", "1.0"), wheel_dir)
+    build_wheel(WheelSpec("beta", "2.0"), wheel_dir)
+    admin = core.admin()
+    first = _install(admin, ("alpha", "1.0"))
+    sat = _sat(core, tmp_path, satellites, "sat-c")
+    _converged(sat, first)
+    second = _install(admin, ("alpha", "1.0"), ("beta", "2.0"))
+    manifest = admin.GetManifest(apb.AdminGetManifestRequest(lockfile_hash=second))
+    beta = next(e for e in manifest.entries if e.name == "beta")
+    blob = core.data_dir / "blobs" / beta.sha256[:2] / f"{beta.sha256}.whl"
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.chmod(0o644)
+    blob.write_bytes(bytes(data))  # same size, different content
+
+    def errored() -> apb.Satellite | None:
+        row = sat.fleet_row()
+        return row if row.status == "error" else None
+
+    row = _converged_or(errored, sat)
+    assert beta.sha256[:12] in row.error or "beta" in row.error
+    assert sat.current() == first
+    leftovers = [p for p in sat.data_dir.rglob("*") if ".tmp-" in p.name]
+    assert not leftovers
+    assert not any(sat.data_dir.glob(f"pkgs/{beta.sha256}*"))
+
+
+def _converged_or(check, sat: SatelliteProcess):  # type: ignore[no-untyped-def]
+    return eventually(check, timeout=60, interval=0.2)
+
+
+def test_offline_satellite_converges_on_reconnect_and_revoke_closes_stream(
+    core: CoreProcess, tmp_path: Path, wheel_dir: Path, satellites: list[SatelliteProcess]
+) -> None:
+    build_wheel(WheelSpec("alpha", "1.0"), wheel_dir)
+    build_wheel(WheelSpec("alpha", "1.1"), wheel_dir)
+    admin = core.admin()
+    first = _install(admin, ("alpha", "1.0"))
+    sat = _sat(core, tmp_path, satellites, "sat-d")
+    _converged(sat, first)
+    sat.stop()
+    eventually(lambda: not sat.fleet_row().connected, timeout=20)
+    second = _install(admin, ("alpha", "1.1"))
+    sat.start()
+    _converged(sat, second)
+
+    admin.RevokeSatellite(apb.RevokeSatelliteRequest(name="sat-d"))
+    row = eventually(lambda: (r := sat.fleet_row()).revoked and not r.connected and r, timeout=20)
+    assert row.revoked
+    eventually(lambda: "token revoked" in sat.log() or "refused this satellite" in sat.log(), timeout=20)
+    # And it stays refused: an install after the revoke does not reach it.
+    build_wheel(WheelSpec("alpha", "1.2"), wheel_dir)
+    _install(admin, ("alpha", "1.2"))
+    assert sat.current() == second
+
+
+def test_pinned_run_survives_flip_and_gc(
+    core: CoreProcess, tmp_path: Path, wheel_dir: Path, satellites: list[SatelliteProcess]
+) -> None:
+    build_wheel(WheelSpec("alpha", "1.0"), wheel_dir)
+    build_wheel(WheelSpec("alpha", "2.0"), wheel_dir)
+    admin = core.admin()
+    first = _install(admin, ("alpha", "1.0"))
+    sat = _sat(core, tmp_path, satellites, "sat-e", "--tree-grace", "0")
+    _converged(sat, first)
+    go = tmp_path / "go"
+    script = _script(tmp_path, f"""
+        import os, sys, time, importlib
+        import alpha
+        print("started", alpha.VERSION, flush=True)
+        while not os.path.exists({str(go)!r}):
+            time.sleep(0.05)
+        for name in list(sys.modules):
+            if name.startswith("alpha"):
+                del sys.modules[name]
+        import alpha  # re-import from disk: the pinned tree must still be there
+        print("after", alpha.VERSION, flush=True)
+    """)
+    run = subprocess.Popen(
+        [sys.executable, "-m", "satellite.cli", "run", "--data-dir", str(sat.data_dir), str(script)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert run.stdout is not None
+        assert run.stdout.readline().split() == ["started", "1.0"]
+        second = _install(admin, ("alpha", "2.0"))
+        _converged(sat, second)
+        assert (sat.data_dir / "trees" / first).is_dir()  # grace 0, but pinned by the run
+        go.write_text("")
+        out, err = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 0, err
+    assert out.split() == ["after", "1.0"]
+    # Unpinned now: the next GC pass (after the next flip) removes it.
+    build_wheel(WheelSpec("alpha", "3.0"), wheel_dir)
+    third = _install(admin, ("alpha", "3.0"))
+    _converged(sat, third)
+    eventually(lambda: not (sat.data_dir / "trees" / first).exists(), timeout=20)
+    assert (sat.data_dir / "trees" / third).is_dir()
+
+
+def test_deleted_file_in_current_tree_is_repaired(
+    core: CoreProcess, tmp_path: Path, wheel_dir: Path, satellites: list[SatelliteProcess]
+) -> None:
+    build_wheel(WheelSpec("alpha", "1.0"), wheel_dir)
+    admin = core.admin()
+    first = _install(admin, ("alpha", "1.0"))
+    sat = _sat(core, tmp_path, satellites, "sat-f")
+    _converged(sat, first)
+    target = sat.data_dir / "trees" / first / "site-packages" / "alpha" / "__init__.py"
+    original = target.read_bytes()
+    target.unlink()
+    eventually(lambda: target.exists() and target.read_bytes() == original, timeout=30)
+    # A write through the hard link (which would also change pkgs/) is repaired too.
+    target.chmod(0o644)
+    target.write_bytes(b"raise SystemExit('tampered')\n")
+    eventually(lambda: target.read_bytes() == original, timeout=30)
+    script = _script(tmp_path, "import alpha; print(alpha.VERSION)\n")
+    out = sat.run(script)
+    assert out.returncode == 0 and out.stdout.strip() == "1.0", out.stderr
+    assert sat.current() == first
+
+
+def test_core_killed_mid_download_resumes_without_repulling(
+    tmp_path: Path, package_index: PackageIndex, wheel_dir: Path, satellites: list[SatelliteProcess]
+) -> None:
+    big = build_wheel(WheelSpec("big", "1.0", files={"big/blob.bin": os.urandom(24 * 2**20)}), wheel_dir)
+    core = CoreProcess(tmp_path / "core").start()
+    proxy = TcpProxy(core.port, rate=8 * 2**20)  # ~3 s for the blob: time to kill the core
+    try:
+        admin = core.admin()
+        admin.SetRegistryConfig(apb.SetRegistryConfigRequest(index_url=package_index.url))
+        wanted = _install(admin, ("big", "1.0"))
+        sat = SatelliteProcess(core, "sat-g", tmp_path).register()
+        sat.target = proxy.target
+        satellites.append(sat.start())
+        partial_dir = sat.data_dir / "blobs" / ".partial"
+
+        def partial_size() -> int:
+            files = list(partial_dir.glob("*")) if partial_dir.exists() else []
+            return sum(f.stat().st_size for f in files)
+
+        eventually(lambda: partial_size() > 4 * 2**20, timeout=60, interval=0.05)
+        core.kill()
+        proxy.cut()
+        eventually(lambda: "error" in sat.log().lower() or "lost" in sat.log(), timeout=30)
+        resumed_from = partial_size()
+        assert 0 < resumed_from < big.stat().st_size
+        core.start()  # same port, same data dir
+        row = _converged(sat, wanted, timeout=120)
+        assert row.last_pull_blobs == 1
+        assert row.last_pull_bytes <= big.stat().st_size - resumed_from
+        assert row.last_pull_bytes > 0
+    finally:
+        proxy.close()
+        core.stop()
