@@ -116,7 +116,5 @@ class DistributionService(distribution_pb2_grpc.PackageDistributionServicer):
         await self._db.run(fleet.record_report, current_identity().name, report)
         return pb.ReportSyncStateResponse()
 
-    async def GetSigningKey(
-        self, request: pb.GetSigningKeyRequest, context: Ctx
-    ) -> pb.SigningKey:
+    async def GetSigningKey(self, request: pb.GetSigningKeyRequest, context: Ctx) -> pb.SigningKey:
         return self._signing_key

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from shared.wheels import inspect_wheel
 
 from core import allowlist, lockfiles, settings
 from core.blobstore import BlobStore
@@ -28,6 +27,7 @@ from core.registry import RegistrySettings, ResolvedWheel, resolve
 from core.secrets import SecretBox
 from shared.errors import FailedPrecondition, SpkError
 from shared.manifest import Manifest, ManifestEntry
+from shared.wheels import inspect_wheel
 
 log = logging.getLogger(__name__)
 DOWNLOAD_CONCURRENCY = 4

@@ -178,9 +178,9 @@ class Agent:
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
-    async def wait_synced(self, lockfile_hash: str, timeout: float) -> ReconcileResult:
+    async def wait_synced(self, lockfile_hash: str, within: float) -> ReconcileResult:
         """For tests and benchmarks: until a reconcile to `lockfile_hash` succeeded."""
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(within):
             while True:
                 result = self.last_result
                 if result is not None and result.lockfile_hash == lockfile_hash and result.ok:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from pathlib import Path
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
@@ -25,7 +24,7 @@ DEBOUNCE_SECONDS = 0.5
 _CHANGES = {"created", "deleted", "modified", "moved", "closed"}
 
 
-class _Handler(FileSystemEventHandler):  # type: ignore[misc]
+class _Handler(FileSystemEventHandler):
     def __init__(self, watcher: DriftWatcher) -> None:
         self._watcher = watcher
 
@@ -34,7 +33,9 @@ class _Handler(FileSystemEventHandler):  # type: ignore[misc]
         if event.event_type == "moved" and f"{os.sep}.tmp-" in str(event.src_path):
             return
         if event.event_type in _CHANGES:
-            self._watcher.notify_from_thread(str(event.src_path), str(getattr(event, "dest_path", "")))
+            self._watcher.notify_from_thread(
+                str(event.src_path), str(getattr(event, "dest_path", ""))
+            )
 
 
 class DriftWatcher:
@@ -98,4 +99,3 @@ class DriftWatcher:
         self._reconciler.request_repair()
         # A dangling `current` is fixed by an ordinary reconcile to the desired hash.
         self._reconciler.request(self._reconciler.desired)
-

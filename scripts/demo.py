@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -66,13 +67,25 @@ def main() -> int:
 
     step("starting the core (data dir spk-demo/core, log spk-demo/logs/core.log)")
     core = subprocess.Popen(
-        [bin_dir / "spk-core", "serve", "--data-dir", DEMO / "core", "--listen", "127.0.0.1:0",
-         "--port-file", port_file],
-        env=env, stdout=(logs / "core.log").open("ab"), stderr=subprocess.STDOUT,
+        [
+            bin_dir / "spk-core",
+            "serve",
+            "--data-dir",
+            DEMO / "core",
+            "--listen",
+            "127.0.0.1:0",
+            "--port-file",
+            port_file,
+        ],
+        env=env,
+        stdout=(logs / "core.log").open("ab"),
+        stderr=subprocess.STDOUT,
     )
     agent: subprocess.Popen[bytes] | None = None
     try:
-        port = int(wait_for("the core to listen", lambda: port_file.exists() and port_file.read_text(), 30))
+        port = int(
+            wait_for("the core to listen", lambda: port_file.exists() and port_file.read_text(), 30)
+        )
         target = f"127.0.0.1:{port}"
         channel = grpc.insecure_channel(target)
         admin = admin_pb2_grpc.PackageAdminStub(channel)
@@ -80,68 +93,124 @@ def main() -> int:
 
         step(f"allowlist: {', '.join(f'{n}=={v}' for n, v in ALLOWLIST)}")
         admin.SetPackages(
-            apb.SetPackagesRequest(packages=[apb.PackageSpec(name=n, version=v) for n, v in ALLOWLIST]),
-            metadata=md, timeout=10,
+            apb.SetPackagesRequest(
+                packages=[apb.PackageSpec(name=n, version=v) for n, v in ALLOWLIST]
+            ),
+            metadata=md,
+            timeout=10,
         )
         step("installing from the default package index")
         admin.InstallNow(apb.InstallNowRequest(), metadata=md, timeout=10)
         state = wait_for(
             "the install",
-            lambda: (s := admin.GetInstallState(apb.GetInstallStateRequest(), metadata=md, timeout=10)).status
-            != apb.INSTALL_STATUS_INSTALLING and s,
+            lambda: (
+                (
+                    s := admin.GetInstallState(
+                        apb.GetInstallStateRequest(), metadata=md, timeout=10
+                    )
+                ).status
+                != apb.INSTALL_STATUS_INSTALLING
+                and s
+            ),
         )
         if state.status != apb.INSTALL_STATUS_READY:
             raise SystemExit(f"install failed: {state.error}")
         manifest = admin.GetManifest(apb.AdminGetManifestRequest(), metadata=md, timeout=10)
-        print(f"  lockfile {state.lockfile_hash[:16]}…: {len(manifest.entries)} wheels, {state.total_bytes} bytes")
+        print(
+            f"  lockfile {state.lockfile_hash[:16]}…:"
+            f" {len(manifest.entries)} wheels, {state.total_bytes} bytes"
+        )
         for e in manifest.entries:
-            print(f"    {e.filename}  sha256 {e.sha256[:12]}…  {'requested' if e.requested else 'dependency'}")
+            print(
+                f"    {e.filename}  sha256 {e.sha256[:12]}…"
+                f"  {'requested' if e.requested else 'dependency'}"
+            )
 
         sat_dir = DEMO / "satellite"
         sat_token = DEMO / "satellite.token"
         if not sat_token.exists():
             step("creating satellite identity 'demo-host'")
-            try:
-                admin.RevokeSatellite(apb.RevokeSatelliteRequest(name="demo-host"), metadata=md, timeout=10)
-            except grpc.RpcError:
-                pass
-            reply = admin.CreateSatellite(apb.CreateSatelliteRequest(name="demo-host"), metadata=md, timeout=10)
+            with contextlib.suppress(grpc.RpcError):
+                admin.RevokeSatellite(
+                    apb.RevokeSatelliteRequest(name="demo-host"), metadata=md, timeout=10
+                )
+            reply = admin.CreateSatellite(
+                apb.CreateSatelliteRequest(name="demo-host"), metadata=md, timeout=10
+            )
             sat_token.write_text(reply.token)
             sat_token.chmod(0o600)
         key_file = DEMO / "core-signing-key.pem"
         key_file.write_text(
-            subprocess.run([bin_dir / "spk-core", "signing-key", "export", "--data-dir", DEMO / "core"],
-                           check=True, capture_output=True, text=True, env=env).stdout
+            subprocess.run(
+                [bin_dir / "spk-core", "signing-key", "export", "--data-dir", DEMO / "core"],
+                check=True,
+                capture_output=True,
+                text=True,
+                env=env,
+            ).stdout
         )
-        step("starting the satellite agent (data dir spk-demo/satellite, log spk-demo/logs/satellite.log)")
+        step(
+            "starting the satellite agent"
+            " (data dir spk-demo/satellite, log spk-demo/logs/satellite.log)"
+        )
         agent = subprocess.Popen(
-            [bin_dir / "spk-satellite", "agent", "--core", target, "--token-file", sat_token,
-             "--signing-key", key_file, "--data-dir", sat_dir],
-            env=env, stdout=(logs / "satellite.log").open("ab"), stderr=subprocess.STDOUT,
+            [
+                bin_dir / "spk-satellite",
+                "agent",
+                "--core",
+                target,
+                "--token-file",
+                sat_token,
+                "--signing-key",
+                key_file,
+                "--data-dir",
+                sat_dir,
+            ],
+            env=env,
+            stdout=(logs / "satellite.log").open("ab"),
+            stderr=subprocess.STDOUT,
         )
 
         def converged() -> object:
-            sats = admin.ListSatellites(apb.ListSatellitesRequest(), metadata=md, timeout=10).satellites
+            sats = admin.ListSatellites(
+                apb.ListSatellitesRequest(), metadata=md, timeout=10
+            ).satellites
             sat = next((s for s in sats if s.name == "demo-host"), None)
             if sat and sat.status == "error":
                 raise SystemExit(f"satellite reported an error: {sat.error}")
-            return sat if sat and sat.current_hash == state.lockfile_hash and sat.status == "ready" else None
+            return (
+                sat
+                if sat and sat.current_hash == state.lockfile_hash and sat.status == "ready"
+                else None
+            )
 
         sat = wait_for("the satellite to converge", converged, 120)
-        print(f"  satellite demo-host is at {sat.current_hash[:16]}… (pulled {sat.last_pull_blobs} blobs,"
-              f" {sat.last_pull_bytes} bytes in {sat.last_duration_ms} ms)")
+        print(
+            f"  satellite demo-host is at {sat.current_hash[:16]}…"
+            f" (last sync pulled {sat.last_pull_blobs} blobs, {sat.last_pull_bytes} bytes"
+            f" in {sat.last_duration_ms} ms)"
+        )
 
         script = DEMO / "hello.py"
         script.write_text(SCRIPT)
         step("running a user script on the satellite: spk-satellite run hello.py")
-        run = subprocess.run([bin_dir / "spk-satellite", "run", "--data-dir", sat_dir, script], env=env)
+        run = subprocess.run(
+            [bin_dir / "spk-satellite", "run", "--data-dir", sat_dir, script], env=env
+        )
         if run.returncode != 0:
             raise SystemExit(f"the script failed with exit code {run.returncode}")
-        status = subprocess.run([bin_dir / "spk-satellite", "status", "--data-dir", sat_dir, "--json"],
-                                capture_output=True, text=True, env=env)
+        status = subprocess.run(
+            [bin_dir / "spk-satellite", "status", "--data-dir", sat_dir, "--json"],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         if status.returncode == 0:
             info = json.loads(status.stdout)
-            print(f"  satellite status: {info.get('state')}, tree {info.get('tree_size_bytes', 0)} bytes")
+            print(
+                f"  satellite status: {info.get('state')},"
+                f" tree {info.get('tree_size_bytes', 0)} bytes"
+            )
         step("done: the core and the satellite agree, and the script saw exactly the allowlist")
         return 0
     finally:

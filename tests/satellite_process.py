@@ -15,8 +15,19 @@ from tests.core_process import CoreProcess
 
 def export_signing_key(core: CoreProcess, dest: Path) -> Path:
     out = subprocess.run(
-        [sys.executable, "-m", "core.cli", "signing-key", "export", "--data-dir", str(core.data_dir)],
-        check=True, capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "core.cli",
+            "signing-key",
+            "export",
+            "--data-dir",
+            str(core.data_dir),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     dest.write_text(out.stdout)
     return dest
@@ -45,10 +56,26 @@ class SatelliteProcess:
         env = dict(os.environ, GRPC_ENABLE_FORK_SUPPORT="false")
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "satellite.cli", "agent", "--core", self.target,
-             "--token-file", str(self.token_file), "--signing-key", str(self.key_file),
-             "--data-dir", str(self.data_dir), "--log-level", "DEBUG", *self.extra],
-            stdout=log, stderr=subprocess.STDOUT, env=env,
+            [
+                sys.executable,
+                "-m",
+                "satellite.cli",
+                "agent",
+                "--core",
+                self.target,
+                "--token-file",
+                str(self.token_file),
+                "--signing-key",
+                str(self.key_file),
+                "--data-dir",
+                str(self.data_dir),
+                "--log-level",
+                "DEBUG",
+                *self.extra,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
         )
         return self
 
@@ -67,8 +94,19 @@ class SatelliteProcess:
 
     def status(self) -> dict[str, object]:
         out = subprocess.run(
-            [sys.executable, "-m", "satellite.cli", "status", "--data-dir", str(self.data_dir), "--json"],
-            check=True, capture_output=True, text=True, timeout=60,
+            [
+                sys.executable,
+                "-m",
+                "satellite.cli",
+                "status",
+                "--data-dir",
+                str(self.data_dir),
+                "--json",
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         return json.loads(out.stdout)  # type: ignore[no-any-return]
 
@@ -81,9 +119,20 @@ class SatelliteProcess:
 
     def run(self, script: Path, *args: str, **kw: object) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "satellite.cli", "run", "--data-dir", str(self.data_dir),
-             str(script), *args],
-            capture_output=True, text=True, timeout=120, **kw,  # type: ignore[call-overload]
+            [
+                sys.executable,
+                "-m",
+                "satellite.cli",
+                "run",
+                "--data-dir",
+                str(self.data_dir),
+                str(script),
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            **kw,  # type: ignore[call-overload]
         )
 
     def fleet_row(self) -> apb.Satellite:

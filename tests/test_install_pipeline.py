@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import socket
@@ -103,7 +104,9 @@ def test_failures_name_the_package_and_keep_the_previous_set(
         WheelSpec("escaper", "1.0", extra_entries={"../evil.py": b"print('pwned')"}), wheel_dir
     )
     liar = WheelSpec("liar", "1.0")
-    liar.record_overrides = {"liar/__init__.py": "sha256=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA,5"}
+    liar.record_overrides = {
+        "liar/__init__.py": "sha256=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA,5"
+    }
     build_wheel(liar, wheel_dir)
     admin = core.admin()
     _point_at(admin, package_index)
@@ -136,7 +139,9 @@ def test_unreachable_index_and_concurrent_install_refused(core: CoreProcess) -> 
         port = silent.getsockname()[1]
         admin = core.admin()
         admin.SetRegistryConfig(
-            apb.SetRegistryConfigRequest(index_url=f"http://127.0.0.1:{port}/simple", timeout_seconds=2)
+            apb.SetRegistryConfigRequest(
+                index_url=f"http://127.0.0.1:{port}/simple", timeout_seconds=2
+            )
         )
         _allow(admin, ("anything", "1.0"))
         admin.InstallNow(apb.InstallNowRequest())
@@ -153,7 +158,9 @@ def test_unreachable_index_and_concurrent_install_refused(core: CoreProcess) -> 
     assert state.lockfile_hash == ""
 
 
-def test_size_cap_warns_and_blocks(core: CoreProcess, package_index: PackageIndex, wheel_dir: Path) -> None:
+def test_size_cap_warns_and_blocks(
+    core: CoreProcess, package_index: PackageIndex, wheel_dir: Path
+) -> None:
     big = WheelSpec("big", "1.0", files={"big/data.bin": os.urandom(64 * 1024)})
     size = build_wheel(big, wheel_dir).stat().st_size
     admin = core.admin()
@@ -179,10 +186,8 @@ def _watch_argv(stop: threading.Event, seen: list[str]) -> None:
     while not stop.is_set():
         for pid in os.listdir("/proc"):
             if pid.isdigit():
-                try:
+                with contextlib.suppress(OSError):
                     seen.append(Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"))
-                except OSError:
-                    pass
         time.sleep(0.005)
 
 

@@ -35,14 +35,18 @@ def satellites(tmp_path: Path) -> Iterator[list[SatelliteProcess]]:
         sat.stop()
 
 
-def _sat(core: CoreProcess, tmp_path: Path, started: list[SatelliteProcess], name: str, *extra: str) -> SatelliteProcess:
+def _sat(
+    core: CoreProcess, tmp_path: Path, started: list[SatelliteProcess], name: str, *extra: str
+) -> SatelliteProcess:
     sat = SatelliteProcess(core, name, tmp_path, *extra).register().start()
     started.append(sat)
     return sat
 
 
 def _install(admin: AdminClient, *pins: tuple[str, str]) -> str:
-    admin.SetPackages(apb.SetPackagesRequest(packages=[apb.PackageSpec(name=n, version=v) for n, v in pins]))
+    admin.SetPackages(
+        apb.SetPackagesRequest(packages=[apb.PackageSpec(name=n, version=v) for n, v in pins])
+    )
     state = admin.install_and_wait()
     assert state.status == apb.INSTALL_STATUS_READY, state.error
     return str(state.lockfile_hash)
@@ -52,7 +56,11 @@ def _converged(sat: SatelliteProcess, wanted: str, timeout: float = 60) -> apb.S
     def check() -> apb.Satellite | None:
         row = sat.fleet_row()
         assert row.status != "error", f"{sat.name}: {row.error}\n{sat.log()[-3000:]}"
-        return row if row.current_hash == wanted and row.status == "ready" and sat.current() == wanted else None
+        return (
+            row
+            if row.current_hash == wanted and row.status == "ready" and sat.current() == wanted
+            else None
+        )
 
     return eventually(check, timeout=timeout, interval=0.2)
 
@@ -68,7 +76,9 @@ def test_two_satellites_converge_and_delta_pulls_one_wheel(
 ) -> None:
     build_wheel(WheelSpec("alpha", "1.0", requires=["beta==2.0"]), wheel_dir)
     build_wheel(WheelSpec("beta", "2.0"), wheel_dir)
-    extra = build_wheel(WheelSpec("gamma", "3.0", files={"gamma/__init__.py": b"X = 3\n" * 500}), wheel_dir)
+    extra = build_wheel(
+        WheelSpec("gamma", "3.0", files={"gamma/__init__.py": b"X = 3\n" * 500}), wheel_dir
+    )
     admin = core.admin()
     first = _install(admin, ("alpha", "1.0"))
     a = _sat(core, tmp_path, satellites, "sat-a")
@@ -77,10 +87,13 @@ def test_two_satellites_converge_and_delta_pulls_one_wheel(
     assert row_a.last_pull_blobs == 2 and row_b.last_pull_blobs == 2
     assert row_a.connected and row_a.agent_version and row_a.python_version
 
-    script = _script(tmp_path, """
+    script = _script(
+        tmp_path,
+        """
         import alpha, beta
         print(alpha.VERSION, beta.VERSION)
-    """)
+    """,
+    )
     out = a.run(script)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["1.0", "2.0"]
@@ -93,13 +106,16 @@ def test_two_satellites_converge_and_delta_pulls_one_wheel(
     assert a.status()["state"] == "ready"
 
     # A package that is not on the allowlist does not import, even if the agent's venv has it.
-    leak = _script(tmp_path, """
+    leak = _script(
+        tmp_path,
+        """
         import importlib.util, sys
         for mod in ("peewee", "pip", "grpc"):
             assert importlib.util.find_spec(mod) is None, mod
         import gamma
         sys.exit(7)
-    """)
+    """,
+    )
     assert a.run(leak).returncode == 7
 
 
@@ -155,7 +171,9 @@ def test_offline_satellite_converges_on_reconnect_and_revoke_closes_stream(
     admin.RevokeSatellite(apb.RevokeSatelliteRequest(name="sat-d"))
     row = eventually(lambda: (r := sat.fleet_row()).revoked and not r.connected and r, timeout=20)
     assert row.revoked
-    eventually(lambda: "token revoked" in sat.log() or "refused this satellite" in sat.log(), timeout=20)
+    eventually(
+        lambda: "token revoked" in sat.log() or "refused this satellite" in sat.log(), timeout=20
+    )
     # And it stays refused: an install after the revoke does not reach it.
     build_wheel(WheelSpec("alpha", "1.2"), wheel_dir)
     _install(admin, ("alpha", "1.2"))
@@ -172,7 +190,9 @@ def test_pinned_run_survives_flip_and_gc(
     sat = _sat(core, tmp_path, satellites, "sat-e", "--tree-grace", "0")
     _converged(sat, first)
     go = tmp_path / "go"
-    script = _script(tmp_path, f"""
+    script = _script(
+        tmp_path,
+        f"""
         import os, sys, time, importlib
         import alpha
         print("started", alpha.VERSION, flush=True)
@@ -183,10 +203,21 @@ def test_pinned_run_survives_flip_and_gc(
                 del sys.modules[name]
         import alpha  # re-import from disk: the pinned tree must still be there
         print("after", alpha.VERSION, flush=True)
-    """)
+    """,
+    )
     run = subprocess.Popen(
-        [sys.executable, "-m", "satellite.cli", "run", "--data-dir", str(sat.data_dir), str(script)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "satellite.cli",
+            "run",
+            "--data-dir",
+            str(sat.data_dir),
+            str(script),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         assert run.stdout is not None
@@ -234,7 +265,9 @@ def test_deleted_file_in_current_tree_is_repaired(
 def test_core_killed_mid_download_resumes_without_repulling(
     tmp_path: Path, package_index: PackageIndex, wheel_dir: Path, satellites: list[SatelliteProcess]
 ) -> None:
-    big = build_wheel(WheelSpec("big", "1.0", files={"big/blob.bin": os.urandom(24 * 2**20)}), wheel_dir)
+    big = build_wheel(
+        WheelSpec("big", "1.0", files={"big/blob.bin": os.urandom(24 * 2**20)}), wheel_dir
+    )
     core = CoreProcess(tmp_path / "core").start()
     proxy = TcpProxy(core.port, rate=8 * 2**20)  # ~3 s for the blob: time to kill the core
     try:
