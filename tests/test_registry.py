@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 
 import core.registry as registry
+from core.pip_failures import classify_failure
 from core.registry import (
     RegistrySettings,
     build_child_env,
     build_pip_argv,
-    classify_failure,
     parse_report,
     render_netrc,
     resolve,
