@@ -1,10 +1,11 @@
-"""PackageAdmin servicer: thin translation between protobuf and the core's modules."""
+"""PackageAdmin servicer: thin translation between protobuf and the core's modules.
+
+Methods not defined here answer UNIMPLEMENTED (the generated base class does that).
+"""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-
-import grpc
 
 from core import allowlist, fleet, lockfiles, settings
 from core.auth import current_identity
@@ -12,7 +13,7 @@ from core.db import Database
 from core.hub import Hub
 from core.installer import Installer, InstallState
 from core.secrets import SecretBox
-from shared.errors import InvalidArgument
+from shared.errors import InvalidArgument, NotFound
 from shared.manifest import TargetEnvironment
 from shared.names import check_lockfile_hash
 from shared.proto.scriptpkgs.v1 import admin_pb2 as pb
@@ -170,8 +171,6 @@ class AdminService(admin_pb2_grpc.PackageAdminServicer):
         else:
             wanted = await self._db.run(lockfiles.desired_hash)
             if not wanted:
-                from shared.errors import NotFound
-
                 raise NotFound("nothing has been installed yet; run InstallNow")
         return manifest_to_pb(await self._db.run(lockfiles.get_manifest, wanted))
 
@@ -244,10 +243,3 @@ class AdminService(admin_pb2_grpc.PackageAdminServicer):
         await self._db.run(fleet.revoke, request.name)
         self._hub.close_key(request.name)
         return pb.RevokeSatelliteResponse()
-
-
-def unimplemented(issue: str) -> str:
-    return f"not implemented yet (tracked in {issue})"
-
-
-_ = grpc  # the servicer base class raises UNIMPLEMENTED for methods not defined here
