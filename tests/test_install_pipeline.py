@@ -223,3 +223,31 @@ def test_token_protected_index_and_secret_hygiene(
     for path in core.data_dir.rglob("*"):
         if path.is_file():
             assert INDEX_TOKEN.encode() not in path.read_bytes(), path
+
+
+def test_target_environment_is_configurable(
+    core: CoreProcess, package_index: PackageIndex, wheel_dir: Path
+) -> None:
+    build_wheel(WheelSpec("winonly", "1.0", tag="cp311-cp311-win_amd64"), wheel_dir)
+    admin = core.admin()
+    _point_at(admin, package_index)
+    _allow(admin, ("winonly", "1.0"))
+    assert admin.install_and_wait().status == apb.INSTALL_STATUS_ERROR  # native: no wheel
+    target = apb.SetRegistryConfigRequest()
+    target.target.python_version = "3.11"
+    target.target.implementation = "cp"
+    target.target.abi = "cp311"
+    target.target.platform = "win_amd64"
+    cfg = admin.SetRegistryConfig(target)
+    assert cfg.target.platform == "win_amd64"
+    state = admin.install_and_wait()
+    assert state.status == apb.INSTALL_STATUS_READY, state.error
+    manifest = admin.GetManifest(apb.AdminGetManifestRequest())
+    assert manifest.environment.platform == "win_amd64"
+    assert [e.filename for e in manifest.entries] == ["winonly-1.0-cp311-cp311-win_amd64.whl"]
+    bad = apb.SetRegistryConfigRequest()
+    bad.target.python_version = "three"
+    bad.target.platform = "win_amd64"
+    with pytest.raises(grpc.RpcError) as err:
+        admin.SetRegistryConfig(bad)
+    assert (err.value.details() or "").startswith("target.python_version")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -297,3 +298,62 @@ def test_core_killed_mid_download_resumes_without_repulling(
     finally:
         proxy.close()
         core.stop()
+
+
+def test_foreign_wheels_are_refused_with_both_environments(
+    core: CoreProcess, tmp_path: Path, wheel_dir: Path, satellites: list[SatelliteProcess]
+) -> None:
+    build_wheel(WheelSpec("alpha", "1.0"), wheel_dir)
+    build_wheel(WheelSpec("winonly", "1.0", tag="cp311-cp311-win_amd64"), wheel_dir)
+    admin = core.admin()
+    first = _install(admin, ("alpha", "1.0"))
+    sat = _sat(core, tmp_path, satellites, "sat-h")
+    _converged(sat, first)
+    req = apb.SetRegistryConfigRequest()
+    req.target.python_version, req.target.implementation = "3.11", "cp"
+    req.target.abi, req.target.platform = "cp311", "win_amd64"
+    admin.SetRegistryConfig(req)
+    _install(admin, ("alpha", "1.0"), ("winonly", "1.0"))
+    row = eventually(lambda: (r := sat.fleet_row()).status == "error" and r, timeout=60)
+    assert "winonly-1.0-cp311-cp311-win_amd64.whl" in row.error
+    assert "win_amd64" in row.error and "this satellite runs" in row.error
+    assert sat.current() == first
+
+
+def test_second_agent_on_the_same_data_dir_exits_clearly(
+    core: CoreProcess, tmp_path: Path, satellites: list[SatelliteProcess]
+) -> None:
+    first = _install(core.admin())
+    sat = _sat(core, tmp_path, satellites, "sat-i")
+    _converged(sat, first)
+    second = subprocess.run(
+        [sys.executable, "-m", "satellite.cli", "agent", "--core", core.target,
+         "--token-file", str(sat.token_file), "--signing-key", str(sat.key_file),
+         "--data-dir", str(sat.data_dir)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert second.returncode == 1
+    assert "another agent" in second.stderr and "Traceback" not in second.stderr
+
+
+def test_run_refuses_when_not_ready_and_runs_bare_when_nothing_desired(
+    core: CoreProcess, tmp_path: Path, wheel_dir: Path, satellites: list[SatelliteProcess]
+) -> None:
+    build_wheel(WheelSpec("alpha", "1.0"), wheel_dir)
+    admin = core.admin()
+    empty = _install(admin)
+    sat = _sat(core, tmp_path, satellites, "sat-j")
+    _converged(sat, empty)
+    script = _script(tmp_path, "import sys; print('bare'); sys.exit(3)\n")
+    out = sat.run(script)
+    assert out.returncode == 3 and out.stdout.strip() == "bare"
+    sat.stop()
+    wanted = _install(admin, ("alpha", "1.0"))
+    # Pretend the agent heard of the new hash but has not materialised it yet.
+    state_file = sat.data_dir / "state.json"
+    state = json.loads(state_file.read_text())
+    state["desired_hash"] = wanted
+    state_file.write_text(json.dumps(state))
+    refused = sat.run(script)
+    assert refused.returncode == 1
+    assert f"packages not ready on this satellite: expected {wanted}" in refused.stderr
