@@ -7,6 +7,7 @@ status codes, so servicers stay thin and never build statuses by hand.
 from __future__ import annotations
 
 import contextvars
+import ipaddress
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -82,16 +83,55 @@ def _bearer(metadata: Any) -> str | None:
     return None
 
 
-async def _abort_for(exc: SpkError, context: Ctx) -> None:
-    await context.abort(exc.code, exc.message)
+def _is_loopback(peer: str) -> bool:
+    """grpc peer strings: "ipv4:127.0.0.1:5000", "ipv6:[::1]:5000", "unix:/path"."""
+    if peer.startswith("unix:"):
+        return True
+    host = peer.partition(":")[2].rpartition(":")[0].strip("[]")
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
-def _wrap(handler: Handler, identity: Identity | None, method: str) -> Handler:
-    """Same handler kind, with the identity set and SpkError mapped to a status."""
+@dataclass(frozen=True)
+class TransportPolicy:
+    """Where bearer tokens may travel. Plaintext is fine on loopback; elsewhere only with TLS,
+    unless the operator explicitly passed --insecure."""
 
-    async def guard(context: Ctx, exc: BaseException) -> None:
+    allow_plaintext_tokens: bool = False
+    require_client_cert: bool = False  # mTLS for satellites: the cert's CN must be the name
+
+
+def _check_transport(context: Ctx, policy: TransportPolicy) -> bool:
+    """Returns whether the call came over TLS; raises when a token must not be accepted."""
+    auth = context.auth_context() or {}
+    tls = b"ssl" in auth.get("transport_security_type", [])
+    if not tls and not policy.allow_plaintext_tokens and not _is_loopback(context.peer() or ""):
+        raise Unauthenticated(
+            "bearer tokens are refused over a plaintext connection from a non-loopback peer;"
+            " use TLS (or start the core with --insecure on a trusted network)"
+        )
+    return tls
+
+
+def _client_cert_name(context: Ctx) -> str | None:
+    names = list((context.auth_context() or {}).get("x509_common_name", []))
+    return names[0].decode() if names else None
+
+
+def _wrap(
+    handler: Handler, authenticate: Callable[[Ctx], Awaitable[Identity]], method: str
+) -> Handler:
+    """Same handler kind: authenticate first, then run with the identity set; SpkError -> status.
+
+    Auth runs here rather than in intercept_service because only the call context knows the
+    peer address and whether the transport is TLS.
+    """
+
+    async def fail(context: Ctx, exc: BaseException) -> None:
         if isinstance(exc, SpkError):
-            await _abort_for(exc, context)
+            await context.abort(exc.code, exc.message)
         log.exception("unexpected error in %s", method)
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see core log")
 
@@ -99,15 +139,17 @@ def _wrap(handler: Handler, identity: Identity | None, method: str) -> Handler:
         inner_uu: Callable[..., Awaitable[Any]] = handler.unary_unary
 
         async def unary_unary(request: Any, context: Ctx) -> Any:
-            token = _identity.set(identity)
+            token = None
             try:
+                token = _identity.set(await authenticate(context))
                 return await inner_uu(request, context)
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
-                await guard(context, exc)
+                await fail(context, exc)
             finally:
-                _identity.reset(token)
+                if token is not None:
+                    _identity.reset(token)
 
         return grpc.unary_unary_rpc_method_handler(
             unary_unary, handler.request_deserializer, handler.response_serializer
@@ -116,16 +158,18 @@ def _wrap(handler: Handler, identity: Identity | None, method: str) -> Handler:
         inner_us: Callable[..., AsyncIterator[Any]] = handler.unary_stream  # type: ignore[assignment]
 
         async def unary_stream(request: Any, context: Ctx) -> Any:
-            token = _identity.set(identity)
+            token = None
             try:
+                token = _identity.set(await authenticate(context))
                 async for item in inner_us(request, context):
                     yield item
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
-                await guard(context, exc)
+                await fail(context, exc)
             finally:
-                _identity.reset(token)
+                if token is not None:
+                    _identity.reset(token)
 
         return grpc.unary_stream_rpc_method_handler(
             unary_stream, handler.request_deserializer, handler.response_serializer
@@ -133,29 +177,13 @@ def _wrap(handler: Handler, identity: Identity | None, method: str) -> Handler:
     return handler  # pragma: no cover - we define no client-streaming RPCs
 
 
-def _deny(handler: Handler, exc: SpkError) -> Handler:
-    async def abort(request: Any, context: Ctx) -> Any:
-        await context.abort(exc.code, exc.message)
-
-    async def abort_stream(request: Any, context: Ctx) -> Any:
-        await context.abort(exc.code, exc.message)
-        yield  # pragma: no cover - makes this an async generator
-
-    if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(
-            abort_stream, handler.request_deserializer, handler.response_serializer
-        )
-    return grpc.unary_unary_rpc_method_handler(
-        abort, handler.request_deserializer, handler.response_serializer
-    )
-
-
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Admin calls need an admin token (read methods accept role `read`); distribution calls a
     satellite token. Health and reflection stay open so load balancers and grpcurl work."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, policy: TransportPolicy | None = None) -> None:
         self._db = db
+        self._policy = policy or TransportPolicy()
 
     async def intercept_service(
         self,
@@ -166,20 +194,28 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         method: str = details.method
         if handler is None or not method.startswith((ADMIN_SERVICE, DIST_SERVICE)):
             return handler
-        try:
-            identity = await self._authenticate(method, _bearer(details.invocation_metadata))
-        except SpkError as exc:
-            return _deny(handler, exc)
-        return _wrap(handler, identity, method.rsplit("/", 1)[-1])
+        token = _bearer(details.invocation_metadata)
 
-    async def _authenticate(self, method: str, token: str | None) -> Identity:
+        async def authenticate(context: Ctx) -> Identity:
+            return await self._authenticate(method, token, context)
+
+        return _wrap(handler, authenticate, method.rsplit("/", 1)[-1])
+
+    async def _authenticate(self, method: str, token: str | None, context: Ctx) -> Identity:
         if token is None:
             raise Unauthenticated("missing bearer token in the 'authorization' metadata")
+        tls = _check_transport(context, self._policy)
         name = method.rsplit("/", 1)[-1]
         if method.startswith(DIST_SERVICE):
             satellite = await self._db.run(fleet.authenticate, token)
             if satellite is None:
                 raise Unauthenticated("unknown or revoked satellite token")
+            if tls and self._policy.require_client_cert:
+                cn = _client_cert_name(context)
+                if cn != satellite:
+                    raise PermissionDenied(
+                        f"client certificate is for {cn!r}, the token for satellite {satellite!r}"
+                    )
             return Identity("satellite", satellite)
         role = await self._db.run(admin_role, token)
         if role is None:

@@ -10,7 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
-from core import auth, lockfiles
+from core import auth, certs, lockfiles
 from core.db import Database, open_database
 from core.secrets import SecretBox, load_or_create_key
 from core.server import CoreConfig, CoreServer, prepare_data_dir
@@ -33,6 +33,16 @@ def _parser() -> argparse.ArgumentParser:
         help="postgresql://... to share state between core instances (default: SQLite in data dir)",
     )
     serve.add_argument("--port-file", type=Path, help="write the bound port here once serving")
+    serve.add_argument("--tls-cert", type=Path, help="server certificate chain (PEM): enables TLS")
+    serve.add_argument("--tls-key", type=Path, help="server private key (PEM)")
+    serve.add_argument(
+        "--tls-client-ca", type=Path, help="require client certificates signed by this CA (mTLS)"
+    )
+    serve.add_argument(
+        "--insecure",
+        action="store_true",
+        help="accept bearer tokens over plaintext from non-loopback peers (trusted networks only)",
+    )
     serve.add_argument("--log-level", default="INFO")
 
     tok = sub.add_parser("admin-token", help="manage admin tokens")
@@ -42,6 +52,17 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--label", default="")
     create.add_argument("--data-dir", type=Path, default=Path("spk-core-data"))
     create.add_argument("--database-url", default=os.environ.get("SPK_DATABASE_URL"))
+
+    certs_p = sub.add_parser("certs", help="a small CA and certificates for quick TLS setups")
+    certs_sub = certs_p.add_subparsers(dest="action", required=True)
+    init = certs_sub.add_parser("init", help="create ca.pem, server.pem/.key, client certs")
+    init.add_argument("dir", type=Path)
+    init.add_argument(
+        "--host", action="append", default=[], help="server DNS name or IP (repeatable)"
+    )
+    init.add_argument(
+        "--client", action="append", default=[], help="client cert name: a satellite or 'admin'"
+    )
 
     key = sub.add_parser("signing-key", help="the manifest signing key")
     key_sub = key.add_subparsers(dest="action", required=True)
@@ -57,6 +78,10 @@ async def _serve(args: argparse.Namespace) -> None:
         listen=args.listen,
         database_url=args.database_url,
         bootstrap_admin_token=os.environ.get(auth.BOOTSTRAP_ENV) or None,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        insecure=args.insecure,
     )
     core = CoreServer(config)
     loop = asyncio.get_running_loop()
@@ -92,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
             db, _ = _open(args)
             print(auth.create_admin_token(args.role, args.label))
             db.close()
+        elif args.command == "certs":
+            for path in certs.init_dir(args.dir, args.host, args.client):
+                print(path)
         elif args.command == "signing-key":
             db, box = _open(args)
             print(public_key_pem(lockfiles.load_or_create_signing_key(box).public_key()), end="")

@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection_pb2 as refl_pb2
 
 from core import auth, lockfiles
 from core.admin_service import AdminService
-from core.auth import AuthInterceptor
+from core.auth import AuthInterceptor, TransportPolicy
 from core.blobstore import FilesystemBlobStore
 from core.db import Database, open_database
 from core.distribution_service import DistributionService
@@ -46,6 +46,27 @@ class CoreConfig:
     listen: str = "127.0.0.1:50051"
     database_url: str | None = None  # None: SQLite in data_dir
     bootstrap_admin_token: str | None = None  # from SPK_ADMIN_TOKEN; stored hashed
+    tls_cert: Path | None = None  # PEM chain; TLS when set (with tls_key)
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # mTLS: every client presents a cert signed by this CA
+    insecure: bool = False  # accept bearer tokens over plaintext from non-loopback peers
+
+
+def server_credentials(config: CoreConfig) -> grpc.ServerCredentials | None:
+    if config.tls_cert is None and config.tls_key is None:
+        if config.tls_client_ca is not None:
+            raise StoreError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if config.tls_cert is None or config.tls_key is None:
+        raise StoreError("TLS needs both --tls-cert and --tls-key")
+    try:
+        cert, key = config.tls_cert.read_bytes(), config.tls_key.read_bytes()
+        client_ca = config.tls_client_ca.read_bytes() if config.tls_client_ca else None
+    except OSError as exc:
+        raise StoreError(f"cannot read TLS file {exc.filename}: {exc.strerror}") from None
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
 
 
 def _add_reflection_v1(server: grpc.aio.Server, servicer: Any) -> None:
@@ -104,7 +125,15 @@ class CoreServer:
         self.installer = Installer(db, box, key, store, self.hub, cfg.data_dir / "work")
 
         server = grpc.aio.server(
-            interceptors=[AuthInterceptor(db)],
+            interceptors=[
+                AuthInterceptor(
+                    db,
+                    TransportPolicy(
+                        allow_plaintext_tokens=cfg.insecure,
+                        require_client_cert=cfg.tls_client_ca is not None,
+                    ),
+                )
+            ],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE),
                 ("grpc.max_send_message_length", 2 * 1024 * 1024),
@@ -134,8 +163,12 @@ class CoreServer:
         refl = reflection.aio.ReflectionServicer(names)
         reflection.enable_server_reflection(names, server)
         _add_reflection_v1(server, refl)
+        credentials = server_credentials(cfg)
         try:
-            self.port = server.add_insecure_port(cfg.listen)
+            if credentials is None:
+                self.port = server.add_insecure_port(cfg.listen)
+            else:
+                self.port = server.add_secure_port(cfg.listen, credentials)
         except RuntimeError:
             self.port = 0
         if self.port == 0:
@@ -145,7 +178,13 @@ class CoreServer:
         for name in [*names[:2], ""]:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._poller = asyncio.create_task(self._poll_desired(), name="desired-poll")
-        log.info("core listening on %s (port %d), data dir %s", cfg.listen, self.port, cfg.data_dir)
+        log.info(
+            "core listening on %s (port %d, %s), data dir %s",
+            cfg.listen,
+            self.port,
+            "TLS" if credentials else "plaintext",
+            cfg.data_dir,
+        )
 
     async def _poll_desired(self) -> None:
         """Backstop: another core instance (or a restore) may change the desired hash."""

@@ -44,6 +44,8 @@ class AgentConfig:
     signing_key_pem: str | None = None  # the core's public key, pinned
     trust_on_first_use: bool = False  # fetch and pin the key on first contact (opt-in)
     ca_certificates: bytes | None = None  # TLS when set
+    client_cert: bytes | None = None  # mTLS
+    client_key: bytes | None = field(default=None, repr=False)
     tree_grace_seconds: float = DEFAULT_TREE_GRACE_SECONDS
     watch_drift: bool = True
     backoff_base: float = 0.5
@@ -68,7 +70,11 @@ class Agent:
             removed = await asyncio.to_thread(self.store.cleanup_temp)
             if removed:
                 log.info("removed %d leftover temp entries from an earlier run", len(removed))
-            client = GrpcCoreClient(ClientConfig(cfg.core, cfg.token, cfg.ca_certificates))
+            client = GrpcCoreClient(
+                ClientConfig(
+                    cfg.core, cfg.token, cfg.ca_certificates, cfg.client_cert, cfg.client_key
+                )
+            )
             try:
                 verify = await self._manifest_verifier(client)
                 deps = ReconcileDeps(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -36,6 +37,13 @@ def _parser() -> argparse.ArgumentParser:
         help="fetch the core's key on first contact and pin it (logged loudly)",
     )
     agent.add_argument("--ca-file", type=Path, help="CA bundle to verify the core (enables TLS)")
+    agent.add_argument("--client-cert", type=Path, help="client certificate (PEM) for mTLS")
+    agent.add_argument("--client-key", type=Path, help="client private key (PEM) for mTLS")
+    agent.add_argument(
+        "--insecure",
+        action="store_true",
+        help="send the token over plaintext to a non-loopback core (trusted networks only)",
+    )
     agent.add_argument(
         "--tree-grace", type=float, default=3600.0, help="seconds a superseded tree is kept"
     )
@@ -53,6 +61,13 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _read(path: Path, flag: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise SpkError(f"cannot read {flag} {path}: {exc.strerror}") from None
+
+
 async def _agent(args: argparse.Namespace) -> None:
     try:
         token = args.token_file.read_text().strip()
@@ -60,13 +75,24 @@ async def _agent(args: argparse.Namespace) -> None:
         raise SpkError(f"cannot read --token-file {args.token_file}: {exc.strerror}") from None
     if not token:
         raise SpkError(f"--token-file {args.token_file} is empty")
+    if args.ca_file is None and not args.insecure and not is_loopback_target(args.core):
+        raise SpkError(
+            f"refusing to send the satellite token in plaintext to {args.core}: pass --ca-file"
+            " for TLS, or --insecure on a trusted network"
+        )
+    if (args.client_cert is None) != (args.client_key is None):
+        raise SpkError("mTLS needs both --client-cert and --client-key")
     config = AgentConfig(
         core=args.core,
         token=token,
         data_dir=args.data_dir,
-        signing_key_pem=args.signing_key.read_text() if args.signing_key else None,
+        signing_key_pem=_read(args.signing_key, "--signing-key").decode()
+        if args.signing_key
+        else None,
         trust_on_first_use=args.trust_on_first_use,
-        ca_certificates=args.ca_file.read_bytes() if args.ca_file else None,
+        ca_certificates=_read(args.ca_file, "--ca-file") if args.ca_file else None,
+        client_cert=_read(args.client_cert, "--client-cert") if args.client_cert else None,
+        client_key=_read(args.client_key, "--client-key") if args.client_key else None,
         tree_grace_seconds=args.tree_grace,
         watch_drift=not args.no_drift_watch,
     )
@@ -77,6 +103,16 @@ async def _agent(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(agent.shutdown()))
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+def is_loopback_target(target: str) -> bool:
+    host = target.rpartition(":")[0].strip("[]") if ":" in target else target
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _print_status(store: SatelliteStore, as_json: bool) -> None:

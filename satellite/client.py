@@ -71,6 +71,8 @@ class ClientConfig:
     target: str  # host:port
     token: str = field(repr=False)
     root_certificates: bytes | None = None  # PEM CA bundle: TLS when set
+    client_cert: bytes | None = None  # PEM, for mTLS
+    client_key: bytes | None = field(default=None, repr=False)
 
 
 def channel_options() -> list[tuple[str, object]]:
@@ -94,7 +96,11 @@ class GrpcCoreClient:
     def __init__(self, config: ClientConfig) -> None:
         self._config = config
         if config.root_certificates is not None:
-            creds = grpc.ssl_channel_credentials(root_certificates=config.root_certificates)
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=config.root_certificates,
+                private_key=config.client_key,
+                certificate_chain=config.client_cert,
+            )
             self._channel = grpc.aio.secure_channel(config.target, creds, options=channel_options())
         else:
             self._channel = grpc.aio.insecure_channel(config.target, options=channel_options())

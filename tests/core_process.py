@@ -44,6 +44,7 @@ class CoreProcess:
         self.extra_env = env or {}
         self.requested_port = port
         self.port = 0
+        self.extra_args: list[str] = []
         self.proc: subprocess.Popen[bytes] | None = None
         self._channel: grpc.Channel | None = None
 
@@ -66,6 +67,7 @@ class CoreProcess:
                 f"127.0.0.1:{self.requested_port}",
                 "--port-file",
                 str(port_file),
+                *self.extra_args,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
