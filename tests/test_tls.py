@@ -103,11 +103,11 @@ def test_tls_admin_and_satellite(tls_core: CoreProcess, pki: Path, tmp_path: Pat
 
 def _install_empty(admin: Any, md: Any) -> str:
     admin.InstallNow(apb.InstallNowRequest(), metadata=md, timeout=10)
-    state = eventually(
-        lambda: (s := admin.GetInstallState(apb.GetInstallStateRequest(), metadata=md, timeout=10)).status
-        == apb.INSTALL_STATUS_READY and s,
-        timeout=60,
-    )  # fmt: skip
+    def ready() -> Any:
+        s = admin.GetInstallState(apb.GetInstallStateRequest(), metadata=md, timeout=10)
+        return s if s.status == apb.INSTALL_STATUS_READY else None
+
+    state = eventually(ready, timeout=60)
     return str(state.lockfile_hash)
 
 
