@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -15,7 +17,7 @@ from core.auth import current_identity
 from core.blobstore import BlobStore
 from core.db import Database
 from core.hub import Hub
-from shared.errors import InvalidArgument, NotFound
+from shared.errors import InvalidArgument, NotFound, ResourceExhausted
 from shared.names import check_lockfile_hash, check_sha256
 from shared.proto.scriptpkgs.v1 import common_pb2, distribution_pb2_grpc
 from shared.proto.scriptpkgs.v1 import distribution_pb2 as pb
@@ -36,10 +38,49 @@ _STATUS = {
 }
 
 
+@dataclass(frozen=True)
+class ClientLimits:
+    """Per-satellite caps, so one broken or hostile agent cannot exhaust the core."""
+
+    max_downloads: int = 8  # concurrent DownloadBlob streams per satellite
+    max_subscriptions: int = 4  # open RefreshScriptPackages streams per satellite token
+
+
+class _Counter:
+    """Counts open calls per satellite; `enter` refuses past the cap."""
+
+    def __init__(self, cap: int, what: str) -> None:
+        self._cap = cap
+        self._what = what
+        self._open: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def enter(self, name: str) -> Iterator[None]:
+        if self._open.get(name, 0) >= self._cap:
+            raise ResourceExhausted(
+                f"satellite {name!r} already has {self._cap} open {self._what}; close some first"
+            )
+        self._open[name] = self._open.get(name, 0) + 1
+        try:
+            yield
+        finally:
+            self._open[name] -= 1
+            if not self._open[name]:
+                del self._open[name]
+
+
 class DistributionService(distribution_pb2_grpc.PackageDistributionServicer):
     def __init__(
-        self, db: Database, hub: Hub, store: BlobStore, public_key: Ed25519PublicKey
+        self,
+        db: Database,
+        hub: Hub,
+        store: BlobStore,
+        public_key: Ed25519PublicKey,
+        limits: ClientLimits | None = None,
     ) -> None:
+        limits = limits or ClientLimits()
+        self._downloads = _Counter(limits.max_downloads, "blob downloads")
+        self._subscriptions = _Counter(limits.max_subscriptions, "refresh streams")
         self._db = db
         self._hub = hub
         self._store = store
@@ -59,13 +100,14 @@ class DistributionService(distribution_pb2_grpc.PackageDistributionServicer):
             request.platform,
             request.current_hash,
         )
-        subscription = self._hub.subscribe(name)
-        log.info("satellite %s subscribed", name)
-        try:
-            async for value in subscription.values():
-                yield pb.Refresh(lockfile_hash=value)
-        finally:
-            log.info("satellite %s unsubscribed", name)
+        with self._subscriptions.enter(name):
+            subscription = self._hub.subscribe(name)
+            log.info("satellite %s subscribed", name)
+            try:
+                async for value in subscription.values():
+                    yield pb.Refresh(lockfile_hash=value)
+            finally:
+                log.info("satellite %s unsubscribed", name)
         if subscription.revoked:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "satellite token revoked")
         if subscription.closed:
@@ -80,6 +122,11 @@ class DistributionService(distribution_pb2_grpc.PackageDistributionServicer):
     async def DownloadBlob(
         self, request: pb.DownloadBlobRequest, context: Ctx
     ) -> AsyncIterator[pb.BlobChunk]:
+        with self._downloads.enter(current_identity().name):
+            async for chunk in self._stream_blob(request):
+                yield chunk
+
+    async def _stream_blob(self, request: pb.DownloadBlobRequest) -> AsyncIterator[pb.BlobChunk]:
         sha = check_sha256(request.sha256)
         total = await asyncio.to_thread(self._store.size, sha)
         if total is None:

@@ -5,6 +5,7 @@
     ├── NotFound                  an unknown package, hash, blob or satellite
     ├── FailedPrecondition        refused now (install running, migration running, ...)
     ├── Unauthenticated / PermissionDenied
+    ├── ResourceExhausted         a per-client cap (concurrent downloads, open streams) is reached
     ├── IntegrityError            a hash, size or signature does not match
     ├── UnsafeWheel               a wheel that could escape its target or lies about its content
     ├── ResolveError              the index cannot satisfy the allowlist (names the package)
@@ -55,6 +56,10 @@ class Unauthenticated(SpkError):
 
 class PermissionDenied(SpkError):
     code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class ResourceExhausted(SpkError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 class IntegrityError(SpkError):
