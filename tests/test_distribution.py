@@ -1,4 +1,4 @@
-"""PackageDistribution on the real core: manifests by hash, chunked resumable blobs, per-client caps."""
+"""PackageDistribution on the real core: manifests by hash, resumable blobs, per-client caps."""
 
 from __future__ import annotations
 
