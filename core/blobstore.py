@@ -27,7 +27,10 @@ _TMP_PREFIX = ".tmp-"
 class BlobStore(Protocol):
     """What the install pipeline, the distribution servicer, GC and migration rely on."""
 
-    name: str
+    @property
+    def name(self) -> str:
+        """The backend's registry name (read-only, so the registry can report its active one)."""
+        ...
 
     def has(self, sha256: str) -> bool: ...
 

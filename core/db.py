@@ -110,6 +110,27 @@ class SatelliteRow(BaseModel):
     platform = pw.CharField(max_length=128, default="")
 
 
+class StoredBlob(BaseModel):
+    """A blob held by the database backend; written in the same transaction as its chunks, so a
+    header row means the blob is complete."""
+
+    sha256 = pw.CharField(primary_key=True, max_length=64)
+    size = pw.BigIntegerField()
+    chunk_size = pw.IntegerField()
+    chunk_count = pw.IntegerField()
+
+
+class BlobChunk(BaseModel):
+    """One slice (`chunk_size` bytes, the last one shorter) of a StoredBlob; reads fetch by seq."""
+
+    sha256 = pw.CharField(max_length=64)
+    seq = pw.IntegerField()
+    data = pw.BlobField()
+
+    class Meta:
+        primary_key = pw.CompositeKey("sha256", "seq")
+
+
 ALL_MODELS: list[type[BaseModel]] = [
     SchemaVersion,
     Setting,
@@ -122,13 +143,24 @@ ALL_MODELS: list[type[BaseModel]] = [
 ]
 
 
+def upsert(model: type[BaseModel], **fields: Any) -> None:
+    """Insert or overwrite one row by primary key; works on SQLite and Postgres (no REPLACE)."""
+    pk = model._meta.primary_key
+    update = {f: v for f, v in fields.items() if f != pk.name}
+    model.insert(**fields).on_conflict(conflict_target=[pk], update=update).execute()
+
+
 def _migration_1(db: pw.Database) -> None:
     db.create_tables(ALL_MODELS)
     InstallStateRow.create(id=1)
 
 
+def _migration_2(db: pw.Database) -> None:
+    db.create_tables([StoredBlob, BlobChunk])
+
+
 # Append-only: each entry brings the schema from version i to i + 1.
-MIGRATIONS: list[Callable[[pw.Database], None]] = [_migration_1]
+MIGRATIONS: list[Callable[[pw.Database], None]] = [_migration_1, _migration_2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -9,7 +9,7 @@ import json
 import peewee as pw
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from core.db import InstallStateRow, Lockfile, Setting, database_proxy, now
+from core.db import InstallStateRow, Lockfile, Setting, database_proxy, now, upsert
 from core.secrets import SecretBox, new_signing_key, signing_key_from_bytes, signing_key_to_bytes
 from shared.errors import NotFound
 from shared.manifest import Manifest
@@ -51,14 +51,15 @@ def publish(manifest: Manifest, key: Ed25519PrivateKey) -> Manifest:
     top = Lockfile.select(pw.fn.MAX(Lockfile.sequence)).scalar() or 0
     stamped = dataclasses.replace(manifest, sequence=top + 1, created_at_unix=now())
     signed = sign_manifest(stamped, key)
-    Lockfile.replace(
+    upsert(
+        Lockfile,
         lockfile_hash=signed.lockfile_hash,
         sequence=signed.sequence,
         manifest_json=signed.to_json(),
         entry_count=len(signed.entries),
         total_size=signed.total_size,
         created_at=signed.created_at_unix,
-    ).execute()
+    )
     return signed
 
 

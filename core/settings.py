@@ -9,7 +9,7 @@ import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from core.db import Setting, database_proxy
+from core.db import Setting, database_proxy, upsert
 from core.registry import RegistrySettings
 from core.secrets import SecretBox
 from shared.errors import InvalidArgument
@@ -156,7 +156,7 @@ def update_registry(box: SecretBox, update: RegistryUpdate) -> RegistryConfig:
             "timeout_seconds": s.timeout_seconds,
             "target": target.as_dict() if target else None,
         }
-        Setting.replace(key=REGISTRY_KEY, value=json.dumps(doc)).execute()
+        upsert(Setting, key=REGISTRY_KEY, value=json.dumps(doc))
     return RegistryConfig(s, target)
 
 
@@ -178,7 +178,7 @@ def save_size_cap(cap: SizeCap) -> SizeCap:
             "warn_bytes", f"must be <= block_bytes ({cap.warn_bytes} > {cap.block_bytes})"
         )
     doc = {"warn_bytes": cap.warn_bytes, "block_bytes": cap.block_bytes}
-    Setting.replace(key=SIZE_CAP_KEY, value=json.dumps(doc)).execute()
+    upsert(Setting, key=SIZE_CAP_KEY, value=json.dumps(doc))
     return cap
 
 

@@ -8,9 +8,11 @@ directory under `pkgs/` with its marker is always complete. The marker's hashes 
 for drift checks: trees hard-link these files, so a write through a tree changes the file here
 too (the same inode), and only hashes recorded at unpack time can tell.
 
-Durability: per-file fsync of a 4,000-file package set costs ~1.3 s on the reference machine
-(ext4, 2 cores; 0.6 s with 32 threads), one syncfs(2) ~0.2 s. So each build calls syncfs once
-before its publishing rename (falls back to sync(2) where syncfs is missing).
+Durability: each package is made durable with one syncfs(2) before its publishing rename
+(sync(2) where syncfs is missing), not with an fsync per file. Measured on a w31-shaped set (31
+wheels, 3,999 files, 64 MB on disk; ext4 on a loaded 2-core VM, medians of 4): fsync of every
+file 4.4 s (2.7-8.5 s), one syncfs over the same files 0.34 s. Per package that is 31 syncfs
+calls, 0.6 s of a 3.1 s single-threaded unpack of the set (extraction 1.85 s, re-hashing 0.54 s).
 """
 
 from __future__ import annotations

@@ -21,99 +21,42 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
-from enum import Enum
-from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Callable
+from dataclasses import replace
 
-from satellite.materialiser import PackageStore, Progress, ensure_pkgs, is_expected
-from satellite.ports import CoreClient, SyncReport, SyncStatus
-from shared import tags
-from shared.errors import FailedPrecondition, IntegrityError
+from satellite.materialiser import Progress, ensure_pkgs, is_expected
+from satellite.ports import SyncReport, SyncStatus
+from satellite.reconcile_types import (
+    DEFAULT_TREE_GRACE_SECONDS,
+    Outcome,
+    ReconcileDeps,
+    ReconcileResult,
+    ReconcileStore,
+)
+from shared.errors import FailedPrecondition, IntegrityError, InvalidArgument
 from shared.manifest import Manifest, ManifestEntry
+from shared.names import check_lockfile_hash
 
-if TYPE_CHECKING:  # the reconciler only passes the state through; no runtime tie to the store
-    from satellite.store import AgentState
+__all__ = [
+    "DEFAULT_TREE_GRACE_SECONDS",
+    "Outcome",
+    "ReconcileDeps",
+    "ReconcileResult",
+    "ReconcileStore",
+    "Reconciler",
+    "reconcile_to_hash",
+    "repair_tree",
+]
 
 log = logging.getLogger(__name__)
-
-DEFAULT_TREE_GRACE_SECONDS = 3600.0  # longer than any script run; pins protect longer ones
-
-
-class ReconcileStore(PackageStore, Protocol):
-    """The store operations the reconciler needs (satellite.store.SatelliteStore)."""
-
-    def current_hash(self) -> str | None: ...
-    def load_state(self) -> AgentState: ...
-    def save_state(self, state: AgentState) -> None: ...
-    def verify_pkg(self, sha256: str) -> list[str]: ...
-    def discard_pkg(self, sha256: str) -> None: ...
-    def has_tree(self, lockfile_hash: str) -> bool: ...
-    def assemble_tree(self, manifest: Manifest, replace: bool = False) -> Path: ...
-    def tree_manifest(self, lockfile_hash: str) -> Manifest: ...
-    def verify_tree(self, lockfile_hash: str) -> list[str]: ...
-    def flip_current(self, lockfile_hash: str) -> None: ...
-    def retire_others(self, now: float) -> list[str]: ...
-    def gc_trees(self, grace_seconds: float, now: float) -> list[str]: ...
-
-
-def _default_concurrency() -> int:
-    return os.cpu_count() or 2
-
-
-@dataclass(frozen=True)
-class ReconcileDeps:
-    """Everything a reconcile may touch. Tests pass fakes; the agent passes the real things."""
-
-    store: ReconcileStore
-    core: CoreClient
-    verify_manifest: Callable[[Manifest], None]  # signature check; raises IntegrityError
-    unsupported_wheels: Callable[[Iterable[str]], list[str]] = tags.unsupported_wheels
-    describe_interpreter: Callable[[], str] = tags.describe_interpreter
-    wall_clock: Callable[[], float] = time.time  # retirement marks and GC
-    monotonic: Callable[[], float] = time.monotonic  # durations
-    pull_concurrency: int = 4
-    unpack_concurrency: int = field(default_factory=_default_concurrency)
-    tree_grace_seconds: float = DEFAULT_TREE_GRACE_SECONDS
-
-
-class Outcome(Enum):
-    NOTHING_DESIRED = "nothing_desired"  # empty hash: nothing touched
-    ALREADY_CURRENT = "already_current"
-    FLIPPED = "flipped"
-    SUPERSEDED = "superseded"  # a newer hash was requested before the flip; not flipped
-    REPAIRED = "repaired"  # drift repair rebuilt the tree
-    INTACT = "intact"  # drift repair found nothing to do
-    FAILED = "failed"
-
-
-@dataclass(frozen=True)
-class ReconcileResult:
-    lockfile_hash: str
-    outcome: Outcome
-    error: str = ""
-    blobs_pulled: int = 0
-    bytes_pulled: int = 0
-    pkgs_unpacked: int = 0
-    tree_built: bool = False
-    duration_ms: int = 0
-    trees_collected: tuple[str, ...] = ()
-    exception: BaseException | None = field(default=None, compare=False, repr=False)
-
-    @property
-    def ok(self) -> bool:
-        return self.outcome is not Outcome.FAILED
 
 
 class _Superseded(Exception):
     pass
 
 
-async def _ensure_pkgs(
-    entries: Iterable[ManifestEntry], deps: ReconcileDeps, progress: Progress
+async def _materialise_pkgs(
+    entries: tuple[ManifestEntry, ...], deps: ReconcileDeps, progress: Progress
 ) -> None:
     await ensure_pkgs(
         entries, deps.store, deps.core, progress, deps.pull_concurrency, deps.unpack_concurrency
@@ -144,15 +87,19 @@ async def reconcile_to_hash(
         collected = await _collect_trees(deps)
         return ReconcileResult(target, Outcome.ALREADY_CURRENT, trees_collected=collected)
 
+    progress = Progress()
+    try:
+        check_lockfile_hash(target, "desired lockfile hash")
+    except InvalidArgument as exc:  # never let a malformed hash near a path or the state
+        return await _failed(target, exc, progress, deps, started, current)
     await _record(deps, desired_hash=target, status=SyncStatus.SYNCING, error="")
     await _report(deps, SyncReport(target, SyncStatus.SYNCING, current_hash=current or ""))
-    progress = Progress()
     try:
         manifest = await deps.core.get_manifest(target)
         state = await asyncio.to_thread(store.load_state)
         _check_manifest(manifest, target, state.highest_sequence, deps)
         if not await asyncio.to_thread(store.has_tree, target):
-            await _ensure_pkgs(manifest.entries, deps, progress)
+            await _materialise_pkgs(manifest.entries, deps, progress)
             if not still_wanted():
                 raise _Superseded
             await asyncio.to_thread(store.assemble_tree, manifest)
@@ -164,12 +111,7 @@ async def reconcile_to_hash(
         log.info("reconcile to %s superseded by a newer request before the flip", target)
         return _result(target, Outcome.SUPERSEDED, progress, deps, started)
     except Exception as exc:
-        message = str(exc) or type(exc).__name__
-        log.error("reconcile to %s failed: %s", target, message, exc_info=not is_expected(exc))
-        result = _result(target, Outcome.FAILED, progress, deps, started, message, exc)
-        await _record(deps, status=SyncStatus.ERROR, error=message)
-        await _report(deps, _sync_report(result, SyncStatus.ERROR, current or ""))
-        return result
+        return await _failed(target, exc, progress, deps, started, current)
 
     result = _result(target, Outcome.FLIPPED, progress, deps, started)
     log.info(
@@ -195,6 +137,23 @@ async def reconcile_to_hash(
     return replace(result, trees_collected=collected)
 
 
+async def _failed(
+    target: str,
+    exc: Exception,
+    progress: Progress,
+    deps: ReconcileDeps,
+    started: float,
+    current: str | None,
+) -> ReconcileResult:
+    """Report and record a failed reconcile; `current` was not touched."""
+    message = str(exc) or type(exc).__name__
+    log.error("reconcile to %s failed: %s", target, message, exc_info=not is_expected(exc))
+    result = _result(target, Outcome.FAILED, progress, deps, started, message, exc)
+    await _record(deps, status=SyncStatus.ERROR, error=message)
+    await _report(deps, _sync_report(result, SyncStatus.ERROR, current or ""))
+    return result
+
+
 async def repair_tree(lockfile_hash: str, deps: ReconcileDeps) -> ReconcileResult:
     """Drift repair: re-hash a tree and, if anything differs, rebuild it in place.
 
@@ -216,7 +175,7 @@ async def repair_tree(lockfile_hash: str, deps: ReconcileDeps) -> ReconcileResul
                 if bad:
                     log.warning("package %s drifted too; unpacking it again", entry.filename)
                     await asyncio.to_thread(store.discard_pkg, entry.sha256)
-        await _ensure_pkgs(manifest.entries, deps, progress)
+        await _materialise_pkgs(manifest.entries, deps, progress)
         await asyncio.to_thread(store.assemble_tree, manifest, True)
         progress.tree_built = True
     except Exception as exc:

@@ -130,10 +130,11 @@ def _pin(stack: contextlib.ExitStack, store: SatelliteStore, lockfile_hash: str)
 
 
 def _command(python: str, pin: TreePin | None, script: Path, args: Sequence[str]) -> list[str]:
+    # Absolute paths: a script that changes directory must keep importing from its tree.
     cmd = [python, "-I", "-S"]
     if pin is not None:
-        cmd += ["-X", f"pycache_prefix={pin.pycache}"]
-    site_dir = str(pin.site) if pin is not None else ""
+        cmd += ["-X", f"pycache_prefix={pin.pycache.absolute()}"]
+    site_dir = str(pin.site.absolute()) if pin is not None else ""
     return [*cmd, "-c", BOOTSTRAP, site_dir, str(script.absolute()), *args]
 
 

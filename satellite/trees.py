@@ -9,8 +9,8 @@
 Hard links cost no data copy (the `cp -al` floor in the benchmark), but share inodes with
 `pkgs/`: see pkgs.py for why drift checks compare against recorded hashes. A tree is built in
 `trees/.tmp-<hash>-<rand>/` and renamed into place after one syncfs: its data blocks are the
-already durable package files, so only directory entries are new (fsync of ~400 directories of
-the w31 workload costs about as much as one syncfs).
+already durable package files, so only directory entries are new. For the 3,999-file set in
+pkgs.py that syncfs costs 77 ms; fsync of each of its 372 directories costs 0.86 s.
 """
 
 from __future__ import annotations

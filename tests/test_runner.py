@@ -207,3 +207,15 @@ def test_status_reports_hashes_state_and_size(ready: Ready) -> None:
     store.save_state(AgentState(desired_hash="d" * 64, status="error", error="boom"))
     report = status(store)
     assert (report["state"], report["last_error"]) == ("not_ready", "boom")
+
+
+def test_a_relative_data_dir_survives_chdir(
+    ready: Ready, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert ready[0].root == tmp_path / "data"
+    monkeypatch.chdir(tmp_path)
+    relative = SatelliteStore(Path("data"))
+    body = (
+        "import os\nos.chdir('/')\nimport allowed\nraise SystemExit(40 + int(allowed.VERSION[0]))\n"
+    )
+    assert run_script(relative, script(tmp_path, body), []) == 41  # not 1: no ImportError

@@ -648,6 +648,8 @@ Global___ListLockfilesResponse: _TypeAlias = ListLockfilesResponse  # noqa: Y015
 
 @_typing.final
 class RollbackRequest(_message.Message):
+    """Makes a kept lockfile desired again: re-signed under a new, higher sequence and pushed."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     LOCKFILE_HASH_FIELD_NUMBER: _builtins.int
@@ -880,7 +882,9 @@ Global___RevokeSatelliteResponse: _TypeAlias = RevokeSatelliteResponse  # noqa: 
 
 @_typing.final
 class StorageBackend(_message.Message):
-    """---- storage ----"""
+    """---- storage ----
+    blob_count and bytes come from the blob index (BlobRecord rows naming this backend).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -983,17 +987,22 @@ class MigrateStorageRequest(_message.Message):
 
     TARGET_FIELD_NUMBER: _builtins.int
     DELETE_SOURCE_FIELD_NUMBER: _builtins.int
+    MAX_BYTES_PER_SECOND_FIELD_NUMBER: _builtins.int
     target: _builtins.str
     delete_source: _builtins.bool
+    """delete each source copy once its target copy is verified"""
+    max_bytes_per_second: _builtins.int
+    """0: as fast as possible; spares a shared database or link"""
     def __init__(
         self,
         *,
         target: _builtins.str = ...,
         delete_source: _builtins.bool = ...,
+        max_bytes_per_second: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delete_source", b"delete_source", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delete_source", b"delete_source", "max_bytes_per_second", b"max_bytes_per_second", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1024,13 +1033,22 @@ class StorageMigrationState(_message.Message):
     TOTAL_FIELD_NUMBER: _builtins.int
     BYTES_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    DELETE_SOURCE_FIELD_NUMBER: _builtins.int
+    STARTED_AT_UNIX_FIELD_NUMBER: _builtins.int
+    FINISHED_AT_UNIX_FIELD_NUMBER: _builtins.int
+    MAX_BYTES_PER_SECOND_FIELD_NUMBER: _builtins.int
     status: _builtins.str
     """idle | migrating | done | error"""
     target: _builtins.str
     done: _builtins.int
+    """blobs copied, verified and flipped to the target"""
     total: _builtins.int
     bytes: _builtins.int
     error: _builtins.str
+    delete_source: _builtins.bool
+    started_at_unix: _builtins.int
+    finished_at_unix: _builtins.int
+    max_bytes_per_second: _builtins.int
     def __init__(
         self,
         *,
@@ -1040,10 +1058,14 @@ class StorageMigrationState(_message.Message):
         total: _builtins.int = ...,
         bytes: _builtins.int = ...,
         error: _builtins.str = ...,
+        delete_source: _builtins.bool = ...,
+        started_at_unix: _builtins.int = ...,
+        finished_at_unix: _builtins.int = ...,
+        max_bytes_per_second: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "done", b"done", "error", b"error", "status", b"status", "target", b"target", "total", b"total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "delete_source", b"delete_source", "done", b"done", "error", b"error", "finished_at_unix", b"finished_at_unix", "max_bytes_per_second", b"max_bytes_per_second", "started_at_unix", b"started_at_unix", "status", b"status", "target", b"target", "total", b"total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1081,15 +1103,26 @@ class BlobGcRun(_message.Message):
     BYTES_RECLAIMED_FIELD_NUMBER: _builtins.int
     DELETED_SHA256_FIELD_NUMBER: _builtins.int
     FINISHED_AT_UNIX_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    KEPT_LOCKFILES_FIELD_NUMBER: _builtins.int
+    PRUNED_LOCKFILES_FIELD_NUMBER: _builtins.int
     dry_run: _builtins.bool
     candidates: _builtins.int
     deleted: _builtins.int
     kept_within_grace: _builtins.int
     bytes_reclaimed: _builtins.int
     finished_at_unix: _builtins.int
+    failed: _builtins.int
+    """deletes that failed (logged; retried by the next pass)"""
+    pruned_lockfiles: _builtins.int
+    """history rows removed (not on a dry run)"""
     @_builtins.property
     def deleted_sha256(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """or, for a dry run, what would go"""
+
+    @_builtins.property
+    def kept_lockfiles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """the desired hash first, then the newest previous ones"""
 
     def __init__(
         self,
@@ -1101,10 +1134,13 @@ class BlobGcRun(_message.Message):
         bytes_reclaimed: _builtins.int = ...,
         deleted_sha256: _abc.Iterable[_builtins.str] | None = ...,
         finished_at_unix: _builtins.int = ...,
+        failed: _builtins.int = ...,
+        kept_lockfiles: _abc.Iterable[_builtins.str] | None = ...,
+        pruned_lockfiles: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_reclaimed", b"bytes_reclaimed", "candidates", b"candidates", "deleted", b"deleted", "deleted_sha256", b"deleted_sha256", "dry_run", b"dry_run", "finished_at_unix", b"finished_at_unix", "kept_within_grace", b"kept_within_grace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_reclaimed", b"bytes_reclaimed", "candidates", b"candidates", "deleted", b"deleted", "deleted_sha256", b"deleted_sha256", "dry_run", b"dry_run", "failed", b"failed", "finished_at_unix", b"finished_at_unix", "kept_lockfiles", b"kept_lockfiles", "kept_within_grace", b"kept_within_grace", "pruned_lockfiles", b"pruned_lockfiles"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1132,20 +1168,37 @@ class BlobGcState(_message.Message):
     LAST_RUN_FIELD_NUMBER: _builtins.int
     TOTAL_DELETED_FIELD_NUMBER: _builtins.int
     TOTAL_BYTES_RECLAIMED_FIELD_NUMBER: _builtins.int
+    KEEP_PREVIOUS_FIELD_NUMBER: _builtins.int
+    GRACE_SECONDS_FIELD_NUMBER: _builtins.int
+    INTERVAL_SECONDS_FIELD_NUMBER: _builtins.int
+    NEXT_RUN_UNIX_FIELD_NUMBER: _builtins.int
     total_deleted: _builtins.int
     total_bytes_reclaimed: _builtins.int
+    keep_previous: _builtins.int
+    """policy: lockfiles kept besides the desired one"""
+    grace_seconds: _builtins.int
+    interval_seconds: _builtins.int
+    """0: no scheduled pass"""
+    next_run_unix: _builtins.int
+    """0: no scheduled pass"""
     @_builtins.property
-    def last_run(self) -> Global___BlobGcRun: ...
+    def last_run(self) -> Global___BlobGcRun:
+        """the last real (not dry) run; unset before the first"""
+
     def __init__(
         self,
         *,
         last_run: Global___BlobGcRun | None = ...,
         total_deleted: _builtins.int = ...,
         total_bytes_reclaimed: _builtins.int = ...,
+        keep_previous: _builtins.int = ...,
+        grace_seconds: _builtins.int = ...,
+        interval_seconds: _builtins.int = ...,
+        next_run_unix: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_run", b"last_run"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_run", b"last_run", "total_bytes_reclaimed", b"total_bytes_reclaimed", "total_deleted", b"total_deleted"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grace_seconds", b"grace_seconds", "interval_seconds", b"interval_seconds", "keep_previous", b"keep_previous", "last_run", b"last_run", "next_run_unix", b"next_run_unix", "total_bytes_reclaimed", b"total_bytes_reclaimed", "total_deleted", b"total_deleted"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

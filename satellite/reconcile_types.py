@@ -1,0 +1,90 @@
+"""The reconciler's seams and results: what it needs from the store and what it returns.
+
+Kept apart from satellite/reconciler.py (which re-exports these names) so the orchestration
+module stays readable; nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from satellite.materialiser import PackageStore
+from satellite.ports import CoreClient
+from shared import tags
+from shared.manifest import Manifest
+
+if TYPE_CHECKING:  # only passed through; no runtime tie to the file-system store
+    from satellite.store import AgentState
+
+DEFAULT_TREE_GRACE_SECONDS = 3600.0  # longer than any script run; pins protect longer ones
+
+
+class ReconcileStore(PackageStore, Protocol):
+    """The store operations the reconciler needs (satellite.store.SatelliteStore)."""
+
+    def current_hash(self) -> str | None: ...
+    def load_state(self) -> AgentState: ...
+    def save_state(self, state: AgentState) -> None: ...
+    def verify_pkg(self, sha256: str) -> list[str]: ...
+    def discard_pkg(self, sha256: str) -> None: ...
+    def has_tree(self, lockfile_hash: str) -> bool: ...
+    def assemble_tree(self, manifest: Manifest, replace: bool = False) -> Path: ...
+    def tree_manifest(self, lockfile_hash: str) -> Manifest: ...
+    def verify_tree(self, lockfile_hash: str) -> list[str]: ...
+    def flip_current(self, lockfile_hash: str) -> None: ...
+    def retire_others(self, now: float) -> list[str]: ...
+    def gc_trees(self, grace_seconds: float, now: float) -> list[str]: ...
+
+
+def _default_concurrency() -> int:
+    return os.cpu_count() or 2
+
+
+@dataclass(frozen=True)
+class ReconcileDeps:
+    """Everything a reconcile may touch. Tests pass fakes; the agent passes the real things."""
+
+    store: ReconcileStore
+    core: CoreClient
+    verify_manifest: Callable[[Manifest], None]  # signature check; raises IntegrityError
+    unsupported_wheels: Callable[[Iterable[str]], list[str]] = tags.unsupported_wheels
+    describe_interpreter: Callable[[], str] = tags.describe_interpreter
+    wall_clock: Callable[[], float] = time.time  # retirement marks and GC
+    monotonic: Callable[[], float] = time.monotonic  # durations
+    pull_concurrency: int = 4
+    unpack_concurrency: int = field(default_factory=_default_concurrency)
+    tree_grace_seconds: float = DEFAULT_TREE_GRACE_SECONDS
+
+
+class Outcome(Enum):
+    NOTHING_DESIRED = "nothing_desired"  # empty hash: nothing touched
+    ALREADY_CURRENT = "already_current"
+    FLIPPED = "flipped"
+    SUPERSEDED = "superseded"  # a newer hash was requested before the flip; not flipped
+    REPAIRED = "repaired"  # drift repair rebuilt the tree
+    INTACT = "intact"  # drift repair found nothing to do
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class ReconcileResult:
+    lockfile_hash: str
+    outcome: Outcome
+    error: str = ""
+    blobs_pulled: int = 0
+    bytes_pulled: int = 0
+    pkgs_unpacked: int = 0
+    tree_built: bool = False
+    duration_ms: int = 0
+    trees_collected: tuple[str, ...] = ()
+    exception: BaseException | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome is not Outcome.FAILED
