@@ -38,7 +38,14 @@ def eventually(check: Callable[[], T], timeout: float = 30.0, interval: float = 
 
 
 class CoreProcess:
-    def __init__(self, data_dir: Path, env: dict[str, str] | None = None, port: int = 0) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        env: dict[str, str] | None = None,
+        port: int = 0,
+        admin_token: str = ADMIN_TOKEN,
+    ) -> None:
+        self.admin_token = admin_token
         self.data_dir = data_dir
         self.log_path = data_dir.parent / f"{data_dir.name}.log"
         self.extra_env = env or {}
@@ -52,7 +59,7 @@ class CoreProcess:
         port_file = self.data_dir.parent / f"{self.data_dir.name}.port"
         port_file.unlink(missing_ok=True)
         env = dict(os.environ)
-        env.update({"SPK_ADMIN_TOKEN": ADMIN_TOKEN, "GRPC_ENABLE_FORK_SUPPORT": "false"})
+        env.update({"SPK_ADMIN_TOKEN": self.admin_token, "GRPC_ENABLE_FORK_SUPPORT": "false"})
         env.update(self.extra_env)
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
@@ -91,10 +98,11 @@ class CoreProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def admin(self, token: str = ADMIN_TOKEN) -> AdminClient:
+    def admin(self, token: str | None = None) -> AdminClient:
         if self._channel is None:
             self._channel = grpc.insecure_channel(self.target)
-        return AdminClient(admin_pb2_grpc.PackageAdminStub(self._channel), token)
+        stub = admin_pb2_grpc.PackageAdminStub(self._channel)
+        return AdminClient(stub, self.admin_token if token is None else token)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
         if self._channel is not None:

@@ -1,0 +1,67 @@
+"""Play the attacker who controls the core's database or blob store (for defence-in-depth tests).
+
+These helpers write straight into a core's data dir while it runs, the way a compromised store
+would; the satellite must still refuse anything the signing key does not vouch for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import shutil
+from pathlib import Path
+
+from core import lockfiles
+from core.db import InstallStateRow, Lockfile, open_database
+from core.secrets import SecretBox, load_or_create_key
+from core.settings import native_environment
+from shared.manifest import Manifest, ManifestEntry
+from shared.signing import sign_manifest
+
+
+def _open(data_dir: Path) -> SecretBox:
+    open_database(data_dir)
+    return SecretBox(load_or_create_key(data_dir))
+
+
+def put_blob(data_dir: Path, wheel: Path) -> ManifestEntry:
+    """Copy a wheel into the filesystem blob store under its sha256, bypassing every check."""
+    data = wheel.read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    dest = data_dir / "blobs" / sha[:2] / f"{sha}.whl"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(wheel, dest)
+    name, version = wheel.name.split("-")[:2]
+    return ManifestEntry(name.replace("_", "-"), version, wheel.name, sha, len(data), True)
+
+
+def publish_signed(data_dir: Path, entries: list[ManifestEntry]) -> str:
+    """A manifest signed with the core's real key (as if the attacker had it) made desired."""
+    box = _open(data_dir)
+    key = lockfiles.load_or_create_signing_key(box)
+    published = lockfiles.publish(Manifest.build(entries, native_environment()), key)
+    InstallStateRow.update(lockfile_hash=published.lockfile_hash).execute()
+    return published.lockfile_hash
+
+
+def rewrite_desired(data_dir: Path, change: object) -> str:
+    """Replace the desired manifest's stored JSON with `change(manifest)` (no re-signing)."""
+    _open(data_dir)
+    desired = lockfiles.desired_hash()
+    row = Lockfile.get_by_id(desired)
+    manifest = Manifest.from_json(row.manifest_json)
+    tampered = change(manifest)  # type: ignore[operator]
+    Lockfile.update(manifest_json=tampered.to_json()).where(
+        Lockfile.lockfile_hash == desired
+    ).execute()
+    return desired
+
+
+def make_desired(data_dir: Path, lockfile_hash: str) -> None:
+    """Point the desired hash at an existing (older) lockfile without re-publishing: a replay."""
+    _open(data_dir)
+    InstallStateRow.update(lockfile_hash=lockfile_hash).execute()
+
+
+def sign_with(manifest: Manifest, key: object) -> Manifest:
+    return sign_manifest(dataclasses.replace(manifest), key)  # type: ignore[arg-type]
