@@ -68,6 +68,21 @@ def ensure_bootstrap_token(token: str) -> None:
     ).on_conflict_ignore().execute()
 
 
+def list_admin_tokens() -> list[tuple[str, str, str, int]]:
+    """(id, role, label, created_at); the id is the first 12 hex chars of the stored hash."""
+    rows = AdminToken.select().order_by(AdminToken.created_at)
+    return [(r.token_hash[:12], r.role, r.label, r.created_at) for r in rows]
+
+
+def revoke_admin_token(token_id: str) -> None:
+    if len(token_id) < 8:
+        raise InvalidArgument("id", "give at least 8 characters of the id from `admin-token list`")
+    matches = list(AdminToken.select().where(AdminToken.token_hash.startswith(token_id)))
+    if len(matches) != 1:
+        raise InvalidArgument("id", f"matches {len(matches)} tokens; give a longer prefix")
+    matches[0].delete_instance()
+
+
 def admin_role(token: str) -> str | None:
     row = AdminToken.get_or_none(AdminToken.token_hash == hash_token(token))
     return None if row is None else str(row.role)

@@ -32,6 +32,15 @@ def load_or_create_signing_key(box: SecretBox) -> Ed25519PrivateKey:
     return signing_key_from_bytes(raw)
 
 
+def rotate_signing_key(box: SecretBox) -> Ed25519PrivateKey:
+    """A fresh signing key replaces the old one; running cores pick it up on restart."""
+    key = new_signing_key()
+    ct = box.encrypt(signing_key_to_bytes(key), "signing key")
+    value = json.dumps({"ct": base64.b64encode(ct).decode()})
+    Setting.replace(key=SIGNING_KEY, value=value).execute()
+    return key
+
+
 def desired_hash() -> str:
     return str(InstallStateRow.get_by_id(1).lockfile_hash)
 

@@ -28,7 +28,12 @@ from satellite.reconciler import (
 from satellite.store import SatelliteStore
 from shared.errors import IntegrityError, SpkError, Unauthenticated
 from shared.manifest import Manifest
-from shared.signing import key_id, load_public_key_pem, verify_manifest
+from shared.signing import (
+    key_id,
+    load_public_key_pem,
+    load_public_keys_pem,
+    verify_manifest_any,
+)
 
 log = logging.getLogger(__name__)
 PINNED_KEY_FILE = "signing-key.pem"  # written on trust-on-first-use
@@ -41,7 +46,7 @@ class AgentConfig:
     core: str  # host:port
     token: str = field(repr=False)
     data_dir: Path = Path("spk-satellite-data")
-    signing_key_pem: str | None = None  # the core's public key, pinned
+    signing_key_pem: str | None = None  # the core's public key(s), pinned; several PEM blocks ok
     trust_on_first_use: bool = False  # fetch and pin the key on first contact (opt-in)
     ca_certificates: bytes | None = None  # TLS when set
     client_cert: bytes | None = None  # mTLS
@@ -130,10 +135,10 @@ class Agent:
                 " against `spk-core signing-key export` on the core",
                 key_id(load_public_key_pem(pem)),
             )
-        public = load_public_key_pem(pem)
+        keys = load_public_keys_pem(pem)
 
         def verify(manifest: Manifest) -> None:
-            verify_manifest(manifest, public)
+            verify_manifest_any(manifest, keys)
 
         return verify
 

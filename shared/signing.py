@@ -51,7 +51,8 @@ def verify_manifest(manifest: Manifest, public: Ed25519PublicKey) -> None:
     if manifest.signing_key_id and manifest.signing_key_id != key_id(public):
         raise IntegrityError(
             f"manifest {manifest.lockfile_hash[:12]} is signed by key {manifest.signing_key_id},"
-            f" expected the pinned key {key_id(public)}; refusing it"
+            f" expected the pinned key {key_id(public)}; refusing it (during a key rotation pin"
+            " both keys: put both PEM blocks in the --signing-key file)"
         )
     try:
         public.verify(manifest.signature, manifest.signing_bytes())
@@ -59,3 +60,30 @@ def verify_manifest(manifest: Manifest, public: Ed25519PublicKey) -> None:
         raise IntegrityError(
             f"manifest {manifest.lockfile_hash[:12]}: bad signature for the pinned key; refusing it"
         ) from None
+
+
+def load_public_keys_pem(text: str) -> list[Ed25519PublicKey]:
+    """Every PEM public key in `text`: a satellite pins the old and the new key during rotation."""
+    marker = "-----BEGIN PUBLIC KEY-----"
+    blocks = [marker + part for part in text.split(marker)[1:]]
+    if not blocks:
+        raise IntegrityError("the signing key file holds no PEM public key")
+    return [load_public_key_pem(block) for block in blocks]
+
+
+def verify_manifest_any(manifest: Manifest, keys: list[Ed25519PublicKey]) -> None:
+    """verify_manifest against the pinned key the manifest names (any of them if it names none)."""
+    by_id = {key_id(k): k for k in keys}
+    key = by_id.get(manifest.signing_key_id)
+    if key is None:
+        if manifest.signing_key_id or not manifest.signature:
+            verify_manifest(manifest, keys[0])  # raises the precise error
+        errors = []
+        for candidate in keys:
+            try:
+                verify_manifest(manifest, candidate)
+                return
+            except IntegrityError as exc:
+                errors.append(exc)
+        raise errors[0]
+    verify_manifest(manifest, key)
