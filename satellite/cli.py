@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("watchdog").setLevel(logging.INFO)  # its DEBUG logs every inotify event
     os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
     try:
         if args.command == "agent":

@@ -25,7 +25,7 @@ import sys
 import zipfile
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -57,7 +57,7 @@ class WheelLimits:
 
     max_unpacked_bytes: int = 1 << 30  # total decompressed size, declared and actual
     max_entries: int = 50_000  # archive members, directories included
-    max_ratio: float = 200.0  # per entry decompressed:compressed (zip bomb), above 1 MiB
+    max_ratio: float = 200.0  # per entry decompressed:compressed (zip bomb), above 16 MiB
 
 
 DEFAULT_LIMITS = WheelLimits()
@@ -73,6 +73,9 @@ class WheelInfo:
     tags: frozenset[str]  # e.g. "py3-none-any"
     files: tuple[str, ...]  # archive paths of regular files, in archive order
     unpacked_size: int
+    # extract_wheel only: install path -> (sha256 hex, size) of every file written, hashed while
+    # writing, so callers need not read the tree back to record it.
+    hashes: dict[str, tuple[str, int]] = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,16 +116,17 @@ def extract_wheel(
         dest.mkdir(mode=0o755, parents=True)
         try:
             writer = _TreeWriter(dest.resolve(), wheel)
+            hashes: dict[str, tuple[str, int]] = {}
             for entry in entries:
                 fd = writer.create_file(entry.target, entry.mode)
                 try:
-                    _copy_verified(zf, wheel, entry, fd)
+                    hashes[entry.target] = (_copy_verified(zf, wheel, entry, fd), entry.size)
                 finally:
                     os.close(fd)
         except BaseException:
             _remove_tree(dest)
             raise
-    return info
+    return replace(info, hashes=hashes)
 
 
 def _check_count(wheel: str, count: int | None, limits: WheelLimits) -> None:
@@ -345,17 +349,21 @@ def _read_record(
     except _ZIP_ERRORS as exc:
         raise _bad(wheel, info.orig_filename, f"is corrupt: {exc}") from None
     rows: dict[str, tuple[str, str]] = {}
-    for number, row in enumerate(csv.reader(io.StringIO(text, newline="")), start=1):
-        if not row:
-            continue
-        if len(row) != 3:
-            raise UnsafeWheel(wheel, f"RECORD line {number} has {len(row)} fields, not 3")
-        path, hash_field, size_field = row
-        if path in rows:
-            raise UnsafeWheel(wheel, f"RECORD lists {path!r} twice")
-        if len(rows) >= limits.max_entries:
-            raise UnsafeWheel(wheel, f"RECORD has more than {limits.max_entries} rows")
-        rows[path] = (hash_field, size_field)
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        for row in reader:
+            if not row:
+                continue
+            if len(row) != 3:
+                raise UnsafeWheel(wheel, f"RECORD line {reader.line_num} has {len(row)} fields")
+            path, hash_field, size_field = row
+            if path in rows:
+                raise UnsafeWheel(wheel, f"RECORD lists {path!r} twice")
+            if len(rows) >= limits.max_entries:
+                raise UnsafeWheel(wheel, f"RECORD has more than {limits.max_entries} rows")
+            rows[path] = (hash_field, size_field)
+    except csv.Error as exc:  # e.g. a field over csv's 128 KiB limit
+        raise UnsafeWheel(wheel, f"RECORD line {reader.line_num} is not valid CSV: {exc}") from None
     return rows
 
 
@@ -403,8 +411,8 @@ def _b64(digest: bytes) -> str:
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
 
-def _copy_verified(zf: zipfile.ZipFile, wheel: str, entry: _Entry, fd: int | None) -> None:
-    """Stream one member through sha256 (and into `fd`), then compare it with RECORD."""
+def _copy_verified(zf: zipfile.ZipFile, wheel: str, entry: _Entry, fd: int | None) -> str:
+    """Stream one member through sha256 (and into `fd`), compare it with RECORD; its sha256 hex."""
     raw = entry.info.orig_filename
     hasher = hashlib.sha256()
     remaining = entry.size
@@ -428,6 +436,7 @@ def _copy_verified(zf: zipfile.ZipFile, wheel: str, entry: _Entry, fd: int | Non
     if entry.digest is not None and hasher.digest() != entry.digest:
         rule = f"RECORD says sha256={_b64(entry.digest)}, content is {_b64(hasher.digest())}"
         raise _bad(wheel, raw, f"RECORD hash mismatch: {rule}")
+    return hasher.hexdigest()
 
 
 class _TreeWriter:

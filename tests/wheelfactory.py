@@ -127,31 +127,50 @@ def patch_archive_bytes(wheel: Path, old: bytes, new: bytes) -> None:
     wheel.write_bytes(data.replace(old, new))
 
 
+def _central_entry(data: bytes, name: str) -> tuple[int, int, int, int]:
+    """(record position, record length, central directory offset, size) of `name`.
+
+    Assumes no zip64 and no archive comment, which is what build_wheel writes.
+    """
+    eocd = data.rfind(b"PK\x05\x06")
+    cd_size, cd_offset = struct.unpack_from("<II", data, eocd + 12)
+    pos = cd_offset
+    while pos < cd_offset + cd_size:
+        name_len, extra_len, comment_len = struct.unpack_from("<HHH", data, pos + 28)
+        length = 46 + name_len + extra_len + comment_len
+        if data[pos + 46 : pos + 46 + name_len] == name.encode():
+            return pos, length, cd_offset, cd_size
+        pos += length
+    raise KeyError(name)
+
+
 def alias_central_entry(wheel: Path, existing: str, alias: str) -> None:
     """Add a central-directory entry `alias` pointing at `existing`'s local header.
 
     Two entries sharing one local header is the overlapping-entries zip bomb: the same
-    compressed bytes are expanded once per alias. Assumes no zip64 and no archive comment.
+    compressed bytes are expanded once per alias.
     """
     data = wheel.read_bytes()
+    pos, _, cd_offset, cd_size = _central_entry(data, existing)
+    record = bytearray(data[pos : pos + 46])
+    struct.pack_into("<HHH", record, 28, len(alias.encode()), 0, 0)  # no extra, no comment
+    record += alias.encode()
     eocd = data.rfind(b"PK\x05\x06")
-    _, _, n_disk, n_total, cd_size, cd_offset, _ = struct.unpack_from("<HHHHIIH", data, eocd + 4)
-    pos = cd_offset
-    while pos < cd_offset + cd_size:
-        name_len, extra_len, comment_len = struct.unpack_from("<HHH", data, pos + 28)
-        if data[pos + 46 : pos + 46 + name_len] == existing.encode():
-            record = bytearray(data[pos : pos + 46])
-            struct.pack_into("<HHH", record, 28, len(alias.encode()), 0, 0)
-            record += alias.encode()
-            break
-        pos += 46 + name_len + extra_len + comment_len
-    else:
-        raise KeyError(existing)
     end = bytearray(data[eocd:])
+    n_disk, n_total = struct.unpack_from("<HH", end, 8)
     struct.pack_into("<HHI", end, 8, n_disk + 1, n_total + 1, cd_size + len(record))
-    wheel.write_bytes(
-        data[: cd_offset + cd_size] + bytes(record) + data[cd_offset + cd_size : eocd] + end
-    )
+    cd_end = cd_offset + cd_size
+    wheel.write_bytes(data[:cd_end] + bytes(record) + data[cd_end:eocd] + end)
+
+
+def set_declared_size(wheel: Path, name: str, size: int) -> None:
+    """Make both headers of `name` claim `size` uncompressed bytes: a lying file_size."""
+    data = bytearray(wheel.read_bytes())
+    pos, _, _, _ = _central_entry(bytes(data), name)
+    (local,) = struct.unpack_from("<I", data, pos + 42)
+    struct.pack_into("<I", data, pos + 24, size)
+    struct.pack_into("<I", data, local + 22, size)
+    wheel.write_bytes(bytes(data))
 
 
 def build_wide_wheel(name: str, version: str, n_files: int, out_dir: Path) -> Path:
