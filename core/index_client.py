@@ -161,7 +161,9 @@ def _translate(exc: BaseException, url: str) -> SpkError:
     return RegistryError(f"the index is unreachable at {where}: {reason or type(exc).__name__}")
 
 
-def _open(url: str, settings: RegistrySettings, accept: str, timeout: float) -> HTTPResponse:
+def open_index_url(
+    url: str, settings: RegistrySettings, accept: str, timeout: float
+) -> HTTPResponse:
     if urlsplit(url).scheme not in ("http", "https"):
         raise RegistryError(f"refusing to fetch {url!r}: only http(s) URLs are allowed")
     headers = {"Accept": accept, "User-Agent": "spk-core"}
@@ -176,7 +178,7 @@ def _open(url: str, settings: RegistrySettings, accept: str, timeout: float) -> 
     return response
 
 
-def _read(response: HTTPResponse, size: int, url: str) -> bytes:
+def read_bounded(response: HTTPResponse, size: int, url: str) -> bytes:
     try:
         return response.read(size)
     except (OSError, HTTPException) as exc:  # reset, timeout, truncated body
@@ -186,13 +188,13 @@ def _read(response: HTTPResponse, size: int, url: str) -> bytes:
 def _download_sync(wheel: ResolvedWheel, settings: RegistrySettings, dest: Path) -> int:
     verifier = StreamVerifier(wheel.filename, wheel.sha256)
     try:
-        with _open(wheel.url, settings, "*/*", settings.timeout_seconds) as response:
+        with open_index_url(wheel.url, settings, "*/*", settings.timeout_seconds) as response:
             try:
                 out = dest.open("wb")
             except OSError as exc:
                 raise StoreError(f"cannot write {dest}: {exc.strerror}") from None
             with out:
-                while chunk := _read(response, READ_CHUNK, wheel.url):
+                while chunk := read_bounded(response, READ_CHUNK, wheel.url):
                     verifier.update(chunk)  # hash while writing: the bytes pass through once
                     out.write(chunk)
         verifier.finish()
@@ -214,7 +216,7 @@ async def download_wheel(wheel: ResolvedWheel, settings: RegistrySettings, dest:
 
 
 def _read_capped(response: HTTPResponse, url: str) -> bytes:
-    body = _read(response, MAX_PROJECT_PAGE + 1, url)
+    body = read_bounded(response, MAX_PROJECT_PAGE + 1, url)
     if len(body) > MAX_PROJECT_PAGE:
         raise RegistryError(f"the project page {url} is larger than {MAX_PROJECT_PAGE} bytes")
     return body
@@ -226,7 +228,7 @@ def _versions_sync(name: str, settings: RegistrySettings) -> list[str]:
     for index in settings.index_urls:
         url = urljoin(index.rstrip("/") + "/", f"{name}/")
         try:
-            with _open(url, settings, ACCEPT_SIMPLE, VERSIONS_TIMEOUT_SECONDS) as response:
+            with open_index_url(url, settings, ACCEPT_SIMPLE, VERSIONS_TIMEOUT_SECONDS) as response:
                 body = _read_capped(response, url)
                 content_type = response.headers.get("Content-Type", "text/html")
         except NotFound:
