@@ -1,6 +1,7 @@
 """PackageAdmin servicer: thin translation between protobuf and the core's modules.
 
-Methods not defined here answer UNIMPLEMENTED (the generated base class does that).
+Storage and blob GC methods live in core/storage_admin.py (mixed in). Methods defined nowhere
+answer UNIMPLEMENTED (the generated base class does that).
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ from core import allowlist, fleet, lockfiles, settings
 from core.auth import current_identity
 from core.db import Database
 from core.hub import Hub
+from core.index_search import IndexCatalog
 from core.installer import Installer, InstallState
 from core.secrets import SecretBox
+from core.storage_admin import StorageAdminMixin, StorageOps
 from shared.errors import InvalidArgument, NotFound
 from shared.manifest import TargetEnvironment
-from shared.names import check_lockfile_hash
+from shared.names import check_lockfile_hash, normalize_name
 from shared.proto.scriptpkgs.v1 import admin_pb2 as pb
 from shared.proto.scriptpkgs.v1 import admin_pb2_grpc, common_pb2
 from shared.wire import environment_from_pb, environment_to_pb, manifest_to_pb
@@ -68,12 +71,16 @@ def _registry_pb(c: settings.RegistryConfig) -> pb.RegistryConfig:
     )
 
 
-class AdminService(admin_pb2_grpc.PackageAdminServicer):
-    def __init__(self, db: Database, box: SecretBox, installer: Installer, hub: Hub) -> None:
+class AdminService(StorageAdminMixin, admin_pb2_grpc.PackageAdminServicer):
+    def __init__(
+        self, db: Database, box: SecretBox, installer: Installer, hub: Hub, ops: StorageOps
+    ) -> None:
         self._db = db
         self._box = box
         self._installer = installer
         self._hub = hub
+        self._catalog = IndexCatalog()
+        self._ops = ops
 
     # ---- allowlist ----
     async def ListPackages(
@@ -147,6 +154,20 @@ class AdminService(admin_pb2_grpc.PackageAdminServicer):
         )
         return _registry_pb(await self._db.run(settings.update_registry, self._box, update))
 
+    async def SearchPackages(
+        self, request: pb.SearchPackagesRequest, context: object
+    ) -> pb.SearchPackagesResponse:
+        config = await self._db.run(settings.load_registry, self._box)
+        names = await self._catalog.search(request.query, config.settings, request.limit)
+        return pb.SearchPackagesResponse(names=names)
+
+    async def GetPackageVersions(
+        self, request: pb.GetPackageVersionsRequest, context: object
+    ) -> pb.GetPackageVersionsResponse:
+        config = await self._db.run(settings.load_registry, self._box)
+        versions = await self._catalog.versions(request.name, config.settings)
+        return pb.GetPackageVersionsResponse(name=normalize_name(request.name), versions=versions)
+
     # ---- install ----
     async def InstallNow(self, request: pb.InstallNowRequest, context: object) -> pb.InstallState:
         return _install_pb(await self._installer.start())
@@ -191,6 +212,10 @@ class AdminService(admin_pb2_grpc.PackageAdminServicer):
                 for r, current in rows
             ]
         )
+
+    async def Rollback(self, request: pb.RollbackRequest, context: object) -> pb.InstallState:
+        await self._ops.rollback(request.lockfile_hash)
+        return _install_pb(await self._installer.state())
 
     # ---- limits ----
     async def GetSizeCap(self, request: pb.GetSizeCapRequest, context: object) -> pb.SizeCap:

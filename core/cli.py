@@ -8,16 +8,33 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
-from core import auth, certs, lockfiles
+from core import admin_cli, auth, certs, lockfiles
 from core.db import Database, open_database
+from core.gc import GcPolicy
 from core.secrets import SecretBox, load_or_create_key
 from core.server import CoreConfig, CoreServer, prepare_data_dir
 from shared.errors import SpkError
 from shared.signing import public_key_pem
 
 log = logging.getLogger("spk-core")
+T = TypeVar("T", int, float)
+
+
+def _non_negative(kind: Callable[[str], T]) -> Callable[[str], T]:
+    def parse(text: str) -> T:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+        return value
+
+    return parse
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,6 +50,12 @@ def _parser() -> argparse.ArgumentParser:
         help="postgresql://... to share state between core instances (default: SQLite in data dir)",
     )
     serve.add_argument("--port-file", type=Path, help="write the bound port here once serving")
+    serve.add_argument(
+        "--desired-poll-seconds",
+        type=float,
+        default=2.0,
+        help="how often to re-read the desired hash (changes made by other core instances)",
+    )
     serve.add_argument("--tls-cert", type=Path, help="server certificate chain (PEM): enables TLS")
     serve.add_argument("--tls-key", type=Path, help="server private key (PEM)")
     serve.add_argument(
@@ -43,6 +66,24 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="accept bearer tokens over plaintext from non-loopback peers (trusted networks only)",
     )
+    serve.add_argument(
+        "--gc-keep",
+        type=_non_negative(int),
+        default=1,
+        help="blob GC keeps the desired lockfile and this many previous ones (default 1)",
+    )
+    serve.add_argument(
+        "--gc-grace-hours",
+        type=_non_negative(float),
+        default=24.0,
+        help="blob GC never deletes a blob younger than this (default 24)",
+    )
+    serve.add_argument(
+        "--gc-interval-hours",
+        type=_non_negative(float),
+        default=24.0,
+        help="scheduled blob GC pass every this many hours; 0 turns it off (default 24)",
+    )
     serve.add_argument("--log-level", default="INFO")
 
     tok = sub.add_parser("admin-token", help="manage admin tokens")
@@ -52,6 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--label", default="")
     create.add_argument("--data-dir", type=Path, default=Path("spk-core-data"))
     create.add_argument("--database-url", default=os.environ.get("SPK_DATABASE_URL"))
+
+    admin_cli.add_parser(sub)
 
     certs_p = sub.add_parser("certs", help="a small CA and certificates for quick TLS setups")
     certs_sub = certs_p.add_subparsers(dest="action", required=True)
@@ -64,11 +107,23 @@ def _parser() -> argparse.ArgumentParser:
         "--client", action="append", default=[], help="client cert name: a satellite or 'admin'"
     )
 
+    tok_list = tok_sub.add_parser("list", help="ids, roles and labels (never the tokens)")
+    tok_revoke = tok_sub.add_parser("revoke", help="delete a token by its id")
+    tok_revoke.add_argument("id")
+    for p_ in (tok_list, tok_revoke):
+        p_.add_argument("--data-dir", type=Path, default=Path("spk-core-data"))
+        p_.add_argument("--database-url", default=os.environ.get("SPK_DATABASE_URL"))
+
     key = sub.add_parser("signing-key", help="the manifest signing key")
     key_sub = key.add_subparsers(dest="action", required=True)
     export = key_sub.add_parser("export", help="print the public key (PEM) for satellites to pin")
     export.add_argument("--data-dir", type=Path, default=Path("spk-core-data"))
     export.add_argument("--database-url", default=os.environ.get("SPK_DATABASE_URL"))
+    rotate = key_sub.add_parser(
+        "rotate", help="replace the signing key (restart the core; see docs/security.md)"
+    )
+    rotate.add_argument("--data-dir", type=Path, default=Path("spk-core-data"))
+    rotate.add_argument("--database-url", default=os.environ.get("SPK_DATABASE_URL"))
     return p
 
 
@@ -82,6 +137,12 @@ async def _serve(args: argparse.Namespace) -> None:
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
         insecure=args.insecure,
+        desired_poll_seconds=args.desired_poll_seconds,
+        gc=GcPolicy(
+            keep_previous=args.gc_keep,
+            grace_seconds=round(args.gc_grace_hours * 3600),
+            interval_seconds=round(args.gc_interval_hours * 3600),
+        ),
     )
     core = CoreServer(config)
     loop = asyncio.get_running_loop()
@@ -115,14 +176,26 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(_serve(args))
         elif args.command == "admin-token":
             db, _ = _open(args)
-            print(auth.create_admin_token(args.role, args.label))
+            if args.action == "create":
+                print(auth.create_admin_token(args.role, args.label))
+            elif args.action == "list":
+                for token_id, role, label, created in auth.list_admin_tokens():
+                    print(f"{token_id}  {role:<6}  {created}  {label}")
+            else:
+                auth.revoke_admin_token(args.id)
             db.close()
+        elif args.command == "admin":
+            return admin_cli.run(args)
         elif args.command == "certs":
             for path in certs.init_dir(args.dir, args.host, args.client):
                 print(path)
         elif args.command == "signing-key":
             db, box = _open(args)
-            print(public_key_pem(lockfiles.load_or_create_signing_key(box).public_key()), end="")
+            if args.action == "rotate":
+                key = lockfiles.rotate_signing_key(box)
+            else:
+                key = lockfiles.load_or_create_signing_key(box)
+            print(public_key_pem(key.public_key()), end="")
             db.close()
     except SpkError as exc:
         print(f"spk-core: error: {exc.message}", file=sys.stderr)

@@ -146,6 +146,7 @@ ALL_MODELS: list[type[BaseModel]] = [
 def upsert(model: type[BaseModel], **fields: Any) -> None:
     """Insert or overwrite one row by primary key; works on SQLite and Postgres (no REPLACE)."""
     pk = model._meta.primary_key
+    assert pk, f"{model.__name__} has no primary key"
     update = {f: v for f, v in fields.items() if f != pk.name}
     model.insert(**fields).on_conflict(conflict_target=[pk], update=update).execute()
 

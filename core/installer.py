@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from core.blobstore import BlobStore
 from core.db import BlobRecord, Database, InstallStateRow, database_proxy, now
 from core.hub import Hub
 from core.index_client import download_wheel
+from core.locks import Activity, InstallerLock, Lease
 from core.registry import RegistrySettings, ResolvedWheel, resolve
 from core.secrets import SecretBox
 from shared.errors import FailedPrecondition, SpkError
@@ -90,6 +92,22 @@ def recover_stale_install() -> bool:
     return True
 
 
+def remove_stale_work(work_dir: Path) -> list[str]:
+    """At startup: delete what a killed install left in its work dir (not this process's).
+
+    `resolve-*` is the resolver's scratch, whose netrc holds the registry token in plaintext;
+    `dl-*` are wheels half downloaded. Their `finally` cleanups never ran under SIGKILL.
+    """
+    removed: list[str] = []
+    for path in [*work_dir.glob("resolve-*"), *work_dir.glob("dl-*")]:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path.name)
+    return removed
+
+
 @dataclass
 class _Progress:
     done: int = 0
@@ -106,8 +124,11 @@ class Installer:
         store: BlobStore,
         hub: Hub,
         work_dir: Path,
+        lock: InstallerLock | None = None,
     ) -> None:
         self._db = db
+        # Shared with GC, migration and rollback: one of them at a time (and one core instance).
+        self._lock = lock or InstallerLock()
         self._box = box
         self._key = signing_key
         self._store = store
@@ -130,20 +151,31 @@ class Installer:
                 f"an install is already running (phase {current.phase or 'starting'},"
                 f" started at {current.started_at}); wait for it or watch it with WatchInstall"
             )
-        state = await self._set(
-            status="installing",
-            attempted_hash="",
-            started_at=now(),
-            finished_at=0,
-            total_bytes=0,
-            warnings=[],
-            error="",
-            phase="starting",
-            wheels_done=0,
-            wheels_total=0,
-        )
-        self._task = asyncio.create_task(self._run(), name="install")
+        lease = await self._lock.acquire(Activity.INSTALL)
+        try:
+            state = await self._set(
+                status="installing",
+                attempted_hash="",
+                started_at=now(),
+                finished_at=0,
+                total_bytes=0,
+                warnings=[],
+                error="",
+                phase="starting",
+                wheels_done=0,
+                wheels_total=0,
+            )
+        except BaseException:
+            await lease.release()
+            raise
+        self._task = asyncio.create_task(self._run_holding(lease), name="install")
         return state
+
+    async def _run_holding(self, lease: Lease) -> None:
+        try:
+            await self._run()
+        finally:
+            await lease.release()
 
     async def wait(self) -> None:
         if self._task is not None:
@@ -276,5 +308,15 @@ class Installer:
             if lockfiles.desired_hash() == manifest.lockfile_hash:
                 return lockfiles.get_manifest(manifest.lockfile_hash)
             published = lockfiles.publish(manifest, self._key)
-            _update_state(lockfile_hash=published.lockfile_hash)
+            # `ready` in the same transaction as the new desired hash: a core killed right after
+            # this commit must not restart into "installing" (which recovery marks failed with
+            # "the previous desired hash stays") while the new hash is in fact desired.
+            _update_state(
+                status="ready",
+                lockfile_hash=published.lockfile_hash,
+                attempted_hash=published.lockfile_hash,
+                finished_at=now(),
+                total_bytes=published.total_size,
+                phase="",
+            )
             return published

@@ -115,7 +115,8 @@ class InstallerLock:
                 f"another core instance is {_other_activity()}; try again when it has finished"
             )
         # peewee opens this worker thread's own connection on first use (autoconnect).
-        upsert(Setting, key=HOLDER_KEY, value=json.dumps({"activity": activity.name, "since": now()}))
+        holder = {"activity": activity.name, "since": now()}
+        upsert(Setting, key=HOLDER_KEY, value=json.dumps(holder))
         return conn
 
 

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -19,12 +19,13 @@ from grpc_reflection.v1alpha import reflection_pb2 as refl_pb2
 from core import auth, lockfiles
 from core.admin_service import AdminService
 from core.auth import AuthInterceptor, TransportPolicy
-from core.blobstore import FilesystemBlobStore
 from core.db import Database, open_database
 from core.distribution_service import DistributionService
+from core.gc import GcPolicy
 from core.hub import Hub
-from core.installer import Installer, recover_stale_install
+from core.installer import Installer, recover_stale_install, remove_stale_work
 from core.secrets import SecretBox, load_or_create_key
+from core.storage.runtime import StorageRuntime
 from shared.errors import StoreError
 from shared.proto.scriptpkgs.v1 import (
     admin_pb2,
@@ -50,6 +51,10 @@ class CoreConfig:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # mTLS: every client presents a cert signed by this CA
     insecure: bool = False  # accept bearer tokens over plaintext from non-loopback peers
+    # How often the desired hash is re-read from the database: the backstop that carries a change
+    # made by another core instance (or straight in the database) to this instance's streams.
+    desired_poll_seconds: float = DESIRED_POLL_SECONDS
+    gc: GcPolicy = field(default_factory=GcPolicy)  # blob GC: kept, grace, schedule (0: off)
 
 
 def server_credentials(config: CoreConfig) -> grpc.ServerCredentials | None:
@@ -107,6 +112,7 @@ class CoreServer:
         self._stopped = asyncio.Event()
         self.hub = Hub()
         self.installer: Installer | None = None
+        self.storage: StorageRuntime | None = None
 
     async def start(self) -> None:
         cfg = self.config
@@ -117,12 +123,20 @@ class CoreServer:
         )
         if cfg.bootstrap_admin_token:
             await db.run(auth.ensure_bootstrap_token, cfg.bootstrap_admin_token)
-        if await db.run(recover_stale_install):
+        self.storage = storage = await StorageRuntime.open(db, cfg.data_dir, os.environ)
+        # Under the installer lock: with Postgres, another instance may be installing right now.
+        if await storage.when_idle(recover_stale_install):
             log.warning("an install was interrupted by a restart; marked failed")
+        if stale := await asyncio.to_thread(remove_stale_work, cfg.data_dir / "work"):
+            log.warning("removed %d leftovers of an interrupted install", len(stale))
         key = await db.run(lockfiles.load_or_create_signing_key, box)
         self.hub.publish(await db.run(lockfiles.desired_hash))
-        store = FilesystemBlobStore(cfg.data_dir / "blobs")
-        self.installer = Installer(db, box, key, store, self.hub, cfg.data_dir / "work")
+        store = storage.registry  # writes to the active backend, reads fall back across all
+        self.installer = Installer(
+            db, box, key, store, self.hub, cfg.data_dir / "work", storage.lock
+        )
+        storage_ops = storage.bind(self.hub, key, cfg.gc)
+        await storage.migrator.resume_if_stuck()  # before serving, so no install can slip in
 
         server = grpc.aio.server(
             interceptors=[
@@ -146,7 +160,7 @@ class CoreServer:
             ],
         )
         admin_pb2_grpc.add_PackageAdminServicer_to_server(
-            AdminService(db, box, self.installer, self.hub), server
+            AdminService(db, box, self.installer, self.hub, storage_ops), server
         )
         distribution_pb2_grpc.add_PackageDistributionServicer_to_server(
             DistributionService(db, self.hub, store, key.public_key()), server
@@ -178,6 +192,7 @@ class CoreServer:
         for name in [*names[:2], ""]:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._poller = asyncio.create_task(self._poll_desired(), name="desired-poll")
+        storage.start_background()
         log.info(
             "core listening on %s (port %d, %s), data dir %s",
             cfg.listen,
@@ -190,7 +205,7 @@ class CoreServer:
         """Backstop: another core instance (or a restore) may change the desired hash."""
         assert self._db is not None
         while True:
-            await asyncio.sleep(DESIRED_POLL_SECONDS)
+            await asyncio.sleep(self.config.desired_poll_seconds)
             try:
                 self.hub.publish(await self._db.run(lockfiles.desired_hash))
             except Exception:  # keep polling; the next round may succeed
@@ -212,6 +227,8 @@ class CoreServer:
             await self._server.stop(grace)
         if self.installer is not None:
             await self.installer.cancel()
+        if self.storage is not None:
+            await self.storage.stop()
         if self._db is not None:
             self._db.close()
 

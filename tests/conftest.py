@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.index_server import PackageIndex
+from tests.storage_servers import FreshPostgres, MotoS3
 
 # --------------------------------------------------------------------------- package index
 # A real pypiserver on 127.0.0.1 serving `wheel_dir` (build wheels into it with
@@ -34,3 +35,20 @@ def auth_package_index(wheel_dir: Path) -> Iterator[PackageIndex]:
     """Every request needs basic auth `__token__` / `index.token` (htpasswd)."""
     with PackageIndex(wheel_dir, token=INDEX_TOKEN) as index:
         yield index
+
+
+# --------------------------------------------------------------------------- storage servers
+# A fresh Postgres database per test (dropped after), and one moto S3 server per session (each
+# test makes its own bucket with `s3_server.new_bucket()`). See tests/storage_servers.py.
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    with FreshPostgres() as pg:
+        yield pg.url
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3]:
+    with MotoS3(tmp_path_factory.mktemp("moto")) as server:
+        yield server

@@ -103,6 +103,7 @@ def test_tls_admin_and_satellite(tls_core: CoreProcess, pki: Path, tmp_path: Pat
 
 def _install_empty(admin: Any, md: Any) -> str:
     admin.InstallNow(apb.InstallNowRequest(), metadata=md, timeout=10)
+
     def ready() -> Any:
         s = admin.GetInstallState(apb.GetInstallStateRequest(), metadata=md, timeout=10)
         return s if s.status == apb.INSTALL_STATUS_READY else None

@@ -103,7 +103,7 @@ class DatabaseBlobStore:
     def list(self) -> Iterator[str]:
         """Every stored blob id, sorted; fetched up front so no cursor outlives the call."""
         query = StoredBlob.select(StoredBlob.sha256).order_by(StoredBlob.sha256)
-        return iter([str(sha) for (sha,) in query.tuples()])
+        return iter([str(row.sha256) for row in query])
 
 
 class _ChunkReader(io.RawIOBase):

@@ -55,7 +55,10 @@ def s3_config_from_env(env: Mapping[str, str]) -> tuple[S3Config | None, str | N
     if endpoint is not None:
         parsed = urllib.parse.urlsplit(endpoint)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            return None, f"{PREFIX}ENDPOINT must be an http(s) URL, e.g. https://minio.internal:9000"
+            return (
+                None,
+                f"{PREFIX}ENDPOINT must be an http(s) URL, e.g. https://minio.internal:9000",
+            )
         if parsed.username or parsed.password:
             return None, f"{PREFIX}ENDPOINT must not contain credentials; use the key variables"
     config = S3Config(
@@ -153,21 +156,25 @@ class S3BlobStore:
         digest = check_sha256(sha256)
         if offset < 0:
             raise InvalidArgument("offset", "must be >= 0")
-        total = self._head(digest)
-        if total is None:
-            raise NotFound(f"blob {digest} is not in the {self.name} store")
-        if offset > total:
-            raise InvalidArgument("offset", f"{offset} is beyond the blob's {total} bytes")
-        if offset == total:  # S3 answers 416 for an empty range; a resumed, finished download
-            return io.BytesIO(b"")
         try:
+            # One request in the common case; a HEAD only to explain an unsatisfiable range.
             reply = self._client.get_object(
                 Bucket=self.bucket, Key=self.key_for(digest), Range=f"bytes={offset}-"
             )
         except Exception as exc:
-            if _error_code(exc) in _NOT_FOUND:
+            code = _error_code(exc)
+            if code in _NOT_FOUND:
                 raise NotFound(f"blob {digest} is not in the {self.name} store") from None
-            raise self._fail(f"GET {digest[:12]}", exc) from None
+            if code != "InvalidRange":
+                raise self._fail(f"GET {digest[:12]}", exc) from None
+            total = self._head(digest)
+            if total is None:
+                raise NotFound(f"blob {digest} is not in the {self.name} store") from None
+            if offset > total:
+                raise InvalidArgument(
+                    "offset", f"{offset} is beyond the blob's {total} bytes"
+                ) from None
+            return io.BytesIO(b"")  # offset == size: a resumed download that had finished
         return io.BufferedReader(_BodyReader(reply["Body"]), buffer_size=READ_CHUNK)
 
     def delete(self, sha256: str) -> bool:

@@ -1,0 +1,297 @@
+"""Blob GC: keep what the fleet may still need, delete the rest once it is old enough.
+
+Policy: every blob of the desired manifest and of the newest `keep_previous` other lockfiles is
+kept (so Rollback to them stays possible); any other blob is deleted once older than the grace
+period (a blob an install just fetched is not garbage yet), and lockfile history is pruned to the
+kept ones. `plan_gc` is that policy as a pure function; `BlobGc` does the I/O under the installer
+lock, on demand (GcBlobs) and on a schedule.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+from core import lockfiles
+from core.blobstore import BlobStore
+from core.db import BlobRecord, Database, Lockfile, Setting, database_proxy, upsert
+from core.locks import Activity, InstallerLock
+from shared.errors import FailedPrecondition
+from shared.manifest import Manifest
+
+log = logging.getLogger(__name__)
+STATE_KEY = "blob_gc_state"
+HOUR = 3600
+MAX_NAP_SECONDS = HOUR  # the schedule re-reads the shared state at least this often
+RETRY_SECONDS = 600  # a scheduled pass refused (install running) tries again after this
+
+
+@dataclass(frozen=True)
+class GcPolicy:
+    keep_previous: int = 1  # lockfiles kept besides the desired one
+    grace_seconds: int = 24 * HOUR
+    interval_seconds: int = 24 * HOUR  # 0: no scheduled pass
+
+    def __post_init__(self) -> None:
+        if self.keep_previous < 0 or self.grace_seconds < 0 or self.interval_seconds < 0:
+            raise ValueError("GC policy values must be >= 0")
+
+
+@dataclass(frozen=True)
+class LockfileBlobs:
+    lockfile_hash: str
+    sequence: int
+    blobs: frozenset[str]
+
+
+@dataclass(frozen=True)
+class BlobAge:
+    sha256: str
+    size: int
+    created_at: int
+
+
+@dataclass(frozen=True)
+class GcPlan:
+    kept_lockfiles: tuple[str, ...]  # desired first, then newest first
+    pruned_lockfiles: tuple[str, ...]
+    delete: tuple[BlobAge, ...]
+    within_grace: tuple[BlobAge, ...]
+
+    @property
+    def candidates(self) -> int:
+        return len(self.delete) + len(self.within_grace)
+
+
+def plan_gc(
+    desired: str,
+    history: Sequence[LockfileBlobs],
+    blobs: Sequence[BlobAge],
+    policy: GcPolicy,
+    now: int,
+) -> GcPlan:
+    """Which lockfiles and blobs stay, which go. Pure: no I/O, no clock."""
+    by_hash = {lf.lockfile_hash: lf for lf in history}
+    if desired and desired not in by_hash:
+        # Without the desired manifest we cannot know what to keep: refuse rather than guess.
+        raise FailedPrecondition(
+            f"the desired lockfile {desired} is missing from the history; blob GC refused"
+        )
+    newest = sorted(history, key=lambda lf: lf.sequence, reverse=True)
+    previous = [lf for lf in newest if lf.lockfile_hash != desired][: policy.keep_previous]
+    kept = ([by_hash[desired]] if desired else []) + previous
+    kept_hashes = {lf.lockfile_hash for lf in kept}
+    protected = frozenset().union(*(lf.blobs for lf in kept))
+    delete: list[BlobAge] = []
+    within_grace: list[BlobAge] = []
+    for blob in sorted(blobs, key=lambda b: b.sha256):
+        if blob.sha256 in protected:
+            continue
+        if now - blob.created_at >= policy.grace_seconds:
+            delete.append(blob)
+        else:
+            within_grace.append(blob)
+    return GcPlan(
+        kept_lockfiles=tuple(lf.lockfile_hash for lf in kept),
+        pruned_lockfiles=tuple(
+            lf.lockfile_hash for lf in newest if lf.lockfile_hash not in kept_hashes
+        ),
+        delete=tuple(delete),
+        within_grace=tuple(within_grace),
+    )
+
+
+@dataclass(frozen=True)
+class GcRun:
+    dry_run: bool
+    candidates: int
+    deleted: tuple[str, ...]  # on a dry run: what would go
+    kept_within_grace: int
+    bytes_reclaimed: int
+    failed: int
+    kept_lockfiles: tuple[str, ...]
+    pruned_lockfiles: int
+    finished_at: int
+
+
+@dataclass(frozen=True)
+class GcState:
+    last_run: GcRun | None
+    total_deleted: int = 0
+    total_bytes_reclaimed: int = 0
+
+
+# ---- database side (sync; run through Database.run) ----
+
+
+def load_inputs() -> tuple[str, list[LockfileBlobs], list[BlobAge]]:
+    history = [
+        LockfileBlobs(
+            row.lockfile_hash,
+            int(row.sequence),
+            frozenset(e.sha256 for e in Manifest.from_json(row.manifest_json).entries),
+        )
+        for row in Lockfile.select()
+    ]
+    blobs = [
+        BlobAge(str(r.sha256), int(r.size), int(r.created_at))
+        for r in BlobRecord.select(BlobRecord.sha256, BlobRecord.size, BlobRecord.created_at)
+    ]
+    return lockfiles.desired_hash(), history, blobs
+
+
+def delete_record(sha256: str) -> None:
+    BlobRecord.delete().where(BlobRecord.sha256 == sha256).execute()
+
+
+def prune_history(hashes: Sequence[str]) -> int:
+    if not hashes:
+        return 0
+    with database_proxy.atomic():
+        # Re-read inside the transaction: the desired lockfile is never pruned, whatever the plan.
+        keep = lockfiles.desired_hash()
+        doomed = [h for h in hashes if h != keep]
+        return int(Lockfile.delete().where(Lockfile.lockfile_hash.in_(doomed)).execute())
+
+
+def load_state() -> GcState:
+    row = Setting.get_or_none(Setting.key == STATE_KEY)
+    if row is None:
+        return GcState(None)
+    raw = json.loads(row.value)
+    last = raw.get("last_run")
+    run = None
+    if last is not None:
+        last.update(deleted=tuple(last["deleted"]), kept_lockfiles=tuple(last["kept_lockfiles"]))
+        run = GcRun(**last)
+    return GcState(run, int(raw["total_deleted"]), int(raw["total_bytes_reclaimed"]))
+
+
+def record_run(run: GcRun) -> GcState:
+    with database_proxy.atomic():
+        old = load_state()
+        state = GcState(
+            run,
+            old.total_deleted + len(run.deleted),
+            old.total_bytes_reclaimed + run.bytes_reclaimed,
+        )
+        doc = {
+            "last_run": dataclasses.asdict(run),  # only the last run's ids, so it stays small
+            "total_deleted": state.total_deleted,
+            "total_bytes_reclaimed": state.total_bytes_reclaimed,
+        }
+        upsert(Setting, key=STATE_KEY, value=json.dumps(doc))
+    return state
+
+
+class BlobGc:
+    """Runs GC passes under the installer lock; `clock` is injectable for tests."""
+
+    def __init__(
+        self,
+        db: Database,
+        lock: InstallerLock,
+        store: BlobStore,
+        policy: GcPolicy,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._db = db
+        self._lock = lock
+        self._store = store
+        self.policy = policy
+        self._clock = clock
+        self._schedule_started: int | None = None
+
+    async def state(self) -> GcState:
+        return await self._db.run(load_state)
+
+    def next_run_at(self, state: GcState) -> int | None:
+        if self.policy.interval_seconds <= 0 or self._schedule_started is None:
+            return None
+        base = state.last_run.finished_at if state.last_run else self._schedule_started
+        return base + self.policy.interval_seconds
+
+    async def run(self, dry_run: bool) -> GcRun:
+        lease = await self._lock.acquire(Activity.GC)
+        try:
+            return await self._run_locked(dry_run)
+        finally:
+            await lease.release()
+
+    async def _run_locked(self, dry_run: bool) -> GcRun:
+        desired, history, blobs = await self._db.run(load_inputs)
+        plan = plan_gc(desired, history, blobs, self.policy, int(self._clock()))
+        if dry_run:
+            return self._report(plan, True, plan.delete, 0, 0)
+        deleted: list[BlobAge] = []
+        failed = pruned = 0
+        try:
+            for blob in plan.delete:
+                try:
+                    # Blob first, index row second: a failure leaves the row, so the next pass
+                    # retries instead of forgetting a blob that is still stored.
+                    await asyncio.to_thread(self._store.delete, blob.sha256)
+                    await self._db.run(delete_record, blob.sha256)
+                except Exception as exc:
+                    failed += 1
+                    log.warning("blob GC: cannot delete %s, continuing: %s", blob.sha256, exc)
+                    continue
+                deleted.append(blob)
+        finally:
+            pruned = await self._db.run(prune_history, plan.pruned_lockfiles)
+        run = self._report(plan, False, deleted, failed, pruned)
+        await self._db.run(record_run, run)
+        log.info(
+            "blob GC: %d candidates, %d deleted (%d bytes), %d within grace, %d failed,"
+            " %d lockfiles pruned; deleted %s",
+            run.candidates,
+            len(run.deleted),
+            run.bytes_reclaimed,
+            run.kept_within_grace,
+            run.failed,
+            run.pruned_lockfiles,
+            ", ".join(run.deleted) or "nothing",
+        )
+        return run
+
+    def _report(
+        self, plan: GcPlan, dry_run: bool, gone: Sequence[BlobAge], failed: int, pruned: int
+    ) -> GcRun:
+        return GcRun(
+            dry_run=dry_run,
+            candidates=plan.candidates,
+            deleted=tuple(b.sha256 for b in gone),
+            kept_within_grace=len(plan.within_grace),
+            bytes_reclaimed=sum(b.size for b in gone),
+            failed=failed,
+            kept_lockfiles=plan.kept_lockfiles,
+            pruned_lockfiles=pruned,
+            finished_at=int(self._clock()),
+        )
+
+    async def run_schedule(self, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        """Forever: a real pass whenever `interval` has passed since the last one (any instance's,
+        as recorded in the shared state). Returns at once when the interval is 0 (off)."""
+        if self.policy.interval_seconds <= 0:
+            return
+        self._schedule_started = int(self._clock())
+        while True:
+            due = self.next_run_at(await self.state())
+            assert due is not None
+            wait = due - self._clock()
+            if wait > 0:
+                await sleep(min(wait, MAX_NAP_SECONDS))
+                continue
+            try:
+                await self.run(dry_run=False)
+            except FailedPrecondition as exc:
+                log.info("scheduled blob GC postponed: %s", exc.message)
+                await sleep(min(RETRY_SECONDS, self.policy.interval_seconds))
+            except Exception:
+                log.exception("scheduled blob GC failed; retrying later")
+                await sleep(min(RETRY_SECONDS, self.policy.interval_seconds))

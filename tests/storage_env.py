@@ -1,0 +1,75 @@
+"""An in-process storage side of the core for GC, migration and lock tests: real database (SQLite
+or Postgres), real filesystem and database stores, real lockfile history; no gRPC, no clock.
+
+    env = StorageEnv(tmp_path)                    # or StorageEnv(tmp_path, postgres_url)
+    sha = env.add_blob(b"...", created_at=1000)   # stored + indexed (BlobRecord)
+    h = env.publish([sha1, sha2])                 # signed lockfile, made desired
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import peewee as pw
+
+from core import lockfiles
+from core.blobstore import BlobStore, FilesystemBlobStore
+from core.db import BlobRecord, Database, InstallStateRow, database_proxy, open_database
+from core.locks import InstallerLock
+from core.secrets import new_signing_key
+from core.storage.database import DatabaseBlobStore
+from core.storage.registry import StoreRegistry
+from shared.manifest import Manifest, ManifestEntry, TargetEnvironment
+
+ENV = TargetEnvironment("3.11", "cp", "cp311", "manylinux_2_17_x86_64")
+
+
+class StorageEnv:
+    def __init__(self, tmp_path: Path, url: str | None = None, chunk_size: int = 4096) -> None:
+        self.tmp_path = tmp_path
+        self.db: pw.Database = open_database(tmp_path, url)
+        self.database = Database(self.db)
+        self.fs = FilesystemBlobStore(tmp_path / "blobs")
+        self.dbstore = DatabaseBlobStore(chunk_size=chunk_size)
+        self.registry = StoreRegistry([self.fs, self.dbstore])
+        self.lock = InstallerLock(self.db)
+        self.key = new_signing_key()
+        self._n = 0
+
+    def add_blob(self, data: bytes, created_at: int, store: BlobStore | None = None) -> str:
+        target = store or self.fs
+        sha = hashlib.sha256(data).hexdigest()
+        src = self.tmp_path / f"src-{sha[:12]}"
+        src.write_bytes(data)
+        target.put_file(sha, src)
+        src.unlink()
+        BlobRecord.create(sha256=sha, size=len(data), backend=target.name, created_at=created_at)
+        return sha
+
+    def publish(self, shas: list[str], desired: bool = True) -> str:
+        self._n += 1
+        entries = [
+            ManifestEntry(f"pkg{self._n}x{i}", "1.0", f"pkg{self._n}x{i}-1.0.whl", sha, 1, True)
+            for i, sha in enumerate(shas)
+        ]
+        with database_proxy.atomic():
+            published = lockfiles.publish(Manifest.build(entries, ENV), self.key)
+            if desired:
+                self.set_desired(published.lockfile_hash)
+        return published.lockfile_hash
+
+    @staticmethod
+    def set_desired(lockfile_hash: str) -> None:
+        InstallStateRow.update(lockfile_hash=lockfile_hash).where(
+            InstallStateRow._meta.primary_key == 1
+        ).execute()
+
+    @staticmethod
+    def indexed() -> dict[str, str]:
+        return {r.sha256: r.backend for r in BlobRecord.select()}
+
+    def close(self) -> None:
+        self.database.close()
+        if not self.db.is_closed():
+            self.db.close()
