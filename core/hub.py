@@ -7,7 +7,7 @@ value; memory per idle subscription is one small object and one asyncio.Event.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 
 class Subscription:
@@ -55,6 +55,9 @@ class Hub:
     def __init__(self, initial: str = "") -> None:
         self.value = initial
         self._subs: dict[str, set[Subscription]] = {}
+        # Called after a change made on this instance (not one read back from the database),
+        # so other core instances can be told at once (Postgres NOTIFY).
+        self.on_local_change: Callable[[str], None] | None = None
 
     def subscribe(self, key: str) -> Subscription:
         sub = Subscription(self, key, self.value)
@@ -68,13 +71,16 @@ class Hub:
             if not subs:
                 del self._subs[sub.key]
 
-    def publish(self, value: str) -> None:
+    def publish(self, value: str, local: bool = True) -> None:
+        """Offer `value` to every subscriber; `local=False` for values read back from the DB."""
         if value == self.value:
             return
         self.value = value
         for subs in self._subs.values():
             for sub in subs:
                 sub.offer(value)
+        if local and self.on_local_change is not None:
+            self.on_local_change(value)
 
     def close_key(self, key: str, revoked: bool = True) -> None:
         """Ends every open stream of one subscriber (a revoked satellite)."""

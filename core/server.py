@@ -16,7 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_reflection.v1alpha import reflection_pb2 as refl_pb2
 
-from core import auth, lockfiles
+from core import auth, lockfiles, notify
 from core.admin_service import AdminService
 from core.auth import AuthInterceptor, TransportPolicy
 from core.db import Database, open_database
@@ -109,6 +109,8 @@ class CoreServer:
         self._server: grpc.aio.Server | None = None
         self._db: Database | None = None
         self._poller: asyncio.Task[None] | None = None
+        self._poke = asyncio.Event()  # set by a Postgres NOTIFY: re-read the desired hash now
+        self._listener: notify.Listener | None = None
         self._stopped = asyncio.Event()
         self.hub = Hub()
         self.installer: Installer | None = None
@@ -192,6 +194,8 @@ class CoreServer:
         for name in [*names[:2], ""]:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._poller = asyncio.create_task(self._poll_desired(), name="desired-poll")
+        if cfg.database_url and cfg.database_url.startswith(("postgres://", "postgresql://")):
+            self._start_notify(cfg.database_url, db)
         storage.start_background()
         log.info(
             "core listening on %s (port %d, %s), data dir %s",
@@ -201,13 +205,30 @@ class CoreServer:
             cfg.data_dir,
         )
 
+    def _start_notify(self, dsn: str, db: Database) -> None:
+        """Several instances share Postgres: tell the others about our changes at once."""
+
+        def logged(task: asyncio.Future[None]) -> None:
+            if not task.cancelled() and (exc := task.exception()) is not None:
+                log.warning("NOTIFY to other core instances failed (they poll anyway): %s", exc)
+
+        def send(_value: str) -> None:
+            asyncio.ensure_future(db.run(notify.send, db.db)).add_done_callback(logged)
+
+        self.hub.on_local_change = send
+        self._listener = notify.Listener(dsn, self._poke.set, asyncio.get_running_loop())
+        self._listener.start()
+
     async def _poll_desired(self) -> None:
-        """Backstop: another core instance (or a restore) may change the desired hash."""
+        """Backstop: another core instance (or a restore) may change the desired hash. A NOTIFY
+        from another instance cuts the wait short."""
         assert self._db is not None
         while True:
-            await asyncio.sleep(self.config.desired_poll_seconds)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._poke.wait(), self.config.desired_poll_seconds)
+            self._poke.clear()
             try:
-                self.hub.publish(await self._db.run(lockfiles.desired_hash))
+                self.hub.publish(await self._db.run(lockfiles.desired_hash), local=False)
             except Exception:  # keep polling; the next round may succeed
                 log.exception("reading the desired hash failed")
 
@@ -222,6 +243,8 @@ class CoreServer:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
+        if self._listener is not None:
+            await asyncio.to_thread(self._listener.stop)
         self.hub.close_all()
         if self._server is not None:
             await self._server.stop(grace)
