@@ -34,6 +34,10 @@ class BlobStore(Protocol):
 
     def has(self, sha256: str) -> bool: ...
 
+    def locate(self, sha256: str) -> str | None:
+        """The name of the backend that holds the blob, or None."""
+        ...
+
     def size(self, sha256: str) -> int | None: ...
 
     def put_file(self, sha256: str, src: Path) -> bool:
@@ -60,6 +64,9 @@ class FilesystemBlobStore:
     def path_for(self, sha256: str) -> Path:
         digest = check_sha256(sha256)
         return self.root / digest[:2] / f"{digest}{BLOB_SUFFIX}"
+
+    def locate(self, sha256: str) -> str | None:
+        return self.name if self.has(sha256) else None
 
     def has(self, sha256: str) -> bool:
         return self.path_for(sha256).is_file()

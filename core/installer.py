@@ -283,6 +283,10 @@ class Installer:
     async def _fetch(self, wheel: ResolvedWheel, registry: RegistrySettings) -> int:
         known = await asyncio.to_thread(self._store.size, wheel.sha256)
         if known is not None:
+            # A blob without an index row (restored by hand, say) would be invisible to GC and
+            # migration; record where it is.
+            backend = await asyncio.to_thread(self._store.locate, wheel.sha256)
+            await self._db.run(self._record_blob, wheel.sha256, known, backend or self._store.name)
             return known
         self._work_dir.mkdir(parents=True, exist_ok=True)
         tmp = self._work_dir / f"dl-{wheel.sha256}-{os.getpid()}.whl"
@@ -291,16 +295,14 @@ class Installer:
             # pip does not check RECORD or refuse symlinks; we do, before anything is published.
             await asyncio.to_thread(inspect_wheel, tmp, filename=wheel.filename)
             await asyncio.to_thread(self._store.put_file, wheel.sha256, tmp)
-            await self._db.run(
-                lambda: (
-                    BlobRecord.insert(sha256=wheel.sha256, size=size, backend=self._store.name)
-                    .on_conflict_ignore()
-                    .execute()
-                )
-            )
+            await self._db.run(self._record_blob, wheel.sha256, size, self._store.name)
             return size
         finally:
             tmp.unlink(missing_ok=True)
+
+    @staticmethod
+    def _record_blob(sha256: str, size: int, backend: str) -> None:
+        BlobRecord.insert(sha256=sha256, size=size, backend=backend).on_conflict_ignore().execute()
 
     def _publish(self, manifest: Manifest) -> Manifest:
         """Record and make desired in one transaction; re-installing the desired set is a no-op."""

@@ -251,3 +251,20 @@ def test_target_environment_is_configurable(
     with pytest.raises(grpc.RpcError) as err:
         admin.SetRegistryConfig(bad)
     assert (err.value.details() or "").startswith("target.python_version")
+
+
+def test_blob_without_index_row_gets_one(
+    core: CoreProcess, package_index: PackageIndex, wheel_dir: Path
+) -> None:
+    from core.db import BlobRecord, open_database
+
+    _chain(wheel_dir)
+    admin = core.admin()
+    _point_at(admin, package_index)
+    _allow(admin, ("alpha", "1.0"))
+    assert admin.install_and_wait().status == apb.INSTALL_STATUS_READY
+    open_database(core.data_dir)
+    assert BlobRecord.delete().execute() == 3  # e.g. blobs restored from a backup by hand
+    assert admin.install_and_wait().status == apb.INSTALL_STATUS_READY
+    rows = {(r.sha256, r.backend) for r in BlobRecord.select()}
+    assert len(rows) == 3 and {b for _, b in rows} == {"filesystem"}

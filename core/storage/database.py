@@ -37,6 +37,9 @@ class DatabaseBlobStore:
             raise InvalidArgument("chunk_size", "must be positive")
         self.chunk_size = chunk_size
 
+    def locate(self, sha256: str) -> str | None:
+        return self.name if self.has(sha256) else None
+
     def has(self, sha256: str) -> bool:
         digest = check_sha256(sha256)
         return bool(StoredBlob.select().where(StoredBlob.sha256 == digest).exists())

@@ -90,6 +90,10 @@ class StoreRegistry:
             raise StoreError(f"blob {sha256} not readable: {'; '.join(failures)}")
         return None
 
+    def locate(self, sha256: str) -> str | None:
+        digest = check_sha256(sha256)
+        return self._first(digest, lambda s: s.locate(digest))
+
     def has(self, sha256: str) -> bool:
         digest = check_sha256(sha256)
         return self._first(digest, lambda s: True if s.has(digest) else None) is not None

@@ -122,6 +122,9 @@ class S3BlobStore:
             raise self._fail(f"HEAD {sha256[:12]}", exc) from None
         return int(reply["ContentLength"])
 
+    def locate(self, sha256: str) -> str | None:
+        return self.name if self.has(sha256) else None
+
     def has(self, sha256: str) -> bool:
         return self._head(sha256) is not None
 
