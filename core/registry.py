@@ -254,12 +254,19 @@ def _read_text(path: Path) -> str:
     return path.read_text("utf-8", "replace") if path.exists() else ""
 
 
+def _dies_with_core(argv: list[str]) -> list[str]:
+    """`python -m pip ...` becomes `python -m core.pip_guard <our pid> pip ...` (see there)."""
+    if argv[1:3] != ["-m", "pip"]:
+        return argv
+    return [argv[0], "-m", "core.pip_guard", str(os.getpid()), *argv[2:]]
+
+
 async def _run_pip(
     argv: list[str], env: dict[str, str], cwd: Path, deadline: float
 ) -> tuple[int, str]:
     # asyncio's subprocess API, never multiprocessing: fork after grpc has threads is unsafe.
     proc = await asyncio.create_subprocess_exec(
-        *argv,
+        *_dies_with_core(argv),
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from satellite.client import ClientConfig, GrpcCoreClient
 from satellite.drift import DriftWatcher
 from satellite.reconciler import (
     DEFAULT_TREE_GRACE_SECONDS,
+    Outcome,
     ReconcileDeps,
     Reconciler,
     ReconcileResult,
@@ -56,6 +58,11 @@ class AgentConfig:
     backoff_base: float = 0.5
     backoff_cap: float = 30.0
     pull_concurrency: int = 4
+    # A failed sync is retried on its own after a jittered delay that doubles up to the cap (a
+    # full disk gets freed, a core comes back with the blob): without this the agent waited for
+    # the next hash or reconnect (docs/reliability.md, fault 4).
+    retry_base: float = 2.0
+    retry_cap: float = 300.0
 
 
 class Agent:
@@ -67,6 +74,8 @@ class Agent:
         self.last_result: ReconcileResult | None = None
         self._task: asyncio.Task[None] | None = None
         self._reconciler: Reconciler | None = None
+        self._retry = Backoff(config.retry_base, config.retry_cap)
+        self._retry_timer: asyncio.TimerHandle | None = None
 
     async def run(self) -> None:
         """Runs until shutdown() or a fatal error (lock held, no trusted key)."""
@@ -98,6 +107,7 @@ class Agent:
                     try:
                         await self._stream_loop(client, reconciler)
                     finally:
+                        self._cancel_retry()
                         if watcher is not None:
                             watcher.stop()
             finally:
@@ -116,6 +126,31 @@ class Agent:
             )
         else:
             log.error("sync to %s failed: %s", result.lockfile_hash[:12], result.error)
+        self._schedule_retry(result)
+
+    def _schedule_retry(self, result: ReconcileResult) -> None:
+        """After a failure, ask the reconciler again later; any newer result supersedes that."""
+        self._cancel_retry()
+        reconciler = self._reconciler
+        if result.ok:
+            if result.outcome is not Outcome.SUPERSEDED:
+                self._retry.reset()
+            return
+        if reconciler is None:
+            return
+        callback: Callable[[], None]
+        if result.lockfile_hash == self.store.current_hash():
+            callback = reconciler.request_repair  # a failed repair names the current tree
+        else:
+            callback = functools.partial(reconciler.request, None)  # the desired hash again
+        delay = self._retry.next_delay()
+        log.info("retrying the failed sync in %.1f s", delay)
+        self._retry_timer = asyncio.get_running_loop().call_later(delay, callback)
+
+    def _cancel_retry(self) -> None:
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
+            self._retry_timer = None
 
     async def _manifest_verifier(self, client: GrpcCoreClient) -> Callable[[Manifest], None]:
         pem = self.config.signing_key_pem

@@ -5,13 +5,20 @@ checks size and sha256, fsyncs, renames into place and fsyncs the directory, so 
 `blobs/ab/` is always complete and was verified at least once. A partial outlives a dropped
 stream and is resumed (its bytes re-hashed) by the next writer; any verification failure deletes
 it, since a partial that produced a wrong hash cannot be trusted for a resume either.
+
+Durability without a stall at the end: every WRITEBACK_STEP bytes the writer asks the kernel to
+start writing the new range to disk (sync_file_range, Linux), so that writeback overlaps the
+download and the fsync in commit() only waits for the tail. Measured on a 256 MiB blob over
+loopback (docs/benchmarks.md): the final fsync alone took 0.4-1.1 s on this VM's disk.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -21,6 +28,22 @@ from shared.hashing import READ_CHUNK, StreamVerifier, sha256_file
 from shared.names import check_sha256
 
 PARTIAL_DIR = ".partial"
+WRITEBACK_STEP = 8 * 1024 * 1024
+_SYNC_FILE_RANGE_WRITE = 2  # start writeback of dirty pages in the range; do not wait
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    try:
+        func = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):  # not Linux: the final fsync does all the work
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+    func.restype = ctypes.c_int
+    result: Callable[[int, int, int, int], int] = func
+    return result
+
+
+_SYNC_FILE_RANGE = _load_sync_file_range()
 
 
 class BlobCorrupt(IntegrityError):
@@ -105,6 +128,7 @@ class BlobWriter:
             self.close()
             raise
         self.offset = self._verifier.size
+        self._written_back = self.offset  # bytes before this were handed to writeback
 
     def _rehash_existing(self) -> None:
         assert self._fd is not None
@@ -132,6 +156,13 @@ class BlobWriter:
             view = memoryview(chunk)
             while view:
                 view = view[os.write(fd, view) :]
+            size = self._verifier.size
+            if _SYNC_FILE_RANGE is not None and size - self._written_back >= WRITEBACK_STEP:
+                # Advisory: a failure here only means commit()'s fsync has more to do.
+                _SYNC_FILE_RANGE(
+                    fd, self._written_back, size - self._written_back, _SYNC_FILE_RANGE_WRITE
+                )
+                self._written_back = size
 
     def commit(self) -> Path:
         """Verify size and sha256, then publish durably. On mismatch the partial is deleted."""

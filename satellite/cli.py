@@ -48,6 +48,12 @@ def _parser() -> argparse.ArgumentParser:
         "--tree-grace", type=float, default=3600.0, help="seconds a superseded tree is kept"
     )
     agent.add_argument("--no-drift-watch", action="store_true", help="disable drift repair")
+    agent.add_argument(
+        "--retry-base", type=float, default=2.0, help="first wait (s) before retrying a failed sync"
+    )
+    agent.add_argument(
+        "--retry-cap", type=float, default=300.0, help="longest wait (s) between sync retries"
+    )
     agent.add_argument("--log-level", default="INFO")
 
     run = sub.add_parser("run", help="run a script against the current package tree")
@@ -95,6 +101,8 @@ async def _agent(args: argparse.Namespace) -> None:
         client_key=_read(args.client_key, "--client-key") if args.client_key else None,
         tree_grace_seconds=args.tree_grace,
         watch_drift=not args.no_drift_watch,
+        retry_base=args.retry_base,
+        retry_cap=args.retry_cap,
     )
     agent = Agent(config)
     loop = asyncio.get_running_loop()

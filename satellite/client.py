@@ -87,6 +87,9 @@ def channel_options() -> list[tuple[str, object]]:
         ("grpc.initial_reconnect_backoff_ms", 500),
         ("grpc.max_reconnect_backoff_ms", 5_000),
         ("grpc.enable_retries", 0),
+        # One connection per agent even when many agents share a process (the fan-out bench):
+        # grpc's global subchannel pool would otherwise put them all on one connection.
+        ("grpc.use_local_subchannel_pool", 1),
     ]
 
 

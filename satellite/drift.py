@@ -1,6 +1,10 @@
 """Drift repair trigger: a watchdog observer on the store notices writes to the current tree or a
 broken `current`, and asks the reconciler (its single worker) to re-verify and rebuild.
 
+Trees are mostly symlinks into `pkgs/` (satellite/trees.py), so a write "into the tree" lands in
+`pkgs/<sha>/`: that directory is watched as well, and a change there counts when the package
+belongs to the current tree.
+
 The observer thread only records that something happened; the decision runs on the event loop
 after a short debounce, so a burst of events (a `pip install` into the tree, say) costs one
 verification, and our own reads (which inotify reports as open/close-no-write) are ignored.
@@ -29,8 +33,9 @@ class _Handler(FileSystemEventHandler):
         self._watcher = watcher
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        # Our own builds happen in `.tmp-*` dirs and are renamed into place: not drift.
-        if event.event_type == "moved" and f"{os.sep}.tmp-" in str(event.src_path):
+        # Our own builds happen in `.tmp-*` dirs and are renamed into place: not drift. Dropped
+        # here, in the observer thread, so unpacking thousands of files costs no loop callbacks.
+        if f"{os.sep}.tmp-" in str(event.src_path):
             return
         if event.event_type in _CHANGES:
             self._watcher.notify_from_thread(
@@ -55,6 +60,9 @@ class DriftWatcher:
         observer = Observer()
         handler = _Handler(self)
         observer.schedule(handler, str(trees), recursive=True)
+        pkgs = self._store.pkgs.root
+        pkgs.mkdir(parents=True, exist_ok=True)
+        observer.schedule(handler, str(pkgs), recursive=True)
         observer.schedule(handler, str(self._store.root), recursive=False)  # `current` itself
         observer.daemon = True
         observer.start()
@@ -90,9 +98,22 @@ class DriftWatcher:
                 self._request()
             return
         site = str(self._store.tree_site(current_hash))
-        if any(p == site or p.startswith(site + os.sep) for p in paths):
+        if any(p == site or p.startswith(site + os.sep) for p in paths) or self._in_current_pkgs(
+            current_hash, paths
+        ):
             log.warning("files changed in the current tree %s; re-verifying", current_hash[:12])
             self._request()
+
+    def _in_current_pkgs(self, current_hash: str, paths: set[str]) -> bool:
+        prefix = str(self._store.pkgs.root) + os.sep
+        touched = {p[len(prefix) :].partition(os.sep)[0] for p in paths if p.startswith(prefix)}
+        if not touched:
+            return False
+        try:
+            entries = self._store.tree_manifest(current_hash).entries
+        except Exception:  # unreadable meta: let verification say what is wrong
+            return True
+        return any(e.sha256 in touched for e in entries)
 
     def _request(self) -> None:
         self.repairs_requested += 1

@@ -6,6 +6,7 @@ module stays readable; nothing here does I/O.
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -88,3 +89,16 @@ class ReconcileResult:
     @property
     def ok(self) -> bool:
         return self.outcome is not Outcome.FAILED
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether a failure comes down to a full disk (or quota): an operator matter, not a bug."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _DISK_FULL:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

@@ -32,6 +32,7 @@ from satellite.reconcile_types import (
     ReconcileDeps,
     ReconcileResult,
     ReconcileStore,
+    disk_full,
 )
 from shared.errors import FailedPrecondition, IntegrityError, InvalidArgument
 from shared.manifest import Manifest, ManifestEntry
@@ -147,7 +148,11 @@ async def _failed(
 ) -> ReconcileResult:
     """Report and record a failed reconcile; `current` was not touched."""
     message = str(exc) or type(exc).__name__
-    log.error("reconcile to %s failed: %s", target, message, exc_info=not is_expected(exc))
+    full = disk_full(exc)
+    if full:
+        message += "; the satellite's data disk is full: free space there, the agent retries"
+    quiet = full or is_expected(exc)  # a traceback only for what looks like a bug
+    log.error("reconcile to %s failed: %s", target, message, exc_info=not quiet)
     result = _result(target, Outcome.FAILED, progress, deps, started, message, exc)
     await _record(deps, status=SyncStatus.ERROR, error=message)
     await _report(deps, _sync_report(result, SyncStatus.ERROR, current or ""))

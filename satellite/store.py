@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from satellite.blobs import BlobDir, BlobWriter, checked_sha
-from satellite.pkgs import TMP_PREFIX, PkgDir, remove_dir
+from satellite.pkgs import TMP_PREFIX, PkgDir, StagedPkg, remove_dir
 from satellite.trees import TreeDir, TreePin
 from shared.errors import IntegrityError, StoreError
 from shared.fsutil import fsync_dir, write_bytes_atomic
@@ -111,6 +111,22 @@ class SatelliteStore:
         if self.pkgs.has(entry.sha256):
             return self.pkgs.site(entry.sha256)
         return self.pkgs.unpack(entry, self.blobs.verify(entry.sha256))
+
+    def stage_pkg(self, entry: ManifestEntry, blob_verified: bool = False) -> StagedPkg | None:
+        """Unpack into a temp dir (None: already unpacked); `publish_pkgs` makes it visible.
+
+        `blob_verified`: the blob was hashed while it was written just now, so it is not read
+        once more; otherwise it is re-verified first (disks rot) and BlobCorrupt deletes it.
+        """
+        if self.pkgs.has(entry.sha256):
+            return None
+        blobs = self.blobs
+        blob = blobs.path(entry.sha256) if blob_verified else blobs.verify(entry.sha256)
+        return self.pkgs.stage(entry, blob)
+
+    def publish_pkgs(self, staged: list[StagedPkg]) -> None:
+        """One syncfs for the whole batch, then each package is renamed into place."""
+        self.pkgs.publish(staged)
 
     def verify_pkg(self, sha256: str) -> list[str]:
         return self.pkgs.verify(sha256)

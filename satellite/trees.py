@@ -1,16 +1,21 @@
-"""Install trees on a satellite: `trees/<lockfile hash>/`, assembled from `pkgs/` by hard links.
+"""Install trees on a satellite: `trees/<lockfile hash>/`, assembled from `pkgs/` by links.
 
     trees/<hash>/site-packages/   what scripts import; sealed read-only after assembly
-    trees/<hash>/.spk-tree.json   the manifest and every expected file (drift checks, offline)
+    trees/<hash>/.spk-tree.json   the manifest, every expected file and link (drift checks)
     trees/<hash>/.spk-pin         runs hold a shared flock on it; GC needs it exclusive
     trees/<hash>/.spk-retired     when it stopped being current (absent while current)
     trees/<hash>/pycache/         the runner's bytecode cache (-X pycache_prefix); dies with it
 
-Hard links cost no data copy (the `cp -al` floor in the benchmark), but share inodes with
-`pkgs/`: see pkgs.py for why drift checks compare against recorded hashes. A tree is built in
-`trees/.tmp-<hash>-<rand>/` and renamed into place after one syncfs: its data blocks are the
-already durable package files, so only directory entries are new. For the 3,999-file set in
-pkgs.py that syncfs costs 77 ms; fsync of each of its 372 directories costs 0.86 s.
+A top-level entry of site-packages (`requests/`, `six.py`, `attrs-26.1.0.dist-info/`) that only
+one package of the manifest ships is a relative symlink into `pkgs/<sha>/site-packages/`: w31's
+3,904 files become ~80 links, so a warm tree costs milliseconds instead of the `cp -al` floor
+(one hard link per file; see docs/benchmarks.md). Where several packages share a directory (a
+namespace such as `google/`), that directory is real and the rule repeats one level down, so
+identical shared files (old-style `__init__.py`) link once and anything else clashes loudly.
+Links share the package files just as hard links would: see pkgs.py for why drift checks compare
+against recorded hashes, and satellite/drift.py for why `pkgs/` is watched too. A tree is built
+in `trees/.tmp-<hash>-<rand>/` and renamed into place after one syncfs (only directory entries
+are new; the package files are already durable).
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ class TreePin:
 class TreeMeta:
     manifest: Manifest
     files: FileMap
+    links: dict[str, str]  # relative path in site-packages -> symlink text
 
 
 class TreeDir:
@@ -97,7 +103,8 @@ class TreeDir:
         except ValueError as exc:
             raise StoreError(f"tree {lockfile_hash}: unreadable {path}: {exc}") from None
         files = {rel: (str(v[0]), int(v[1])) for rel, v in raw["files"].items()}
-        return TreeMeta(Manifest.from_json(json.dumps(raw["manifest"])), files)
+        links = {str(rel): str(text) for rel, text in raw.get("links", {}).items()}
+        return TreeMeta(Manifest.from_json(json.dumps(raw["manifest"])), files, links)
 
     def assemble(self, manifest: Manifest, pkgs: PkgDir, replace: bool = False) -> Path:
         """Link every package of `manifest` into a new tree; every package must be unpacked.
@@ -116,12 +123,15 @@ class TreeDir:
         site = tmp / SITE
         site.mkdir(parents=True)
         try:
-            files = _link_packages(manifest, pkgs, site)
+            files = _claim_files(manifest, pkgs)
+            to_pkgs = os.path.relpath(pkgs.root, self.root)
+            links = _link_tree(files, site, to_pkgs)
             (tmp / PIN_FILE).touch(0o444)
             meta = {
-                "format": 1,
+                "format": 2,
                 "manifest": json.loads(manifest.to_json()),
                 "files": {rel: [sha, size, pkg] for rel, (sha, size, pkg) in files.items()},
+                "links": links,
             }
             (tmp / TREE_META).write_text(json.dumps(meta, sort_keys=True))
             seal(site)
@@ -149,12 +159,12 @@ class TreeDir:
         label = f"tree {lockfile_hash[:12]}"
         if not site.is_dir():
             return [f"{label}: {SITE} is missing"]
-        actual, problems = scan_files(site)
+        actual, problems = scan_files(site, meta.links)
         problems = [f"{label}: {p}" for p in problems]
         problems += compare_files(meta.files, actual, label)
         expected_dirs = {rel.rpartition("/")[0] for rel in meta.files}
         expected_dirs |= {d for rel in expected_dirs for d in _parents(rel)}
-        for extra in sorted(list_dirs(site) - expected_dirs):
+        for extra in sorted(list_dirs(site, meta.links) - expected_dirs):
             problems.append(f"{label}: extra directory {extra}")
         return problems
 
@@ -269,13 +279,11 @@ def _parents(rel: str) -> Iterator[str]:
         rel = rel.rpartition("/")[0]
 
 
-def _link_packages(manifest: Manifest, pkgs: PkgDir, site: Path) -> dict[str, tuple[str, int, str]]:
-    """Hard-link each package's files into `site`; returns rel -> (sha256, size, package sha)."""
+def _claim_files(manifest: Manifest, pkgs: PkgDir) -> dict[str, tuple[str, int, str]]:
+    """Every file of the tree: rel -> (sha256, size, package sha). Refuses clashes by name."""
     owners: dict[str, tuple[str, int, str]] = {}
     owner_files: dict[str, str] = {}
-    made: set[str] = {""}
     for entry in manifest.entries:
-        source = pkgs.site(entry.sha256)
         for rel, (sha, size) in sorted(pkgs.files(entry.sha256).items()):
             previous = owners.get(rel)
             if previous is not None:
@@ -285,21 +293,49 @@ def _link_packages(manifest: Manifest, pkgs: PkgDir, site: Path) -> dict[str, tu
                     f"{owner_files[rel]} and {entry.filename} both install {rel} with different"
                     " content; they cannot share one tree (fix the allowlist)"
                 )
-            parent = rel.rpartition("/")[0]
-            try:
-                if parent not in made:
-                    os.makedirs(site / parent, exist_ok=True)
-                    made.update(_parents(parent))
-                os.link(source / rel, site / rel)
-            except (FileExistsError, NotADirectoryError, IsADirectoryError):
-                clash = next((owner_files[p] for p in _parents(rel) if p in owner_files), None)
-                if clash is None:  # a file of this wheel where another wheel has a directory
-                    inside = (f for p, f in owner_files.items() if p.startswith(f"{rel}/"))
-                    clash = next(inside, None)
-                raise StoreError(
-                    f"{entry.filename} installs {rel}, which clashes with a file or directory"
-                    f" of {clash or 'another wheel'}; they cannot share one tree"
-                ) from None
             owners[rel] = (sha, size, entry.sha256)
             owner_files[rel] = entry.filename
+    dirs = {parent for rel in owners for parent in _parents(rel.rpartition("/")[0])}
+    for rel in sorted(dirs & owners.keys()):  # a file of one wheel where another has a directory
+        inside = next(p for p in sorted(owners) if p.startswith(f"{rel}/"))
+        raise StoreError(
+            f"{owner_files[inside]} installs {inside}, which clashes with the file {rel} of"
+            f" {owner_files[rel]}; they cannot share one tree"
+        )
     return owners
+
+
+def _link_tree(files: dict[str, tuple[str, int, str]], site: Path, to_pkgs: str) -> dict[str, str]:
+    """Create the links for `files` under `site`; returns rel -> link text (for the meta).
+
+    A path whose files all come from one package becomes one symlink; a directory shared by
+    several packages is created and its entries are handled the same way, one level down.
+    """
+    children: dict[str, set[str]] = {}
+    providers: dict[str, set[str]] = {}
+    for rel, (_, _, pkg) in files.items():
+        child = rel
+        while child:
+            parent = child.rpartition("/")[0]
+            children.setdefault(parent, set()).add(child)
+            providers.setdefault(child, set()).add(pkg)
+            child = parent
+    links: dict[str, str] = {}
+    site_str = str(site)
+
+    def place(directory: str, depth: int) -> None:
+        # From trees/<hash>/site-packages/<directory>/ up to the data dir, then into pkgs/.
+        up = "../" * (depth + 2) + to_pkgs
+        for rel in sorted(children.get(directory, ())):
+            pkg = providers[rel]
+            if len(pkg) == 1 or rel in files:  # shared identical files link to the first one
+                owner = files[rel][2] if rel in files else next(iter(pkg))
+                text = f"{up}/{owner}/{SITE}/{rel}"
+                os.symlink(text, os.path.join(site_str, rel))
+                links[rel] = text
+            else:
+                os.mkdir(os.path.join(site_str, rel), 0o755)
+                place(rel, depth + 1)
+
+    place("", 0)
+    return links

@@ -44,6 +44,7 @@ class SatelliteProcess:
         self.extra = list(extra)
         self.proc: subprocess.Popen[bytes] | None = None
         self.target = core.target
+        self.module = "satellite.cli"  # fault tests swap in a wrapper (tests/stress)
 
     def register(self) -> SatelliteProcess:
         reply = self.core.admin().CreateSatellite(apb.CreateSatelliteRequest(name=self.name))
@@ -59,7 +60,7 @@ class SatelliteProcess:
             [
                 sys.executable,
                 "-m",
-                "satellite.cli",
+                self.module,
                 "agent",
                 "--core",
                 self.target,

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import socket
+import struct
 import threading
 import time
+
+
+_SIOCOUTQ = 0x5411  # linux/sockios.h: bytes in a socket's send queue (not yet acked)
 
 
 class TcpProxy:
@@ -23,7 +28,12 @@ class TcpProxy:
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
         self._closed = False
+        self._cut_points: list[int] = []
+        self._clients: set[socket.socket] = set()
         self.bytes_down = 0
+        self.undelivered = 0  # of bytes_down: still in our send queue when a cut dropped them
+        self.accepted = 0
+        self.cuts = 0
         threading.Thread(target=self._accept, daemon=True).start()
 
     @property
@@ -43,6 +53,8 @@ class TcpProxy:
                 continue
             with self._lock:
                 self._conns += [client, upstream]
+                self._clients.add(client)
+                self.accepted += 1
             threading.Thread(target=self._pipe, args=(client, upstream, False), daemon=True).start()
             threading.Thread(target=self._pipe, args=(upstream, client, True), daemon=True).start()
 
@@ -54,7 +66,14 @@ class TcpProxy:
                     break
                 dst.sendall(data)
                 if down:
-                    self.bytes_down += len(data)
+                    with self._lock:  # several connections may count at once
+                        self.bytes_down += len(data)
+                        due = bool(self._cut_points) and self.bytes_down >= self._cut_points[0]
+                        if due:
+                            self._cut_points.pop(0)
+                    if due:
+                        self.cut()
+                        return
                     if self.rate:
                         time.sleep(len(data) / self.rate)
         except OSError:
@@ -64,10 +83,27 @@ class TcpProxy:
                 with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
 
+    def cut_at(self, offsets: list[int]) -> None:
+        """Cut every connection each time `bytes_down` passes one of `offsets`.
+
+        Checked after each forwarded piece (at most `chunk` bytes), so a cut lands within one
+        piece of its offset: mid-message, wherever that is in the stream.
+        """
+        with self._lock:
+            self._cut_points = sorted(offsets)
+
     def cut(self) -> None:
         """Drop every open connection (new ones are still accepted)."""
         with self._lock:
             conns, self._conns = self._conns, []
+            clients, self._clients = self._clients, set()
+            self.cuts += 1
+            # sendall() returns once bytes are in the kernel's send queue; what is still queued
+            # when the link drops never reached the client, so it was not transferred.
+            for s in clients:
+                with contextlib.suppress(OSError):
+                    raw = fcntl.ioctl(s.fileno(), _SIOCOUTQ, b"\0\0\0\0")
+                    self.undelivered += struct.unpack("i", raw)[0]
         for s in conns:
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)

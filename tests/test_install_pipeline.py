@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from core.db import BlobRecord, open_database
 from shared.proto.scriptpkgs.v1 import admin_pb2 as apb
 from tests.conftest import INDEX_TOKEN
 from tests.core_process import AdminClient, CoreProcess, eventually
@@ -256,8 +257,6 @@ def test_target_environment_is_configurable(
 def test_blob_without_index_row_gets_one(
     core: CoreProcess, package_index: PackageIndex, wheel_dir: Path
 ) -> None:
-    from core.db import BlobRecord, open_database
-
     _chain(wheel_dir)
     admin = core.admin()
     _point_at(admin, package_index)

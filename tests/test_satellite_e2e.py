@@ -129,6 +129,9 @@ def test_corrupted_blob_is_refused_and_current_kept(
     first = _install(admin, ("alpha", "1.0"))
     sat = _sat(core, tmp_path, satellites, "sat-c")
     _converged(sat, first)
+    # Offline while the blob is corrupted: a satellite pulls within milliseconds of the install,
+    # so corrupting it afterwards would race the pull.
+    sat.stop()
     second = _install(admin, ("alpha", "1.0"), ("beta", "2.0"))
     manifest = admin.GetManifest(apb.AdminGetManifestRequest(lockfile_hash=second))
     beta = next(e for e in manifest.entries if e.name == "beta")
@@ -137,6 +140,7 @@ def test_corrupted_blob_is_refused_and_current_kept(
     data[len(data) // 2] ^= 0xFF
     blob.chmod(0o644)
     blob.write_bytes(bytes(data))  # same size, different content
+    sat.start()
 
     def errored() -> apb.Satellite | None:
         row = sat.fleet_row()
