@@ -7,7 +7,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from core import fleet, lockfiles
 from core.auth import current_identity
 from core.blobstore import BlobStore
-from core.db import Database
+from core.db import Database, database_proxy
 from core.hub import Hub
 from shared.errors import InvalidArgument, NotFound, ResourceExhausted
 from shared.names import check_lockfile_hash, check_sha256
@@ -32,6 +32,10 @@ if TYPE_CHECKING:  # the stubs are generic, the runtime class is not
 # stream: with 1 MiB chunks that was ~750 KB per cut on a throttled link, with 256 KiB ~80 KB
 # (docs/reliability.md, fault 2). Loopback throughput (48 MiB blob, best of 5) was no worse:
 # 256 KiB 298-428 MiB/s, 1 MiB 249-334 MiB/s on the 2-core test VM. The wire cap stays 1 MiB.
+# scripts/bench agrees for the agent's whole pull path (hash, write, fsync; 256 MiB blob, core
+# process -> satellite process, one core per size at once, rounds taking turns, median of 8):
+# 256 KiB 139 MB/s, 1 MiB 142 MB/s, 64 KiB clearly slower (docs/benchmarks.md, figure 2). The
+# transport alone favours 1 MiB (252 vs 184 MB/s, median of 7), but hashing and the disk hide it.
 CHUNK_SIZE = 256 * 1024
 
 _STATUS = {
@@ -72,6 +76,48 @@ class _Counter:
                 del self._open[name]
 
 
+def _record_reports(batch: list[tuple[str, fleet.SyncReportIn]]) -> None:
+    with database_proxy.atomic():  # one commit (one fsync) for the whole batch
+        for name, report in batch:
+            fleet.record_report(name, report)
+
+
+class _ReportBatcher:
+    """Group commit for sync reports: each caller waits until its report is committed, but
+    reports that arrive while a commit runs share the next one.
+
+    A fan-out makes every satellite report SYNCING and READY within seconds; one commit each
+    (SQLite synchronous=full: an fsync each, on the single database thread) was measured as
+    the core's bottleneck with 200 agents (docs/benchmarks.md, figure 4).
+    """
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._pending: list[tuple[str, fleet.SyncReportIn, asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def record(self, name: str, report: fleet.SyncReportIn) -> None:
+        done = asyncio.get_running_loop().create_future()
+        self._pending.append((name, report, done))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush(), name="sync-report-commit")
+        await done
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                await self._db.run(_record_reports, [(n, r) for n, r, _ in batch])
+            except Exception as exc:
+                for *_, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+            else:
+                for *_, done in batch:
+                    if not done.done():  # a caller that gave up (cancelled) is skipped
+                        done.set_result(None)
+
+
 class DistributionService(distribution_pb2_grpc.PackageDistributionServicer):
     def __init__(
         self,
@@ -85,6 +131,7 @@ class DistributionService(distribution_pb2_grpc.PackageDistributionServicer):
         self._downloads = _Counter(limits.max_downloads, "blob downloads")
         self._subscriptions = _Counter(limits.max_subscriptions, "refresh streams")
         self._db = db
+        self._reports = _ReportBatcher(db)
         self._hub = hub
         self._store = store
         self._signing_key = pb.SigningKey(
@@ -131,22 +178,36 @@ class DistributionService(distribution_pb2_grpc.PackageDistributionServicer):
 
     async def _stream_blob(self, request: pb.DownloadBlobRequest) -> AsyncIterator[pb.BlobChunk]:
         sha = check_sha256(request.sha256)
-        total = await asyncio.to_thread(self._store.size, sha)
-        if total is None:
-            raise NotFound(f"no blob {sha} in the store")
-        if request.offset > total:
-            raise InvalidArgument("offset", f"must be <= the blob size {total}")
-        reader = await asyncio.to_thread(self._store.open_read, sha, request.offset)
         offset = request.offset
+        # Size, open and the first chunk in one thread hop: most blobs are one chunk, and each
+        # hop costs event-loop work that a 200-agent fan-out multiplies (docs/benchmarks.md).
+        total, reader, data = await asyncio.to_thread(self._open_blob, sha, offset)
+        if reader is None:
+            return
         try:
-            while True:
-                data = await asyncio.to_thread(reader.read, CHUNK_SIZE)
-                if not data:
-                    break
+            while data:
                 yield pb.BlobChunk(data=data, offset=offset, total_size=total)
                 offset += len(data)
+                if offset >= total:
+                    break  # no extra hop just to read the end of the file
+                data = await asyncio.to_thread(reader.read, CHUNK_SIZE)
         finally:
             reader.close()
+
+    def _open_blob(self, sha: str, offset: int) -> tuple[int, BinaryIO | None, bytes]:
+        total = self._store.size(sha)
+        if total is None:
+            raise NotFound(f"no blob {sha} in the store")
+        if offset > total:
+            raise InvalidArgument("offset", f"must be <= the blob size {total}")
+        if offset == total:
+            return total, None, b""
+        reader = self._store.open_read(sha, offset)
+        try:
+            return total, reader, reader.read(CHUNK_SIZE)
+        except BaseException:
+            reader.close()
+            raise
 
     async def ReportSyncState(
         self, request: pb.ReportSyncStateRequest, context: Ctx
@@ -163,7 +224,7 @@ class DistributionService(distribution_pb2_grpc.PackageDistributionServicer):
             request.duration_ms,
             request.current_hash,
         )
-        await self._db.run(fleet.record_report, current_identity().name, report)
+        await self._reports.record(current_identity().name, report)
         return pb.ReportSyncStateResponse()
 
     async def GetSigningKey(self, request: pb.GetSigningKeyRequest, context: Ctx) -> pb.SigningKey:

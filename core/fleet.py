@@ -51,10 +51,22 @@ def revoke(name: str) -> None:
 
 
 def authenticate(token: str) -> str | None:
-    row = SatelliteRow.get_or_none(SatelliteRow.token_hash == hash_token(token))
-    if row is None or row.revoked:
+    # Runs for every satellite RPC, on the single database thread. peewee builds the query anew
+    # each time (~1.2 ms here vs ~0.07 ms for the SQL itself): a 200-agent fan-out makes ~800
+    # of these calls, so the SQL is rendered once per database dialect and reused.
+    db = SatelliteRow._meta.database
+    sql = _AUTH_SQL.get(type(db.obj).__name__)
+    if sql is None:
+        query = SatelliteRow.select(SatelliteRow.name, SatelliteRow.revoked)
+        sql, _ = query.where(SatelliteRow.token_hash == "").sql()
+        _AUTH_SQL[type(db.obj).__name__] = sql
+    row = db.execute_sql(sql, (hash_token(token),)).fetchone()
+    if row is None or row[1]:
         return None
-    return str(row.name)
+    return str(row[0])
+
+
+_AUTH_SQL: dict[str, str] = {}  # database class -> rendered lookup query
 
 
 def touch(name: str, agent_version: str, python_version: str, platform: str, current: str) -> None:

@@ -254,11 +254,18 @@ def _read_text(path: Path) -> str:
     return path.read_text("utf-8", "replace") if path.exists() else ""
 
 
+PIP_GUARD = Path(__file__).with_name("pip_guard.py")
+
+
 def _dies_with_core(argv: list[str]) -> list[str]:
-    """`python -m pip ...` becomes `python -m core.pip_guard <our pid> pip ...` (see there)."""
+    """`python -m pip ...` becomes `python -I .../pip_guard.py <our pid> pip ...` (see there).
+
+    Run by path, so it needs no installed `core` package; -I keeps its directory (core/, which
+    holds a `secrets.py`) off sys.path.
+    """
     if argv[1:3] != ["-m", "pip"]:
         return argv
-    return [argv[0], "-m", "core.pip_guard", str(os.getpid()), *argv[2:]]
+    return [argv[0], "-I", str(PIP_GUARD), str(os.getpid()), *argv[2:]]
 
 
 async def _run_pip(

@@ -34,7 +34,7 @@ from packaging.version import Version
 
 from satellite.blobs import checked_sha
 from shared.errors import IntegrityError, StoreError
-from shared.fsutil import fsync_dir
+from shared.fsutil import exchange, fsync_dir
 from shared.hashing import sha256_file
 from shared.manifest import ManifestEntry
 from shared.wheels import extract_wheel
@@ -161,6 +161,7 @@ class StagedPkg:
 
     sha256: str
     tmp: Path
+    replace: bool = False  # swap out an existing copy (drift repair) instead of adding one
 
 
 class PkgDir:
@@ -196,13 +197,14 @@ class PkgDir:
             self.publish([staged])
         return self.site(entry.sha256)
 
-    def stage(self, entry: ManifestEntry, blob: Path) -> StagedPkg | None:
+    def stage(self, entry: ManifestEntry, blob: Path, replace: bool = False) -> StagedPkg | None:
         """Extract and seal the blob in a temp dir, not yet durable nor visible (see publish).
 
-        None when the package is already unpacked. Safe to run for different shas in parallel.
+        None when the package is already unpacked, unless `replace` (drift repair: a fresh copy
+        that publish swaps in). Safe to run for different shas in parallel.
         """
         sha = checked_sha(entry.sha256)
-        if self.has(sha):
+        if self.has(sha) and not replace:
             return None
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / temp_name(sha)
@@ -227,7 +229,7 @@ class PkgDir:
         except BaseException:
             remove_dir(tmp)
             raise
-        return StagedPkg(sha, tmp)
+        return StagedPkg(sha, tmp, replace)
 
     def publish(self, staged: Sequence[StagedPkg]) -> None:
         """Make staged packages durable with one syncfs, then rename each into place."""
@@ -237,6 +239,9 @@ class PkgDir:
             syncfs(self.root)
             for item in staged:
                 final = self.dir(item.sha256)
+                if item.replace and self.has(item.sha256):
+                    self._swap_in(item.tmp, final)
+                    continue
                 # Callers stage each sha once at a time (the materialiser dedupes, the agent
                 # lock keeps other agents out), so anything here is a leftover without marker.
                 if final.exists() and not self.has(item.sha256):
@@ -250,6 +255,17 @@ class PkgDir:
             for item in staged:
                 remove_dir(item.tmp)
             raise
+
+    def _swap_in(self, tmp: Path, final: Path) -> None:
+        """Trees link into `final`: swap atomically where the kernel can, so no run ever finds
+        the package missing; `tmp` then holds the old copy, which is deleted."""
+        if exchange(tmp, final):
+            remove_dir(tmp)
+            return
+        old = self.root / temp_name(f"old-{final.name}")  # no renameat2: a moment's gap
+        os.rename(final, old)
+        os.rename(tmp, final)
+        remove_dir(old)
 
     def verify(self, sha256: str) -> list[str]:
         """Problems of one unpacked package against its marker (empty when intact)."""

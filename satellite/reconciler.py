@@ -179,7 +179,9 @@ async def repair_tree(lockfile_hash: str, deps: ReconcileDeps) -> ReconcileResul
                 bad = await asyncio.to_thread(store.verify_pkg, entry.sha256)
                 if bad:
                     log.warning("package %s drifted too; unpacking it again", entry.filename)
-                    await asyncio.to_thread(store.discard_pkg, entry.sha256)
+                    # Swapped in whole: trees link into pkgs/, so discarding first would
+                    # leave the current tree with a hole until the rebuild.
+                    await asyncio.to_thread(store.replace_pkg, entry)
         await _materialise_pkgs(manifest.entries, deps, progress)
         await asyncio.to_thread(store.assemble_tree, manifest, True)
         progress.tree_built = True
@@ -253,8 +255,9 @@ async def _record(
 
     try:
         await asyncio.to_thread(update)
-    except Exception:
-        log.exception("recording the agent state failed")
+    except Exception as exc:
+        # The old state stays whole (written by rename); a full disk is no bug to trace.
+        log.error("recording the agent state failed: %s", exc, exc_info=not disk_full(exc))
 
 
 async def _report(deps: ReconcileDeps, report: SyncReport) -> None:

@@ -131,6 +131,19 @@ class SatelliteStore:
     def verify_pkg(self, sha256: str) -> list[str]:
         return self.pkgs.verify(sha256)
 
+    def replace_pkg(self, entry: ManifestEntry) -> None:
+        """Drift repair: unpack a fresh copy from the blob and swap it in atomically, so trees
+        linking to the package never see it missing. Without a good blob that cannot be done:
+        the package is discarded and the next materialise pulls it (a short gap)."""
+        try:
+            blob = self.blobs.verify(entry.sha256)
+        except (IntegrityError, StoreError):  # gone or rotten (BlobCorrupt deleted it)
+            self.pkgs.discard(entry.sha256)
+            return
+        staged = self.pkgs.stage(entry, blob, replace=True)
+        if staged is not None:
+            self.pkgs.publish([staged])
+
     def discard_pkg(self, sha256: str) -> None:
         self.pkgs.discard(sha256)
 
@@ -188,6 +201,10 @@ class SatelliteStore:
         self.trees.unretire(lockfile_hash)
         tmp = self.root / f"{CURRENT_TMP}{secrets.token_hex(4)}"
         os.symlink(f"trees/{lockfile_hash}", tmp)
+        # The link (its 70-byte target lives in a data block, not the inode) is made durable
+        # before its name is: a symlink cannot be opened to fsync, its directory can. ext4's
+        # ordered journal would keep this order anyway; other file systems need not.
+        fsync_dir(self.root)
         try:
             os.replace(tmp, self.root / CURRENT)
         except OSError as exc:

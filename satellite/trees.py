@@ -5,6 +5,7 @@
     trees/<hash>/.spk-pin         runs hold a shared flock on it; GC needs it exclusive
     trees/<hash>/.spk-retired     when it stopped being current (absent while current)
     trees/<hash>/pycache/         the runner's bytecode cache (-X pycache_prefix); dies with it
+    trees/.old-<hash>-<rand>/     a tree drift repair swapped out; GC removes it once unpinned
 
 A top-level entry of site-packages (`requests/`, `six.py`, `attrs-26.1.0.dist-info/`) that only
 one package of the manifest ships is a relative symlink into `pkgs/<sha>/site-packages/`: w31's
@@ -24,6 +25,7 @@ import contextlib
 import fcntl
 import json
 import os
+import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,12 +45,13 @@ from satellite.pkgs import (
     temp_name,
 )
 from shared.errors import NotFound, StoreError
-from shared.fsutil import fsync_dir, write_bytes_atomic
+from shared.fsutil import exchange, fsync_dir, write_bytes_atomic
 from shared.manifest import Manifest
 
 TREE_META = ".spk-tree.json"
 PIN_FILE = ".spk-pin"
 RETIRED_MARK = ".spk-retired"
+OLD_PREFIX = ".old-"  # a tree displaced by drift repair, kept until no run pins it
 PYCACHE = "pycache"
 
 
@@ -91,7 +94,7 @@ class TreeDir:
         return sorted(
             p.name
             for p in self.root.iterdir()
-            if not p.name.startswith(TMP_PREFIX) and (p / TREE_META).is_file()
+            if not p.name.startswith((TMP_PREFIX, OLD_PREFIX)) and (p / TREE_META).is_file()
         )
 
     def meta(self, lockfile_hash: str) -> TreeMeta:
@@ -137,13 +140,20 @@ class TreeDir:
             seal(site)
             syncfs(tmp)
             if final.exists():
-                # Two renames, not one atomic exchange: for a moment `current` dangles; readers
-                # of `current` (the runner) retry, and this only happens on drift repair.
-                old = self.root / temp_name(f"old-{lockfile_hash}")
-                os.rename(final, old)
-                os.rename(tmp, final)
+                # Drift repair. One atomic swap where the kernel can, so `current` and runs
+                # reading through it never find the tree missing; the displaced tree waits as
+                # `.old-*` until no run pins it, then GC removes it (deleting it at once broke
+                # the path walks of runs pinned to it: docs/reliability.md, fault 5).
+                displaced = self.root / f"{OLD_PREFIX}{lockfile_hash}-{secrets.token_hex(4)}"
+                if exchange(tmp, final):
+                    os.rename(tmp, displaced)
+                else:  # no renameat2: two renames, `current` dangles for a moment
+                    os.rename(final, displaced)
+                    os.rename(tmp, final)
                 fsync_dir(self.root)
-                remove_dir(old)
+                doomed = self._unlink_unless_pinned(displaced)
+                if doomed is not None:
+                    remove_dir(doomed)
             else:
                 os.rename(tmp, final)
                 fsync_dir(self.root)
@@ -198,21 +208,28 @@ class TreeDir:
     def gc(self, current: str | None, grace_seconds: float, now: float) -> list[str]:
         """Delete trees retired for longer than the grace and not pinned; never `current`."""
         removed: list[str] = []
+        for old in sorted(self.root.glob(f"{OLD_PREFIX}*")) if self.root.is_dir() else []:
+            displaced = self._unlink_unless_pinned(old)  # replaced by a repair, now unpinned
+            if displaced is not None:
+                remove_dir(displaced)
         for lockfile_hash in self.hashes():
             if lockfile_hash == current:
                 continue
             retired = self.retired_at(lockfile_hash)
             if retired is None or now - retired < grace_seconds:
                 continue
-            doomed = self._unlink_unless_pinned(lockfile_hash)
+            if any(self.root.glob(f"{OLD_PREFIX}{lockfile_hash}-*")):
+                # Still pinned by a run from before a repair swap: that run reads through this
+                # name, so its pin (on the displaced tree) protects the name too.
+                continue
+            doomed = self._unlink_unless_pinned(self.dir(lockfile_hash))
             if doomed is not None:
                 remove_dir(doomed)
                 removed.append(lockfile_hash)
         return removed
 
-    def _unlink_unless_pinned(self, lockfile_hash: str) -> Path | None:
+    def _unlink_unless_pinned(self, tree: Path) -> Path | None:
         """Rename the tree out of sight while holding its pin exclusively; None when pinned."""
-        tree = self.dir(lockfile_hash)
         try:
             fd = os.open(tree / PIN_FILE, os.O_RDONLY)
         except FileNotFoundError:
@@ -225,7 +242,7 @@ class TreeDir:
                     return None
             # Renamed while locked: a run that wins the lock after us finds no tree at the path
             # (TreeDir.pin checks) instead of a half-deleted one.
-            doomed = self.root / temp_name(f"gc-{lockfile_hash}")
+            doomed = self.root / temp_name(f"gc-{tree.name}")
             os.rename(tree, doomed)
             fsync_dir(self.root)
             return doomed

@@ -52,6 +52,7 @@ class CoreProcess:
         self.requested_port = port
         self.port = 0
         self.extra_args: list[str] = []
+        self.wrapper: list[str] = []  # a command prefix, e.g. strace (tests/stress)
         self.proc: subprocess.Popen[bytes] | None = None
         self._channel: grpc.Channel | None = None
 
@@ -64,6 +65,7 @@ class CoreProcess:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [
+                *self.wrapper,
                 sys.executable,
                 "-m",
                 "core.cli",

@@ -45,6 +45,7 @@ class SatelliteProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.target = core.target
         self.module = "satellite.cli"  # fault tests swap in a wrapper (tests/stress)
+        self.wrapper: list[str] = []  # a command prefix, e.g. strace (tests/stress)
 
     def register(self) -> SatelliteProcess:
         reply = self.core.admin().CreateSatellite(apb.CreateSatelliteRequest(name=self.name))
@@ -58,6 +59,7 @@ class SatelliteProcess:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [
+                *self.wrapper,
                 sys.executable,
                 "-m",
                 self.module,

@@ -9,7 +9,6 @@ import struct
 import threading
 import time
 
-
 _SIOCOUTQ = 0x5411  # linux/sockios.h: bytes in a socket's send queue (not yet acked)
 
 

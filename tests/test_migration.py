@@ -81,7 +81,7 @@ def verify_on(store: FilesystemBlobStore | DatabaseBlobStore | S3BlobStore, shas
 async def test_migrates_verifies_flips_and_deletes_sources(env: StorageEnv) -> None:
     blobs = seed(env, 12)
     migrator = Migrator(env.database, env.lock, env.registry, env.tmp_path / "work")
-    with pytest.raises(InvalidArgument, match="^target: unknown storage backend .tape."):
+    with pytest.raises(InvalidArgument, match=r"^target: unknown storage backend .tape."):
         await migrator.start("tape", delete_source=False)
     started = await migrator.start("database", delete_source=True)
     assert started.status == "migrating" and started.total == 12

@@ -257,7 +257,7 @@ def test_deleted_file_in_current_tree_is_repaired(
     original = target.read_bytes()
     target.unlink()
     eventually(lambda: target.exists() and target.read_bytes() == original, timeout=30)
-    # A write through the hard link (which would also change pkgs/) is repaired too.
+    # A write through the tree (which lands in pkgs/: the tree links there) is repaired too.
     target.chmod(0o644)
     target.write_bytes(b"raise SystemExit('tampered')\n")
     eventually(lambda: target.read_bytes() == original, timeout=30)
