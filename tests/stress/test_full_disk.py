@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -165,13 +164,11 @@ def _fill_and_recover(
         violations += [f"leftover {p}" for p in harness.temp_leftovers(sat.data_dir)]
         if "Traceback" in sat.log():
             violations.append("the agent logged a traceback: a full disk is not a bug")
-        usage = shutil.disk_usage(sat.data_dir)
         return {
             "fit": fit,
             "filled_up_while": stage,
             "error": row.error[:120] + "..." if not fit else "",
             "partial_bytes_kept": partial,
-            "used_after_recovery_kib": (usage.used) // 1024,
             "violations": violations,
         }
     finally:
