@@ -17,7 +17,7 @@ from core.db import Database, open_database
 from core.gc import GcPolicy
 from core.secrets import SecretBox, load_or_create_key
 from core.server import CoreConfig, CoreServer, prepare_data_dir
-from shared.errors import SpkError
+from shared.cli import run_command
 from shared.signing import public_key_pem
 
 log = logging.getLogger("spk-core")
@@ -163,46 +163,39 @@ def _open(args: argparse.Namespace) -> tuple[Database, SecretBox]:
     return Database(open_database(args.data_dir, args.database_url)), box
 
 
+def _dispatch(args: argparse.Namespace) -> int | None:
+    if args.command == "serve":
+        asyncio.run(_serve(args))
+    elif args.command == "admin-token":
+        db, _ = _open(args)
+        if args.action == "create":
+            print(auth.create_admin_token(args.role, args.label))
+        elif args.action == "list":
+            for token_id, role, label, created in auth.list_admin_tokens():
+                print(f"{token_id}  {role:<6}  {created}  {label}")
+        else:
+            auth.revoke_admin_token(args.id)
+        db.close()
+    elif args.command == "admin":
+        return admin_cli.run(args)
+    elif args.command == "certs":
+        for path in certs.init_dir(args.dir, args.host, args.client):
+            print(path)
+    elif args.command == "signing-key":
+        db, box = _open(args)
+        if args.action == "rotate":
+            key = lockfiles.rotate_signing_key(box)
+        else:
+            key = lockfiles.load_or_create_signing_key(box)
+        print(public_key_pem(key.public_key()), end="")
+        db.close()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(args, "log_level", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
-    try:
-        if args.command == "serve":
-            asyncio.run(_serve(args))
-        elif args.command == "admin-token":
-            db, _ = _open(args)
-            if args.action == "create":
-                print(auth.create_admin_token(args.role, args.label))
-            elif args.action == "list":
-                for token_id, role, label, created in auth.list_admin_tokens():
-                    print(f"{token_id}  {role:<6}  {created}  {label}")
-            else:
-                auth.revoke_admin_token(args.id)
-            db.close()
-        elif args.command == "admin":
-            return admin_cli.run(args)
-        elif args.command == "certs":
-            for path in certs.init_dir(args.dir, args.host, args.client):
-                print(path)
-        elif args.command == "signing-key":
-            db, box = _open(args)
-            if args.action == "rotate":
-                key = lockfiles.rotate_signing_key(box)
-            else:
-                key = lockfiles.load_or_create_signing_key(box)
-            print(public_key_pem(key.public_key()), end="")
-            db.close()
-    except SpkError as exc:
-        print(f"spk-core: error: {exc.message}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    level = getattr(args, "log_level", "INFO")
+    return run_command("spk-core", level, lambda: _dispatch(args))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ import contextlib
 import ipaddress
 import json
 import logging
-import os
 import signal
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 from satellite import runner
 from satellite.agent import Agent, AgentConfig
 from satellite.store import SatelliteStore
+from shared.cli import run_command
 from shared.errors import SpkError
 
 DEFAULT_DATA_DIR = Path("spk-satellite-data")
@@ -133,29 +133,22 @@ def _print_status(store: SatelliteStore, as_json: bool) -> None:
     print(f"{'tree size':>15}: {info.get('tree_size_bytes', 0)} bytes")
 
 
+def _dispatch(args: argparse.Namespace) -> int | None:
+    if args.command == "agent":
+        asyncio.run(_agent(args))
+    elif args.command == "run":
+        script_args = args.args[1:] if args.args[:1] == ["--"] else args.args
+        return runner.run_script(SatelliteStore(args.data_dir), args.script, script_args)
+    elif args.command == "status":
+        _print_status(SatelliteStore(args.data_dir), args.json)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(args, "log_level", "WARNING").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
     logging.getLogger("watchdog").setLevel(logging.INFO)  # its DEBUG logs every inotify event
-    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
-    try:
-        if args.command == "agent":
-            asyncio.run(_agent(args))
-        elif args.command == "run":
-            script_args = args.args[1:] if args.args[:1] == ["--"] else args.args
-            return runner.run_script(SatelliteStore(args.data_dir), args.script, script_args)
-        elif args.command == "status":
-            _print_status(SatelliteStore(args.data_dir), args.json)
-    except SpkError as exc:
-        print(f"spk-satellite: error: {exc.message}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    level = getattr(args, "log_level", "WARNING")
+    return run_command("spk-satellite", level, lambda: _dispatch(args))
 
 
 if __name__ == "__main__":
