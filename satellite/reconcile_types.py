@@ -1,6 +1,6 @@
-"""The reconciler's seams and results: what it needs from the store and what it returns.
+"""The reconciler's seams and results: what it needs from the store, what it returns and reports.
 
-Kept apart from satellite/reconciler.py (which re-exports these names) so the orchestration
+Kept apart from satellite/reconciler.py (which re-exports what its callers use) so the orchestration
 module stays readable; nothing here does I/O.
 """
 
@@ -15,8 +15,8 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from satellite.materialiser import PackageStore
-from satellite.ports import CoreClient
+from satellite.materialiser import PackageStore, Progress
+from satellite.ports import CoreClient, SyncReport, SyncStatus
 from shared import tags
 from shared.manifest import Manifest, ManifestEntry
 
@@ -90,6 +90,42 @@ class ReconcileResult:
     @property
     def ok(self) -> bool:
         return self.outcome is not Outcome.FAILED
+
+
+def make_result(
+    target: str,
+    outcome: Outcome,
+    progress: Progress,
+    deps: ReconcileDeps,
+    started: float,
+    error: str = "",
+    exception: BaseException | None = None,
+) -> ReconcileResult:
+    """The result of a run that started at `started` (deps.monotonic) and did `progress`."""
+    return ReconcileResult(
+        lockfile_hash=target,
+        outcome=outcome,
+        error=error,
+        blobs_pulled=progress.blobs_pulled,
+        bytes_pulled=progress.bytes_pulled,
+        pkgs_unpacked=progress.pkgs_unpacked,
+        tree_built=progress.tree_built,
+        duration_ms=max(0, round((deps.monotonic() - started) * 1000)),
+        exception=exception,
+    )
+
+
+def sync_report(result: ReconcileResult, status: SyncStatus, current: str) -> SyncReport:
+    """What the core is told about `result`; `current` is the tree live on this satellite."""
+    return SyncReport(
+        lockfile_hash=result.lockfile_hash,
+        status=status,
+        error=result.error,
+        blobs_pulled=result.blobs_pulled,
+        bytes_pulled=result.bytes_pulled,
+        duration_ms=result.duration_ms,
+        current_hash=current,
+    )
 
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)

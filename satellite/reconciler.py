@@ -33,6 +33,8 @@ from satellite.reconcile_types import (
     ReconcileResult,
     ReconcileStore,
     disk_full,
+    make_result,
+    sync_report,
 )
 from shared.errors import FailedPrecondition, IntegrityError, InvalidArgument
 from shared.manifest import Manifest, ManifestEntry
@@ -110,11 +112,11 @@ async def reconcile_to_hash(
         await asyncio.to_thread(store.flip_current, target)
     except _Superseded:
         log.info("reconcile to %s superseded by a newer request before the flip", target)
-        return _result(target, Outcome.SUPERSEDED, progress, deps, started)
+        return make_result(target, Outcome.SUPERSEDED, progress, deps, started)
     except Exception as exc:
         return await _failed(target, exc, progress, deps, started, current)
 
-    result = _result(target, Outcome.FLIPPED, progress, deps, started)
+    result = make_result(target, Outcome.FLIPPED, progress, deps, started)
     log.info(
         "flipped to %s: %d blobs (%d bytes) pulled, %d packages unpacked in %d ms",
         target,
@@ -133,7 +135,7 @@ async def reconcile_to_hash(
         await asyncio.to_thread(store.retire_others, deps.wall_clock())
     except Exception:  # the new tree is live; a missed mark is retried after the next flip
         log.exception("retiring old trees after the flip to %s failed", target)
-    await _report(deps, _sync_report(result, SyncStatus.READY, target))
+    await _report(deps, sync_report(result, SyncStatus.READY, target))
     collected = await _collect_trees(deps)
     return replace(result, trees_collected=collected)
 
@@ -153,9 +155,9 @@ async def _failed(
         message += "; the satellite's data disk is full: free space there, the agent retries"
     quiet = full or is_expected(exc)  # a traceback only for what looks like a bug
     log.error("reconcile to %s failed: %s", target, message, exc_info=not quiet)
-    result = _result(target, Outcome.FAILED, progress, deps, started, message, exc)
+    result = make_result(target, Outcome.FAILED, progress, deps, started, message, exc)
     await _record(deps, status=SyncStatus.ERROR, error=message)
-    await _report(deps, _sync_report(result, SyncStatus.ERROR, current or ""))
+    await _report(deps, sync_report(result, SyncStatus.ERROR, current or ""))
     return result
 
 
@@ -171,7 +173,7 @@ async def repair_tree(lockfile_hash: str, deps: ReconcileDeps) -> ReconcileResul
     try:
         problems = await asyncio.to_thread(store.verify_tree, lockfile_hash)
         if not problems:
-            return _result(lockfile_hash, Outcome.INTACT, progress, deps, started)
+            return make_result(lockfile_hash, Outcome.INTACT, progress, deps, started)
         log.warning("tree %s drifted: %s", lockfile_hash, "; ".join(problems[:10]))
         manifest = await asyncio.to_thread(store.tree_manifest, lockfile_hash)
         for entry in manifest.entries:
@@ -188,8 +190,8 @@ async def repair_tree(lockfile_hash: str, deps: ReconcileDeps) -> ReconcileResul
     except Exception as exc:
         message = f"repairing tree {lockfile_hash}: {exc}"
         log.error("%s", message, exc_info=not is_expected(exc))
-        return _result(lockfile_hash, Outcome.FAILED, progress, deps, started, message, exc)
-    return _result(lockfile_hash, Outcome.REPAIRED, progress, deps, started)
+        return make_result(lockfile_hash, Outcome.FAILED, progress, deps, started, message, exc)
+    return make_result(lockfile_hash, Outcome.REPAIRED, progress, deps, started)
 
 
 def _check_manifest(
@@ -267,40 +269,6 @@ async def _report(deps: ReconcileDeps, report: SyncReport) -> None:
         log.warning(
             "reporting %s for %s failed: %s", report.status.value, report.lockfile_hash, exc
         )
-
-
-def _result(
-    target: str,
-    outcome: Outcome,
-    progress: Progress,
-    deps: ReconcileDeps,
-    started: float,
-    error: str = "",
-    exception: BaseException | None = None,
-) -> ReconcileResult:
-    return ReconcileResult(
-        lockfile_hash=target,
-        outcome=outcome,
-        error=error,
-        blobs_pulled=progress.blobs_pulled,
-        bytes_pulled=progress.bytes_pulled,
-        pkgs_unpacked=progress.pkgs_unpacked,
-        tree_built=progress.tree_built,
-        duration_ms=max(0, round((deps.monotonic() - started) * 1000)),
-        exception=exception,
-    )
-
-
-def _sync_report(result: ReconcileResult, status: SyncStatus, current: str) -> SyncReport:
-    return SyncReport(
-        lockfile_hash=result.lockfile_hash,
-        status=status,
-        error=result.error,
-        blobs_pulled=result.blobs_pulled,
-        bytes_pulled=result.bytes_pulled,
-        duration_ms=result.duration_ms,
-        current_hash=current,
-    )
 
 
 class Reconciler:

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.core_process import CoreProcess
 from tests.index_server import PackageIndex
+from tests.satellite_process import SatelliteProcess
 from tests.storage_servers import FreshPostgres, MotoS3
 
 # --------------------------------------------------------------------------- package index
@@ -52,3 +54,24 @@ def postgres_url() -> Iterator[str]:
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3]:
     with MotoS3(tmp_path_factory.mktemp("moto")) as server:
         yield server
+
+
+# --------------------------------------------------------------------------- core and satellites
+# A real core process per test (tmp_path/core, no registry set). A module whose tests all need
+# the test index as registry overrides `core` with one that takes this `core` and `package_index`.
+
+
+@pytest.fixture
+def core(tmp_path: Path) -> Iterator[CoreProcess]:
+    proc = CoreProcess(tmp_path / "core").start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def satellites() -> Iterator[list[SatelliteProcess]]:
+    """Append every SatelliteProcess the test starts; each is stopped after the test."""
+    started: list[SatelliteProcess] = []
+    yield started
+    for sat in started:
+        sat.stop()

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,13 +26,6 @@ def test_parse_size_and_pin() -> None:
     assert (parse_pin("six==1.17.0").name, parse_pin("six==1.17.0").version) == ("six", "1.17.0")
     with pytest.raises(InvalidArgument, match="NAME==VERSION"):
         parse_pin("six>=1")
-
-
-@pytest.fixture
-def core(tmp_path: Path) -> Iterator[CoreProcess]:
-    proc = CoreProcess(tmp_path / "core").start()
-    yield proc
-    proc.stop()
 
 
 def test_admin_cli_drives_an_install(

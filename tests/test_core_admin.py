@@ -5,7 +5,6 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -14,13 +13,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shared.proto.scriptpkgs.v1 import admin_pb2 as apb
 from tests.core_process import CoreProcess
-
-
-@pytest.fixture
-def core(tmp_path: Path) -> Iterator[CoreProcess]:
-    proc = CoreProcess(tmp_path / "core").start()
-    yield proc
-    proc.stop()
 
 
 def _code(call: object) -> grpc.StatusCode:

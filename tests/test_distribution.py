@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -17,13 +16,6 @@ from shared.proto.scriptpkgs.v1 import distribution_pb2_grpc
 from tests.core_process import CoreProcess, eventually
 from tests.index_server import PackageIndex
 from tests.wheelfactory import WheelSpec, build_wheel
-
-
-@pytest.fixture
-def core(tmp_path: Path) -> Iterator[CoreProcess]:
-    proc = CoreProcess(tmp_path / "core").start()
-    yield proc
-    proc.stop()
 
 
 def _stub(

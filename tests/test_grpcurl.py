@@ -6,23 +6,14 @@ import json
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
-import pytest
 from grpc_reflection.v1alpha import reflection_pb2 as refl
 
 from tests.core_process import ADMIN_TOKEN, CoreProcess, eventually
 
 GRPCURL = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shutil.which("grpcurl")
-
-
-@pytest.fixture
-def core(tmp_path: Path) -> Iterator[CoreProcess]:
-    proc = CoreProcess(tmp_path / "core").start()
-    yield proc
-    proc.stop()
 
 
 def grpcurl(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -29,13 +28,6 @@ def test_project_names_from_json_and_html() -> None:
     assert project_names(doc, "application/vnd.pypi.simple.v1+json") == ["a", "B"]
     html = b'<html><body><a href="/simple/a/">a</a>\n<a href="/simple/b/">B</a></body></html>'
     assert project_names(html, "text/html") == ["a", "B"]
-
-
-@pytest.fixture
-def core(tmp_path: Path) -> Iterator[CoreProcess]:
-    proc = CoreProcess(tmp_path / "core").start()
-    yield proc
-    proc.stop()
 
 
 def test_search_and_versions_through_the_core(

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,19 +20,10 @@ from tests.wheelfactory import WheelSpec, build_wheel
 
 
 @pytest.fixture
-def core(tmp_path: Path, package_index: PackageIndex) -> Iterator[CoreProcess]:
-    proc = CoreProcess(tmp_path / "core").start()
-    proc.admin().SetRegistryConfig(apb.SetRegistryConfigRequest(index_url=package_index.url))
-    yield proc
-    proc.stop()
-
-
-@pytest.fixture
-def satellites(tmp_path: Path) -> Iterator[list[SatelliteProcess]]:
-    started: list[SatelliteProcess] = []
-    yield started
-    for sat in started:
-        sat.stop()
+def core(package_index: PackageIndex, core: CoreProcess) -> CoreProcess:
+    """The conftest core with the test index as registry (the index outlives the core)."""
+    core.admin().SetRegistryConfig(apb.SetRegistryConfigRequest(index_url=package_index.url))
+    return core
 
 
 def _sat(

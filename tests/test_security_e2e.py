@@ -4,7 +4,6 @@ signing key vouches for, whatever the core's database or blob store says."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -22,19 +21,10 @@ from tests.wheelfactory import WheelSpec, build_wheel
 
 
 @pytest.fixture
-def core(tmp_path: Path, package_index: PackageIndex) -> Iterator[CoreProcess]:
-    proc = CoreProcess(tmp_path / "core").start()
-    proc.admin().SetRegistryConfig(apb.SetRegistryConfigRequest(index_url=package_index.url))
-    yield proc
-    proc.stop()
-
-
-@pytest.fixture
-def sats() -> Iterator[list[SatelliteProcess]]:
-    started: list[SatelliteProcess] = []
-    yield started
-    for sat in started:
-        sat.stop()
+def core(package_index: PackageIndex, core: CoreProcess) -> CoreProcess:
+    """The conftest core with the test index as registry (the index outlives the core)."""
+    core.admin().SetRegistryConfig(apb.SetRegistryConfigRequest(index_url=package_index.url))
+    return core
 
 
 def _install(admin: AdminClient, *pins: tuple[str, str]) -> str:
@@ -46,10 +36,10 @@ def _install(admin: AdminClient, *pins: tuple[str, str]) -> str:
 
 
 def _start(
-    core: CoreProcess, tmp_path: Path, sats: list[SatelliteProcess], name: str
+    core: CoreProcess, tmp_path: Path, satellites: list[SatelliteProcess], name: str
 ) -> SatelliteProcess:
     sat = SatelliteProcess(core, name, tmp_path).register().start()
-    sats.append(sat)
+    satellites.append(sat)
     return sat
 
 
@@ -67,25 +57,25 @@ def _refused(sat: SatelliteProcess, *needles: str) -> str:
 
 
 def test_wrong_pinned_key_is_refused(
-    core: CoreProcess, tmp_path: Path, sats: list[SatelliteProcess]
+    core: CoreProcess, tmp_path: Path, satellites: list[SatelliteProcess]
 ) -> None:
     wanted = _install(core.admin())
     sat = SatelliteProcess(core, "sat-k", tmp_path).register()
     sat.key_file.write_text(public_key_pem(Ed25519PrivateKey.generate().public_key()))
-    sats.append(sat.start())
+    satellites.append(sat.start())
     _refused(sat, "expected the pinned key")
     assert sat.current() is None and wanted
 
 
 def test_tampered_unsigned_and_replayed_manifests_are_refused(
-    core: CoreProcess, tmp_path: Path, wheel_dir: Path, sats: list[SatelliteProcess]
+    core: CoreProcess, tmp_path: Path, wheel_dir: Path, satellites: list[SatelliteProcess]
 ) -> None:
     build_wheel(WheelSpec("alpha", "1.0"), wheel_dir)
     build_wheel(WheelSpec("alpha", "2.0"), wheel_dir)
     build_wheel(WheelSpec("beta", "1.0"), wheel_dir)
     admin = core.admin()
     first = _install(admin, ("alpha", "1.0"))
-    sat = _start(core, tmp_path, sats, "sat-t")
+    sat = _start(core, tmp_path, satellites, "sat-t")
     _at(sat, first)
     second = _install(admin, ("alpha", "2.0"))
     _at(sat, second)

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from shared import wheels
+from shared import wheel_checks, wheels
 from shared.errors import UnsafeWheel
 from shared.wheels import WheelInfo, WheelLimits, extract_wheel, inspect_wheel
 from tests.wheelfactory import (
@@ -366,7 +366,7 @@ def test_resolved_path_check_backs_up_the_name_check(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # With the name rules switched off, the resolved-path check alone must stop the escape.
-    monkeypatch.setattr(wheels, "_name_problem", lambda name: None)
+    monkeypatch.setattr(wheel_checks, "_name_problem", lambda name: None)
     wheel = build_wheel(spec({"../dest-evil/x.py": b"x"}), tmp_path / "w")
     before = snapshot(tmp_path)
 
@@ -393,7 +393,7 @@ def test_limits_are_configurable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     with pytest.raises(UnsafeWheel, match="has 5 entries, more than the limit 4"):
         inspect_wheel(wheel, WheelLimits(max_entries=4))
     # An end record that lies about the count only skips the shortcut; the parsed count decides.
-    monkeypatch.setattr(wheels, "_declared_entry_count", lambda fd: None)
+    monkeypatch.setattr(wheel_checks, "_declared_entry_count", lambda fd: None)
     with pytest.raises(UnsafeWheel, match="has 5 entries, more than the limit 4"):
         extract_wheel(wheel, tmp_path / "dest", WheelLimits(max_entries=4))
     assert not (tmp_path / "dest").exists()
