@@ -1,27 +1,27 @@
-"""Talk to the package index directly: download a resolved wheel, list a project's versions.
+"""Talk to the package index directly: check a downloaded wheel's published hash, list versions.
 
-pip decides WHAT to install (core/registry.py); this module fetches the bytes once and verifies
-them against the sha256 the index published. urllib is blocking, so every request runs in a
-worker thread (asyncio.to_thread). Errors are translated in one place (`_translate`):
+pip decides WHAT to install and downloads it (core/registry.py); this module reads the index's
+project pages (PEP 691 JSON or PEP 503 HTML) to confirm that the index published a sha256 for
+each file and that it is the one on disk. urllib is blocking, so every request runs in a worker
+thread (asyncio.to_thread). Errors are translated in one place (`_translate`):
 
     HTTP 401/403              -> RegistryError ("the index rejected the credentials ...")
     HTTP 404                  -> NotFound
     other HTTP / socket error -> RegistryError
-    sha256 mismatch           -> IntegrityError (the partial file is removed)
+    no published sha256       -> ResolveError; a different one -> IntegrityError
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import urllib.error
 import urllib.request
 from collections.abc import Iterable
+from dataclasses import dataclass
 from html.parser import HTMLParser
 from http.client import HTTPException, HTTPResponse
-from pathlib import Path
 from urllib.parse import unquote, urljoin, urlsplit
 
 from packaging.utils import (
@@ -34,8 +34,7 @@ from packaging.utils import (
 from packaging.version import InvalidVersion, Version
 
 from core.registry import RegistrySettings, ResolvedWheel, validate_settings
-from shared.errors import NotFound, RegistryError, SpkError, StoreError
-from shared.hashing import READ_CHUNK, StreamVerifier
+from shared.errors import IntegrityError, NotFound, RegistryError, ResolveError, SpkError
 from shared.names import normalize_name
 
 VERSIONS_TIMEOUT_SECONDS = 5.0  # an admin is waiting on this one
@@ -76,16 +75,37 @@ class _LinkParser(HTMLParser):
             self.hrefs.append(href)
 
 
-def project_filenames(body: bytes, content_type: str) -> list[str]:
-    """File names on a project page, PEP 691 JSON or PEP 503 HTML."""
+@dataclass(frozen=True)
+class IndexFile:
+    filename: str
+    sha256: str | None  # lower-case hex as published, None when the index gave none
+
+
+def _html_sha256(href: str) -> str | None:
+    algo, _, value = urlsplit(href).fragment.partition("=")
+    return value.lower() if algo == "sha256" and value else None
+
+
+def project_files(body: bytes, content_type: str) -> list[IndexFile]:
+    """The files on a project page, PEP 691 JSON or PEP 503 HTML, with their published sha256."""
     if content_type.split(";")[0].strip() in (PEP691_JSON, "application/json"):
         doc = json.loads(body)
-        return [str(f["filename"]) for f in doc.get("files", []) if "filename" in f]
+        files: list[IndexFile] = []
+        for entry in doc.get("files", []):
+            if not isinstance(entry, dict) or "filename" not in entry:
+                continue
+            hashes = entry.get("hashes")
+            raw = hashes.get("sha256") if isinstance(hashes, dict) else None
+            files.append(IndexFile(str(entry["filename"]), str(raw).lower() if raw else None))
+        return files
     parser = _LinkParser()
     parser.feed(body.decode("utf-8", "replace"))
     # PEP 503: the anchor text must equal the file name; the href's last segment is the same
     # thing and survives sloppy servers that put something else in the text.
-    return [unquote(urlsplit(href).path.rsplit("/", 1)[-1]) for href in parser.hrefs]
+    return [
+        IndexFile(unquote(urlsplit(href).path.rsplit("/", 1)[-1]), _html_sha256(href))
+        for href in parser.hrefs
+    ]
 
 
 def _version_from_filename(name: str, filename: str) -> str | None:
@@ -185,36 +205,6 @@ def read_bounded(response: HTTPResponse, size: int, url: str) -> bytes:
         raise _translate(exc, url) from None
 
 
-def _download_sync(wheel: ResolvedWheel, settings: RegistrySettings, dest: Path) -> int:
-    verifier = StreamVerifier(wheel.filename, wheel.sha256)
-    try:
-        with open_index_url(wheel.url, settings, "*/*", settings.timeout_seconds) as response:
-            try:
-                out = dest.open("wb")
-            except OSError as exc:
-                raise StoreError(f"cannot write {dest}: {exc.strerror}") from None
-            with out:
-                while chunk := read_bounded(response, READ_CHUNK, wheel.url):
-                    verifier.update(chunk)  # hash while writing: the bytes pass through once
-                    out.write(chunk)
-        verifier.finish()
-    except BaseException:
-        # A partial or tampered file must not look like a download.
-        with contextlib.suppress(FileNotFoundError):
-            dest.unlink()
-        raise
-    return verifier.size
-
-
-async def download_wheel(wheel: ResolvedWheel, settings: RegistrySettings, dest: Path) -> int:
-    """Stream `wheel.url` into `dest`, verifying its sha256; return the byte count.
-
-    Raises IntegrityError on a hash mismatch, RegistryError on HTTP/network failure (401/403:
-    credentials rejected), NotFound on 404. `dest` is removed on any failure.
-    """
-    return await asyncio.to_thread(_download_sync, wheel, settings, dest)
-
-
 def _read_capped(response: HTTPResponse, url: str) -> bytes:
     body = read_bounded(response, MAX_PROJECT_PAGE + 1, url)
     if len(body) > MAX_PROJECT_PAGE:
@@ -222,22 +212,62 @@ def _read_capped(response: HTTPResponse, url: str) -> bytes:
     return body
 
 
-def _versions_sync(name: str, settings: RegistrySettings) -> list[str]:
-    filenames: list[str] = []
+def _project_files_sync(name: str, settings: RegistrySettings, timeout: float) -> list[IndexFile]:
+    """Every file of project `name` on every configured index; NotFound if no index has it."""
+    files: list[IndexFile] = []
     found = False
     for index in settings.index_urls:
         url = urljoin(index.rstrip("/") + "/", f"{name}/")
         try:
-            with open_index_url(url, settings, ACCEPT_SIMPLE, VERSIONS_TIMEOUT_SECONDS) as response:
+            with open_index_url(url, settings, ACCEPT_SIMPLE, timeout) as response:
                 body = _read_capped(response, url)
                 content_type = response.headers.get("Content-Type", "text/html")
         except NotFound:
             continue  # an extra index that lacks the project is normal
         found = True
-        filenames += project_filenames(body, content_type)
+        files += project_files(body, content_type)
     if not found:
         raise NotFound(f"package '{name}' was not found on the index {settings.describe_index()}")
-    return versions_from_filenames(name, filenames)
+    return files
+
+
+def check_published_hash(wheel: ResolvedWheel, files: Iterable[IndexFile]) -> None:
+    """The file on disk must carry a sha256 its index published for that file name."""
+    published = {f.sha256 for f in files if f.filename == wheel.filename}
+    if wheel.sha256 in published:
+        return
+    if not published or published == {None}:
+        raise ResolveError(
+            f"the index gave no sha256 for '{wheel.name}' ({wheel.filename});"
+            " refusing an unverifiable wheel"
+        )
+    raise IntegrityError(
+        f"'{wheel.name}' {wheel.version}: {wheel.filename} has sha256 {wheel.sha256}, which is"
+        " not the one the index publishes for it"
+    )
+
+
+def check_published_sync(wheel: ResolvedWheel, settings: RegistrySettings) -> None:
+    try:
+        files = _project_files_sync(wheel.name, settings, settings.timeout_seconds)
+    except NotFound:
+        files = []  # pip found it a moment ago: treat as "nothing published"
+    check_published_hash(wheel, files)
+
+
+async def check_published(wheel: ResolvedWheel, settings: RegistrySettings) -> None:
+    """Confirm against the index that `wheel` (pip's download) is the file it publishes.
+
+    pip already refused a file whose hash differed from its link's; this also refuses a link
+    without one. Raises ResolveError (no sha256 published), IntegrityError (another sha256),
+    RegistryError (index unreachable, credentials rejected).
+    """
+    await asyncio.to_thread(check_published_sync, wheel, settings)
+
+
+def _versions_sync(name: str, settings: RegistrySettings) -> list[str]:
+    files = _project_files_sync(name, settings, VERSIONS_TIMEOUT_SECONDS)
+    return versions_from_filenames(name, (f.filename for f in files))
 
 
 async def package_versions(name: str, settings: RegistrySettings) -> list[str]:

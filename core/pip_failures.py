@@ -22,7 +22,7 @@ from packaging.utils import (
 )
 from packaging.version import InvalidVersion, Version
 
-from shared.errors import RegistryError, ResolveError, SpkError
+from shared.errors import IntegrityError, RegistryError, ResolveError, SpkError
 from shared.manifest import TargetEnvironment
 
 if TYPE_CHECKING:
@@ -44,6 +44,10 @@ _SDIST_SKIP = re.compile(r"No sources permitted for [^:]+: \S*/(?P<file>[^/#\s]+
 _REQUIRES_PYTHON = re.compile(r"Ignored the following versions that require a different python.*")
 _INSECURE_HOST = re.compile(r"located at (?P<host>\S+) is not a trusted or secure host")
 _URL_USERINFO = re.compile(r"//[^/\s@]+@")
+_HASH_MISMATCH = re.compile(
+    r"(?P<req>\S+) from (?P<url>[^\s#]+)[^\n]*:\s+Expected sha256 (?P<expected>[0-9a-f]{64})"
+    r"\s+Got\s+(?P<got>[0-9a-f]{64})"
+)
 _LOG_STAMP = re.compile(r"^\d{4}-\d\d-\d\dT[\d:,.]+ ?")  # pip --log line prefix
 
 
@@ -163,8 +167,16 @@ def classify_failure(
 
 def _classify(
     rc: int, stderr: str, log: str, settings: RegistrySettings, env: TargetEnvironment | None
-) -> tuple[type[ResolveError | RegistryError], str]:
+) -> tuple[type[ResolveError | RegistryError | IntegrityError], str]:
     text = f"{stderr}\n{log}"
+    # pip checks each download against the sha256 on its index link (that is the whole point).
+    if mismatch := _HASH_MISMATCH.search(stderr):
+        filename = mismatch["url"].rsplit("/", 1)[-1]
+        return IntegrityError, (
+            f"{mismatch['req']}: the index publishes sha256 {mismatch['expected']} for {filename}"
+            f" but served bytes with sha256 {mismatch['got']}; refusing a tampered or corrupt"
+            " download"
+        )
     # Credentials first: pip reports a 401 on the project page as "(from versions: none)".
     for m in _HTTP_STATUS.finditer(text):
         code = m.group(1) or m.group(2)

@@ -1,41 +1,50 @@
-"""Resolve the allowlist with pip against the configured package index.
+"""Resolve the allowlist with pip against the configured package index, keeping pip's downloads.
 
-    resolve()                 I/O: private scratch dir, pip subprocess, report.json
+    resolve()                 I/O: private scratch dir, `pip download`, wheels moved to `dest`
       build_pip_argv()        pure: the exact pip command line (never carries a secret)
       build_child_env()       pure: the minimal environment pip runs in
       render_netrc()          pure: the only place the token is written down
-      parse_report()          pure: pip's --report JSON -> ResolvedWheel list
+      plan_downloads()        pure: the files pip saved -> wheels by name; sdists refused
       classify_failure()      pure: pip's stderr + debug log -> ResolveError / RegistryError
 
-pip runs as `sys.executable -m pip` (pip 23.x refuses --dry-run --report with --platform),
-`--isolated` and with PIP_CONFIG_FILE=/dev/null: --isolated alone skips PIP_* variables and the
-user config but still reads the global (/etc, /etc/xdg) and site pip.conf files, which on a real
-host add indexes, find-links or constraints we must not inherit.
+`pip download` rather than `pip install --dry-run --report`: an index without PEP 658 metadata
+(pypiserver, many private ones) makes pip fetch every wheel to read its dependencies, and the
+report throws those bytes away, so every wheel crossed the network twice. pip checks each file
+against the sha256 its index link publishes; core/index_client.py re-checks that the index
+published one at all (`check_published`) before a wheel is stored.
+
+pip runs as `sys.executable -m pip`, `--isolated` and with PIP_CONFIG_FILE=/dev/null: --isolated
+alone skips PIP_* variables and the user config but still reads the global (/etc, /etc/xdg) and
+site pip.conf files, which on a real host add indexes, find-links or constraints we must not
+inherit.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import hashlib
 import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from packaging.utils import (
-    canonicalize_name,
+    InvalidSdistFilename,
+    InvalidWheelFilename,
+    parse_sdist_filename,
+    parse_wheel_filename,
 )
 
 from core.pip_failures import SDIST_REFUSAL, classify_failure
 from shared.errors import InvalidArgument, RegistryError, ResolveError
 from shared.manifest import TargetEnvironment
-from shared.names import check_sha256, exact_version, normalize_name
+from shared.names import exact_version, normalize_name
 
 TOKEN_LOGIN = "__token__"  # noqa: S105 - a well-known username, not a secret
 # Network plumbing a host may need to reach its index at all; none of these name package sources.
@@ -71,13 +80,24 @@ class RegistrySettings:
 
 
 @dataclass(frozen=True)
+class PlannedWheel:
+    """A wheel pip chose, named by its file (pure: no path, no bytes)."""
+
+    name: str  # PEP 503 normalised
+    version: str
+    filename: str
+    requested: bool  # on the allowlist (top level) vs pulled in as a dependency
+
+
+@dataclass(frozen=True)
 class ResolvedWheel:
     name: str  # PEP 503 normalised
     version: str
     filename: str
-    url: str  # never contains credentials
-    sha256: str  # as published by the index (pip's report)
-    requested: bool  # on the allowlist (top level) vs pulled in as a dependency
+    path: Path  # pip's download, now in the caller's `dest` directory
+    sha256: str  # of the file on disk (pip checked it against the index link's published hash)
+    size: int
+    requested: bool
 
 
 # --------------------------------------------------------------------------- validation
@@ -138,14 +158,14 @@ def build_pip_argv(
     environment: TargetEnvironment | None,
     *,
     requirements_file: Path,
-    report_file: Path,
+    download_dir: Path,
     log_file: Path,
     python: str = sys.executable,
 ) -> list[str]:
     """The pip command line. Credentials never appear here: argv is world-readable in /proc."""
     cross = environment is not None and bool(environment.platform)
-    argv = [python, "-m", "pip", "install", "--dry-run", "--ignore-installed"]
-    argv += ["--report", str(report_file), "--isolated", "--no-cache-dir"]
+    argv = [python, "-m", "pip", "download", "--dest", str(download_dir)]
+    argv += ["--isolated", "--no-cache-dir"]
     argv += ["--disable-pip-version-check", "--no-input", "--quiet", "--no-color"]
     # keyring could fetch credentials from the core's own user session: only our netrc counts.
     argv += ["--keyring-provider", "disabled"]
@@ -185,44 +205,24 @@ def build_child_env(scratch: Path, parent: Mapping[str, str] | None = None) -> d
     return env
 
 
-# --------------------------------------------------------------------------- report parsing
+# --------------------------------------------------------------------------- download planning
 
 
-def _strip_userinfo(url: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
-
-
-def _report_sha256(name: str, archive: Mapping[str, Any]) -> str:
-    hashes = archive.get("hashes") or {}
-    raw = hashes.get("sha256") if isinstance(hashes, Mapping) else None
-    legacy = archive.get("hash")
-    if not raw and isinstance(legacy, str) and legacy.startswith("sha256="):
-        raw = legacy.removeprefix("sha256=")
-    if not isinstance(raw, str) or not raw:
-        raise ResolveError(f"the index gave no sha256 for '{name}'; refusing an unverifiable wheel")
-    try:
-        return check_sha256(raw)
-    except InvalidArgument:
-        raise ResolveError(f"the index gave a malformed sha256 for '{name}'") from None
-
-
-def parse_report(report: Mapping[str, Any]) -> list[ResolvedWheel]:
-    """Turn pip's installation report into ResolvedWheels (one per install item)."""
-    wheels: list[ResolvedWheel] = []
-    for item in report.get("install") or []:
-        metadata, info = item.get("metadata") or {}, item.get("download_info") or {}
-        name = canonicalize_name(str(metadata.get("name", "")))
-        version = str(metadata.get("version", ""))
-        url = _strip_userinfo(str(info.get("url", "")))
-        filename = unquote(urlsplit(url).path.rsplit("/", 1)[-1])
-        if not name or not version or not filename:
-            raise ResolveError(f"pip's report has an incomplete entry ({name or '?'} {version})")
-        if not filename.endswith(".whl"):
-            raise ResolveError(f"'{name}' {version} resolved to {filename}; {SDIST_REFUSAL}")
-        sha = _report_sha256(name, info.get("archive_info") or {})
-        requested = bool(item.get("requested", False))
-        wheels.append(ResolvedWheel(name, version, filename, url, sha, requested))
+def plan_downloads(filenames: Collection[str], requested: Collection[str]) -> list[PlannedWheel]:
+    """What pip saved, as wheels; an sdist is refused by name, a stray file as pip's fault."""
+    wheels: list[PlannedWheel] = []
+    for filename in sorted(filenames):
+        try:
+            name, version, _, _ = parse_wheel_filename(filename)
+        except InvalidWheelFilename:
+            try:
+                sname, sversion = parse_sdist_filename(filename)
+            except InvalidSdistFilename:
+                raise ResolveError(f"pip saved {filename!r}, which is not a wheel") from None
+            raise ResolveError(
+                f"'{sname}' {sversion} resolved to {filename}; {SDIST_REFUSAL}"
+            ) from None
+        wheels.append(PlannedWheel(name, str(version), filename, name in requested))
     return wheels
 
 
@@ -248,6 +248,23 @@ def _prepare_scratch(parent: Path, pins: list[tuple[str, str]], settings: Regist
         shutil.rmtree(scratch, ignore_errors=True)
         raise
     return scratch
+
+
+def _collect(downloaded: Path, dest: Path, requested: Collection[str]) -> list[ResolvedWheel]:
+    """Move pip's files out of the scratch dir (which is deleted) into `dest`, hashing each."""
+    wheels: list[ResolvedWheel] = []
+    for plan in plan_downloads(os.listdir(downloaded), requested):
+        path = dest / plan.filename
+        os.rename(downloaded / plan.filename, path)  # same filesystem: the work dir
+        with path.open("rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+            size = os.fstat(f.fileno()).st_size
+        wheels.append(
+            ResolvedWheel(
+                plan.name, plan.version, plan.filename, path, digest, size, plan.requested
+            )
+        )
+    return wheels
 
 
 def _read_text(path: Path) -> str:
@@ -296,13 +313,18 @@ async def resolve(
     settings: RegistrySettings,
     environment: TargetEnvironment | None,
     scratch_parent: Path,
+    dest: Path,
     *,
     deadline_seconds: float = 600.0,
+    watch: Callable[[Path], AbstractContextManager[object]] | None = None,
 ) -> list[ResolvedWheel]:
-    """Resolve pinned (name, version) pairs to the exact wheels to download, dependencies included.
+    """Resolve pinned (name, version) pairs to wheels, dependencies included, downloaded once.
 
-    Raises InvalidArgument (bad settings or pins), ResolveError (the index cannot satisfy the
-    allowlist; names the package) or RegistryError (index unreachable, credentials rejected).
+    The wheels land in `dest` (an existing directory on the scratch parent's filesystem; the
+    caller owns and removes it). Raises InvalidArgument (bad settings or pins), ResolveError
+    (the index cannot satisfy the allowlist; names the package), IntegrityError (a file did not
+    match the hash its index link published) or RegistryError (index unreachable, credentials
+    rejected). `watch`, if given, is entered with pip's TMPDIR for as long as pip runs.
     """
     pins = [
         (normalize_name(n, f"requirements[{i}]"), exact_version(v, f"requirements[{i}]"))
@@ -313,16 +335,19 @@ async def resolve(
         return []  # nothing to resolve: no subprocess, no scratch dir
     scratch = _prepare_scratch(scratch_parent, pins, settings)
     try:
-        report_file, log_file = scratch / "report.json", scratch / "pip.log"
+        downloaded, log_file = scratch / "downloads", scratch / "pip.log"
         argv = build_pip_argv(
             settings,
             environment,
             requirements_file=scratch / "requirements.txt",
-            report_file=report_file,
+            download_dir=downloaded,
             log_file=log_file,
         )
         try:
-            rc, stderr = await _run_pip(argv, build_child_env(scratch), scratch, deadline_seconds)
+            with watch(scratch / "tmp") if watch else nullcontext():
+                rc, stderr = await _run_pip(
+                    argv, build_child_env(scratch), scratch, deadline_seconds
+                )
         except TimeoutError:
             raise RegistryError(
                 f"pip did not finish within {deadline_seconds:.0f} s resolving against "
@@ -330,11 +355,8 @@ async def resolve(
             ) from None
         if rc != 0:
             raise classify_failure(rc, stderr, _read_text(log_file), settings, environment)
-        try:
-            report = json.loads(_read_text(report_file))
-        except ValueError as exc:
-            raise ResolveError(f"pip succeeded but its report is unreadable: {exc}") from None
-        return parse_report(report)
+        requested = {name for name, _ in pins}
+        return await asyncio.to_thread(_collect, downloaded, dest, requested)
     finally:
         # Synchronous on purpose: a `finally` may run during cancellation, where awaiting a
         # thread could be interrupted and leave the netrc (the token) on disk.

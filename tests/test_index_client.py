@@ -1,4 +1,4 @@
-"""core/index_client.py: wheel download and version listing against real loopback servers."""
+"""core/index_client.py: published-hash checks and version listing against real loopback servers."""
 
 from __future__ import annotations
 
@@ -12,23 +12,24 @@ from pathlib import Path
 import pytest
 
 from core.index_client import (
+    IndexFile,
     basic_auth_header,
-    download_wheel,
+    check_published,
     package_versions,
-    project_filenames,
+    project_files,
     sort_versions,
     versions_from_filenames,
 )
 from core.registry import RegistrySettings, ResolvedWheel
-from shared.errors import IntegrityError, NotFound, RegistryError
+from shared.errors import IntegrityError, NotFound, RegistryError, ResolveError
 from tests.index_server import PackageIndex
 from tests.wheelfactory import WheelSpec, build_sdist, build_wheel
 
 
-def resolved(index: PackageIndex, wheel: Path, sha256: str | None = None) -> ResolvedWheel:
-    digest = sha256 or hashlib.sha256(wheel.read_bytes()).hexdigest()
-    url = f"{index.base_url}/packages/{wheel.name}"
-    return ResolvedWheel("c", "3.0", wheel.name, url, digest, True)
+def downloaded(wheel: Path) -> ResolvedWheel:
+    """`wheel` as if pip had just downloaded it."""
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    return ResolvedWheel("c", "3.0", wheel.name, wheel, digest, wheel.stat().st_size, True)
 
 
 # --------------------------------------------------------------------------- tiny scripted servers
@@ -81,50 +82,51 @@ def send(h: BaseHTTPRequestHandler, status: int, body: bytes = b"", **headers: s
     h.wfile.write(body)
 
 
-# --------------------------------------------------------------------------- download
+# --------------------------------------------------------------------------- published hashes
 
 
-async def test_download_verifies_and_counts(
+async def test_published_hash_accepts_the_index_file(
+    package_index: PackageIndex, wheel_dir: Path
+) -> None:
+    wheel = build_wheel(WheelSpec("c", "3.0"), wheel_dir)
+    await check_published(downloaded(wheel), RegistrySettings(index_url=package_index.url))
+
+
+async def test_a_file_the_index_does_not_publish_is_an_integrity_error(
     package_index: PackageIndex, wheel_dir: Path, tmp_path: Path
 ) -> None:
     wheel = build_wheel(WheelSpec("c", "3.0"), wheel_dir)
-    dest = tmp_path / "c.whl"
-    size = await download_wheel(resolved(package_index, wheel), RegistrySettings(), dest)
-    assert size == wheel.stat().st_size
-    assert dest.read_bytes() == wheel.read_bytes()
+    other = tmp_path / wheel.name
+    other.write_bytes(wheel.read_bytes() + b"evil")  # same name, other bytes
+    with pytest.raises(IntegrityError, match="not the one the index publishes") as err:
+        await check_published(downloaded(other), RegistrySettings(index_url=package_index.url))
+    assert "'c' 3.0" in str(err.value) and wheel.name in str(err.value)
 
 
-async def test_tampered_wheel_is_an_integrity_error(
-    package_index: PackageIndex, wheel_dir: Path, tmp_path: Path
+async def test_an_index_without_hashes_is_refused(
+    scripted: Callable[[Handler], Scripted], wheel_dir: Path
 ) -> None:
     wheel = build_wheel(WheelSpec("c", "3.0"), wheel_dir)
-    expected = resolved(package_index, wheel)  # what the index published at resolve time
-    wheel.write_bytes(wheel.read_bytes() + b"evil")  # ... then the file changes underneath
-    dest = tmp_path / "c.whl"
-    with pytest.raises(IntegrityError, match="sha256 mismatch"):
-        await download_wheel(expected, RegistrySettings(), dest)
-    assert not dest.exists()  # no tampered bytes left behind
+    page = f'<a href="/packages/{wheel.name}">{wheel.name}</a>'.encode()
+    index = scripted(lambda h: send(h, 200, page, Content_Type="text/html"))
+    with pytest.raises(ResolveError, match="the index gave no sha256 for 'c'"):
+        await check_published(downloaded(wheel), RegistrySettings(index_url=f"{index.url}/simple"))
 
 
-async def test_download_from_auth_index(
-    auth_package_index: PackageIndex, wheel_dir: Path, tmp_path: Path
+async def test_published_hash_on_an_auth_index(
+    auth_package_index: PackageIndex, wheel_dir: Path
 ) -> None:
     token = auth_package_index.token
     assert token
-    wheel = build_wheel(WheelSpec("c", "3.0"), wheel_dir)
-    item = resolved(auth_package_index, wheel)
-    good = RegistrySettings(index_url=auth_package_index.url, token=token)
-    assert await download_wheel(item, good, tmp_path / "ok.whl") == wheel.stat().st_size
+    item = downloaded(build_wheel(WheelSpec("c", "3.0"), wheel_dir))
+    await check_published(item, RegistrySettings(index_url=auth_package_index.url, token=token))
 
     with pytest.raises(RegistryError, match=r"rejected the credentials \(HTTP 401\)"):
-        await download_wheel(
-            item, RegistrySettings(index_url=auth_package_index.url), tmp_path / "x"
-        )
+        await check_published(item, RegistrySettings(index_url=auth_package_index.url))
     wrong = RegistrySettings(index_url=auth_package_index.url, token="nope-" + token)
     with pytest.raises(RegistryError, match=r"rejected the credentials \(HTTP 40[13]\)") as err:
-        await download_wheel(item, wrong, tmp_path / "y")
+        await check_published(item, wrong)
     assert token not in str(err.value)
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
 def test_auth_header_only_for_index_origins() -> None:
@@ -141,25 +143,17 @@ def test_auth_header_only_for_index_origins() -> None:
 
 
 async def test_credentials_never_follow_a_redirect_to_another_host(
-    scripted: Callable[[Handler], Scripted], wheel_dir: Path, tmp_path: Path
+    scripted: Callable[[Handler], Scripted], wheel_dir: Path
 ) -> None:
     wheel = build_wheel(WheelSpec("c", "3.0"), wheel_dir)
-    cdn = scripted(lambda h: send(h, 200, wheel.read_bytes()))
-    index = scripted(lambda h: send(h, 302, Location=f"{cdn.url}/c.whl"))
+    item = downloaded(wheel)
+    page = f'<a href="/p/{wheel.name}#sha256={item.sha256}">x</a>'.encode()
+    mirror = scripted(lambda h: send(h, 200, page, Content_Type="text/html"))
+    index = scripted(lambda h: send(h, 302, Location=f"{mirror.url}/simple/c/"))
     settings = RegistrySettings(index_url=f"{index.url}/simple/", token="tok-SECRET")
-    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
-    item = ResolvedWheel("c", "3.0", wheel.name, f"{index.url}/packages/{wheel.name}", digest, True)
-    assert await download_wheel(item, settings, tmp_path / "c.whl") == wheel.stat().st_size
+    await check_published(item, settings)
     assert "Authorization" in index.requests[0][1]
-    assert "Authorization" not in cdn.requests[0][1]
-
-
-async def test_non_http_urls_are_refused(tmp_path: Path) -> None:
-    secret = tmp_path / "secret.whl"
-    secret.write_bytes(b"x")
-    item = ResolvedWheel("c", "1", "c.whl", secret.as_uri(), "0" * 64, True)
-    with pytest.raises(RegistryError, match="only http"):
-        await download_wheel(item, RegistrySettings(), tmp_path / "out.whl")
+    assert "Authorization" not in mirror.requests[0][1]
 
 
 # --------------------------------------------------------------------------- versions
@@ -170,13 +164,24 @@ def test_sort_versions() -> None:
     assert sort_versions(raw) == ["1!0.1", "10.0", "2.0.post1", "2.0", "2.0rc1", "1.0", "banana"]
 
 
-def test_project_filenames_json_and_html() -> None:
-    doc = {"meta": {"api-version": "1.1"}, "name": "c", "files": [{"filename": "c-1.0.tar.gz"}]}
-    assert project_filenames(json.dumps(doc).encode(), "application/vnd.pypi.simple.v1+json") == [
-        "c-1.0.tar.gz"
+def test_project_files_json_and_html() -> None:
+    files = [
+        {"filename": "c-1.0.tar.gz", "hashes": {"sha256": "AB"}},
+        {"filename": "c-1.1.tar.gz", "hashes": {}},
     ]
-    html = b'<a href="../../p/c-2.0-py3-none-any.whl#sha256=ab">c-2.0-py3-none-any.whl</a>'
-    assert project_filenames(html, "text/html; charset=utf-8") == ["c-2.0-py3-none-any.whl"]
+    doc = {"meta": {"api-version": "1.1"}, "name": "c", "files": files}
+    assert project_files(json.dumps(doc).encode(), "application/vnd.pypi.simple.v1+json") == [
+        IndexFile("c-1.0.tar.gz", "ab"),
+        IndexFile("c-1.1.tar.gz", None),
+    ]
+    html = (
+        b'<a href="../../p/c-2.0-py3-none-any.whl#sha256=ab">c-2.0-py3-none-any.whl</a>'
+        b'<a href="/p/c-2.1-py3-none-any.whl#md5=cd">c-2.1</a>'
+    )
+    assert project_files(html, "text/html; charset=utf-8") == [
+        IndexFile("c-2.0-py3-none-any.whl", "ab"),
+        IndexFile("c-2.1-py3-none-any.whl", None),
+    ]
 
 
 def test_versions_from_filenames_skip_other_projects() -> None:

@@ -9,6 +9,7 @@ import netrc
 import os
 import socket
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -21,14 +22,15 @@ import core.registry as registry
 from core.pip_failures import classify_failure
 from core.registry import (
     RegistrySettings,
+    ResolvedWheel,
     build_child_env,
     build_pip_argv,
-    parse_report,
+    plan_downloads,
     render_netrc,
     resolve,
     validate_settings,
 )
-from shared.errors import InvalidArgument, RegistryError, ResolveError
+from shared.errors import IntegrityError, InvalidArgument, RegistryError, ResolveError
 from shared.manifest import TargetEnvironment
 from tests.index_server import PackageIndex
 from tests.wheelfactory import WheelSpec, build_sdist, build_wheel
@@ -56,6 +58,18 @@ def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+async def resolve_to(
+    pins: list[tuple[str, str]],
+    settings: RegistrySettings,
+    environment: TargetEnvironment | None,
+    scratch_parent: Path,
+    **kw: float,
+) -> list[ResolvedWheel]:
+    """resolve() into a fresh dest dir beside the scratch parent (which tests expect empty)."""
+    dest = Path(tempfile.mkdtemp(prefix="dest-", dir=scratch_parent.parent))
+    return await resolve(pins, settings, environment, scratch_parent, dest, **kw)
+
+
 # --------------------------------------------------------------------------- pure parts
 
 
@@ -71,12 +85,12 @@ def test_build_pip_argv_is_exact_and_carries_no_secret(tmp_path: Path) -> None:
         s,
         LINUX,
         requirements_file=tmp_path / "r.txt",
-        report_file=tmp_path / "rep.json",
+        download_dir=tmp_path / "dl",
         log_file=tmp_path / "pip.log",
         python="/py",
     )
-    assert argv[:4] == ["/py", "-m", "pip", "install"]
-    for flag in ("--dry-run", "--ignore-installed", "--isolated", "--no-cache-dir", "--no-input"):
+    assert argv[:4] == ["/py", "-m", "pip", "download"]
+    for flag in ("--isolated", "--no-cache-dir", "--no-input"):
         assert flag in argv
     assert "--disable-pip-version-check" in argv and "--only-binary=:all:" in argv
     pairs = {argv[i]: argv[i + 1] for i in range(len(argv) - 1)}
@@ -85,7 +99,7 @@ def test_build_pip_argv_is_exact_and_carries_no_secret(tmp_path: Path) -> None:
     assert pairs["--timeout"] == "7"
     assert pairs["--python-version"] == "3.11" and pairs["--implementation"] == "cp"
     assert pairs["--abi"] == "cp311" and pairs["--platform"] == "manylinux_2_17_x86_64"
-    assert pairs["--report"] == str(tmp_path / "rep.json")
+    assert pairs["--dest"] == str(tmp_path / "dl")
     assert argv[-2:] == ["-r", str(tmp_path / "r.txt")]
     joined = " ".join(argv)
     assert "SECRET" not in joined and "bob" not in joined
@@ -94,7 +108,7 @@ def test_build_pip_argv_is_exact_and_carries_no_secret(tmp_path: Path) -> None:
         RegistrySettings(),
         TargetEnvironment("3.11"),  # no platform: the core's own tags, no target flags
         requirements_file=Path("r"),
-        report_file=Path("p"),
+        download_dir=Path("p"),
         log_file=Path("l"),
     )
     assert native[0] == sys.executable
@@ -163,44 +177,21 @@ def test_token_is_not_in_repr() -> None:
     assert "tok-SECRET" not in repr(RegistrySettings(token="tok-SECRET"))
 
 
-def test_parse_report() -> None:
-    digest = "ab" * 32
-    report = {
-        "install": [
-            {
-                "requested": True,
-                "metadata": {"name": "Foo_Bar", "version": "1.0"},
-                "download_info": {
-                    "url": "https://user:pw@files.example/p/foo_bar-1.0-py3-none-any.whl",
-                    "archive_info": {"hashes": {"sha256": digest}},
-                },
-            },
-            {
-                "metadata": {"name": "dep", "version": "2.0"},
-                "download_info": {
-                    "url": "https://files.example/p/dep-2.0-py3-none-any.whl",
-                    "archive_info": {"hash": f"sha256={digest}"},  # the legacy field only
-                },
-            },
-        ]
-    }
-    foo, dep = parse_report(report)
-    assert (foo.name, foo.version, foo.requested) == ("foo-bar", "1.0", True)
-    assert foo.filename == "foo_bar-1.0-py3-none-any.whl" and foo.sha256 == digest
-    assert foo.url == "https://files.example/p/foo_bar-1.0-py3-none-any.whl"
-    assert (dep.name, dep.requested, dep.sha256) == ("dep", False, digest)
-    assert parse_report({"install": []}) == []
-
-    no_hash = {"install": [{**report["install"][1], "download_info": {"url": "https://x/d.whl"}}]}
-    with pytest.raises(ResolveError, match="no sha256 for 'dep'"):
-        parse_report(no_hash)
-    sdist = {"install": [{**report["install"][1]}]}
-    sdist["install"][0]["download_info"] = {
-        "url": "https://x/dep-2.0.tar.gz",
-        "archive_info": {"hashes": {"sha256": digest}},
-    }
-    with pytest.raises(ResolveError, match="sdists"):
-        parse_report(sdist)
+def test_plan_downloads() -> None:
+    got = plan_downloads(
+        ["foo_bar-1.0-py3-none-any.whl", "dep-2.0.post0-cp311-cp311-manylinux_2_17_x86_64.whl"],
+        {"foo-bar"},
+    )
+    assert [(w.name, w.version, w.requested) for w in got] == [
+        ("dep", "2.0.post0", False),
+        ("foo-bar", "1.0", True),
+    ]
+    assert got[1].filename == "foo_bar-1.0-py3-none-any.whl"
+    assert plan_downloads([], {"x"}) == []
+    with pytest.raises(ResolveError, match=r"'dep' 2.0 resolved to dep-2.0.tar.gz; source distr"):
+        plan_downloads(["dep-2.0.tar.gz"], set())
+    with pytest.raises(ResolveError, match=r"'notes\.txt', which is not a wheel"):
+        plan_downloads(["notes.txt"], set())
 
 
 def test_classify_failure_scrubs_the_token() -> None:
@@ -247,7 +238,9 @@ def test_classify_network_failures(log_line: str, expected: str) -> None:
 async def test_resolves_a_dependency_chain(
     package_index: PackageIndex, chain: dict[str, Path], tmp_path: Path
 ) -> None:
-    wheels = await resolve([("A", "1.0")], settings_for(package_index), None, tmp_path / "scratch")
+    wheels = await resolve_to(
+        [("A", "1.0")], settings_for(package_index), None, tmp_path / "scratch"
+    )
     got = {w.name: w for w in wheels}
     assert set(got) == {"a", "b", "c"}
     assert got["a"].requested and not got["b"].requested and not got["c"].requested
@@ -255,13 +248,14 @@ async def test_resolves_a_dependency_chain(
     for name in ("a", "b", "c"):
         assert got[name].filename == chain[name].name
         assert got[name].sha256 == sha(chain[name])
-        assert got[name].url.startswith(package_index.base_url)
+        assert got[name].size == chain[name].stat().st_size
+        assert got[name].path.read_bytes() == chain[name].read_bytes()  # pip's download, kept
     assert list((tmp_path / "scratch").iterdir()) == []  # scratch removed after success
 
 
 async def test_empty_allowlist_runs_nothing(tmp_path: Path) -> None:
     assert (
-        await resolve(
+        await resolve_to(
             [], RegistrySettings(index_url="http://127.0.0.1:9/simple"), None, tmp_path / "s"
         )
         == []
@@ -271,7 +265,7 @@ async def test_empty_allowlist_runs_nothing(tmp_path: Path) -> None:
 
 async def test_bad_pin_is_refused_before_pip_runs(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument, match=r"requirements\[0\]"):
-        await resolve([("--index-url=http://evil", "1.0")], RegistrySettings(), None, tmp_path)
+        await resolve_to([("--index-url=http://evil", "1.0")], RegistrySettings(), None, tmp_path)
 
 
 async def test_platform_only_wheel_names_package_and_environment(
@@ -280,15 +274,15 @@ async def test_platform_only_wheel_names_package_and_environment(
     build_wheel(WheelSpec("winonly", "1.0", tag="cp311-cp311-win_amd64"), wheel_dir)
     s = settings_for(package_index)
     with pytest.raises(ResolveError) as err:
-        await resolve([("winonly", "1.0")], s, LINUX, tmp_path)
+        await resolve_to([("winonly", "1.0")], s, LINUX, tmp_path)
     msg = str(err.value)
     assert "no wheel of 'winonly' 1.0 fits the target environment" in msg
     assert "manylinux_2_17_x86_64" in msg and "cp311-cp311-win_amd64" in msg
     assert "not installed because building them runs code" in msg
     with pytest.raises(ResolveError, match="winonly"):
-        await resolve([("winonly", "1.0")], s, None, tmp_path)  # native linux core
+        await resolve_to([("winonly", "1.0")], s, None, tmp_path)  # native linux core
     # ... and the same index serves it to a Windows target.
-    (wheel,) = await resolve([("winonly", "1.0")], s, WIN, tmp_path)
+    (wheel,) = await resolve_to([("winonly", "1.0")], s, WIN, tmp_path)
     assert wheel.filename == "winonly-1.0-cp311-cp311-win_amd64.whl"
 
 
@@ -298,7 +292,7 @@ async def test_transitive_platform_only_wheel_names_the_dependency(
     build_wheel(WheelSpec("top", "1.0", requires=["winonly>=1"]), wheel_dir)
     build_wheel(WheelSpec("winonly", "1.0", tag="cp311-cp311-win_amd64"), wheel_dir)
     with pytest.raises(ResolveError, match="no wheel of 'winonly'"):
-        await resolve([("top", "1.0")], settings_for(package_index), LINUX, tmp_path)
+        await resolve_to([("top", "1.0")], settings_for(package_index), LINUX, tmp_path)
 
 
 async def test_sdist_only_package_is_refused(
@@ -306,7 +300,7 @@ async def test_sdist_only_package_is_refused(
 ) -> None:
     build_sdist("sdonly", "1.0", wheel_dir)
     with pytest.raises(ResolveError) as err:
-        await resolve([("sdonly", "1.0")], settings_for(package_index), None, tmp_path)
+        await resolve_to([("sdonly", "1.0")], settings_for(package_index), None, tmp_path)
     assert "'sdonly' 1.0 is only published as a source distribution" in str(err.value)
     assert "sdists) are not installed because building them runs code" in str(err.value)
 
@@ -325,12 +319,37 @@ async def test_requires_python_mismatch_is_explained(tmp_path: Path) -> None:
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/simple/"
         with pytest.raises(ResolveError) as err:
-            await resolve([("newpy", "1.0")], RegistrySettings(index_url=url), None, tmp_path / "s")
+            await resolve_to(
+                [("newpy", "1.0")], RegistrySettings(index_url=url), None, tmp_path / "s"
+            )
     finally:
         server.shutdown()
         server.server_close()
     assert "'newpy' 1.0 cannot be installed" in str(err.value)
     assert "require a different python version: 1.0 Requires-Python >=3.99" in str(err.value)
+
+
+async def test_bytes_that_differ_from_the_published_hash_are_refused(tmp_path: Path) -> None:
+    # The page promises one sha256, the file server delivers other bytes (a tampered mirror).
+    root = tmp_path / "static"
+    wheel = build_wheel(WheelSpec("hm", "1.0"), root / "packages")
+    page = root / "simple" / "hm" / "index.html"
+    page.parent.mkdir(parents=True)
+    page.write_text(f'<a href="/packages/{wheel.name}#sha256={"ab" * 32}">{wheel.name}</a>')
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(root))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/simple/"
+        with pytest.raises(IntegrityError) as err:
+            await resolve_to([("hm", "1.0")], RegistrySettings(index_url=url), None, tmp_path / "s")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert str(err.value) == (
+        f"hm==1.0: the index publishes sha256 {'ab' * 32} for {wheel.name} but served bytes"
+        f" with sha256 {sha(wheel)}; refusing a tampered or corrupt download"
+    )
 
 
 async def test_conflicting_pins_name_the_cause(
@@ -339,7 +358,7 @@ async def test_conflicting_pins_name_the_cause(
     build_wheel(WheelSpec("needsc", "1.0", requires=["c==3.0"]), wheel_dir)
     pins = [("needsc", "1.0"), ("c", "3.1rc1")]
     with pytest.raises(ResolveError) as err:
-        await resolve(pins, settings_for(package_index), None, tmp_path)
+        await resolve_to(pins, settings_for(package_index), None, tmp_path)
     assert str(err.value) == (
         "the allowlist has conflicting dependencies: "
         "The user requested c==3.1rc1; needsc 1.0 depends on c==3.0"
@@ -350,7 +369,7 @@ async def test_unknown_package(
     package_index: PackageIndex, chain: dict[str, Path], tmp_path: Path
 ) -> None:
     with pytest.raises(ResolveError) as err:
-        await resolve([("nosuch", "1.0")], settings_for(package_index), None, tmp_path / "s")
+        await resolve_to([("nosuch", "1.0")], settings_for(package_index), None, tmp_path / "s")
     assert str(err.value) == f"package 'nosuch' was not found on the index {package_index.url}"
     assert list((tmp_path / "s").iterdir()) == []  # scratch removed after failure
 
@@ -359,7 +378,7 @@ async def test_unknown_version_lists_available_ones(
     package_index: PackageIndex, chain: dict[str, Path], tmp_path: Path
 ) -> None:
     with pytest.raises(ResolveError) as err:
-        await resolve([("c", "9.9")], settings_for(package_index), None, tmp_path)
+        await resolve_to([("c", "9.9")], settings_for(package_index), None, tmp_path)
     assert "version 9.9 of 'c' is not on the index" in str(err.value)
     assert str(err.value).endswith(": 3.1rc1, 3.0")
 
@@ -370,7 +389,7 @@ async def test_closed_port_is_a_registry_error_quickly(tmp_path: Path) -> None:
         url = f"http://127.0.0.1:{s.getsockname()[1]}/simple/"
         started = time.monotonic()
         with pytest.raises(RegistryError, match="is unreachable"):
-            await resolve([("c", "3.0")], RegistrySettings(index_url=url), None, tmp_path)
+            await resolve_to([("c", "3.0")], RegistrySettings(index_url=url), None, tmp_path)
     assert time.monotonic() - started < 10
 
 
@@ -378,7 +397,7 @@ async def test_plain_http_to_a_remote_host_is_explained(tmp_path: Path) -> None:
     # pip drops a non-local http index before connecting (no network is touched here).
     settings = RegistrySettings(index_url="http://index.example.invalid/simple/")
     with pytest.raises(RegistryError, match="plain http is only allowed for localhost"):
-        await resolve([("c", "3.0")], settings, None, tmp_path)
+        await resolve_to([("c", "3.0")], settings, None, tmp_path)
 
 
 async def test_silent_index_times_out(tmp_path: Path) -> None:
@@ -388,11 +407,11 @@ async def test_silent_index_times_out(tmp_path: Path) -> None:
         url = f"http://127.0.0.1:{s.getsockname()[1]}/simple/"
         settings = RegistrySettings(index_url=url, timeout_seconds=1, retries=0)
         with pytest.raises(RegistryError, match="didn't respond within"):
-            await resolve([("c", "3.0")], settings, None, tmp_path)
+            await resolve_to([("c", "3.0")], settings, None, tmp_path)
         # An overall deadline kills pip even when every socket op stays under its timeout.
         slow = RegistrySettings(index_url=url, timeout_seconds=30, retries=0)
         with pytest.raises(RegistryError, match="did not finish within"):
-            await resolve([("c", "3.0")], slow, None, tmp_path / "d", deadline_seconds=1.5)
+            await resolve_to([("c", "3.0")], slow, None, tmp_path / "d", deadline_seconds=1.5)
         assert list((tmp_path / "d").iterdir()) == []
 
 
@@ -403,7 +422,7 @@ async def test_cancel_kills_pip_and_removes_scratch(tmp_path: Path) -> None:
         s.listen(8)
         url = f"http://127.0.0.1:{s.getsockname()[1]}/simple/"
         settings = RegistrySettings(index_url=url, timeout_seconds=60, retries=0, token="t")
-        task = asyncio.create_task(resolve([("c", "3.0")], settings, None, scratch))
+        task = asyncio.create_task(resolve_to([("c", "3.0")], settings, None, scratch))
         deadline = time.monotonic() + 10
         while not _pip_pids(str(scratch)) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
@@ -433,19 +452,18 @@ async def test_auth_index(
 ) -> None:
     token = auth_package_index.token
     assert token
-    ok = await resolve(
+    ok = await resolve_to(
         [("a", "1.0")], settings_for(auth_package_index, token=token), None, tmp_path
     )
     assert {w.name for w in ok} == {"a", "b", "c"}
-    assert all(token not in w.url for w in ok)
 
     with pytest.raises(RegistryError) as missing:
-        await resolve([("a", "1.0")], settings_for(auth_package_index), None, tmp_path)
+        await resolve_to([("a", "1.0")], settings_for(auth_package_index), None, tmp_path)
     assert "the index rejected the credentials (HTTP 401)" in str(missing.value)
 
     wrong = settings_for(auth_package_index, token=token + "-wrong")
     with pytest.raises(RegistryError) as rejected:
-        await resolve([("a", "1.0")], wrong, None, tmp_path)
+        await resolve_to([("a", "1.0")], wrong, None, tmp_path)
     # pypiserver answers 403 (not 401) when credentials are present but wrong.
     assert "the index rejected the credentials (HTTP 40" in str(rejected.value)
     assert token not in str(rejected.value) and "wrong" not in str(rejected.value)
@@ -471,18 +489,21 @@ async def test_host_pip_config_and_env_do_not_leak(
         s = settings_for(package_index)
         for pin in (("c", "9.9"), ("decoy", "1.0")):
             with pytest.raises(ResolveError, match=f"'{pin[0]}'"):
-                await resolve([pin], s, None, tmp_path)
-        wheels = await resolve([("a", "1.0")], s, None, tmp_path)
-        assert {w.url.rsplit("/", 1)[0] for w in wheels} == {f"{package_index.base_url}/packages"}
+                await resolve_to([pin], s, None, tmp_path)
+        wheels = await resolve_to([("a", "1.0")], s, None, tmp_path)
+        # c 9.9 lives only on the decoy: every file is the real index's.
+        assert {w.filename: w.sha256 for w in wheels} == {
+            chain[n].name: sha(chain[n]) for n in ("a", "b", "c")
+        }
 
 
 def _watch_pip(stop: threading.Event, seen: list[tuple[str, dict[str, str]]]) -> None:
-    """Collect (cmdline, environ) of every pip --dry-run process until `stop` is set."""
+    """Collect (cmdline, environ) of every `pip download` process until `stop` is set."""
     while not stop.is_set():
         for proc in Path("/proc").iterdir():
             try:
                 cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-                if "pip install --dry-run" not in cmd or any(c == cmd for c, _ in seen):
+                if "pip download" not in cmd or any(c == cmd for c, _ in seen):
                     continue
                 raw = (proc / "environ").read_bytes().split(b"\0")
                 env = dict(e.decode().split("=", 1) for e in raw if b"=" in e)
@@ -511,7 +532,7 @@ async def test_token_never_reaches_argv_or_env(
 ) -> None:
     token = auth_package_index.token
     assert token
-    await resolve([("a", "1.0")], settings_for(auth_package_index, token=token), None, tmp_path)
+    await resolve_to([("a", "1.0")], settings_for(auth_package_index, token=token), None, tmp_path)
     assert pip_watcher, "the /proc watcher never saw pip running"
     for cmd, env in pip_watcher:
         assert token not in cmd and "__token__" not in cmd
@@ -538,7 +559,7 @@ async def test_scratch_is_private_while_pip_runs(
 
     monkeypatch.setattr(registry, "_run_pip", spy)
     s = settings_for(package_index, token="t0k")  # a token so the netrc exists
-    await resolve([("a", "1.0")], s, None, tmp_path / "scratch")
+    await resolve_to([("a", "1.0")], s, None, tmp_path / "scratch")
     scratch_name = next(n for n in modes if n.startswith("resolve-"))
     assert modes[scratch_name] == 0o700
     assert modes["netrc"] == 0o600 and modes["requirements.txt"] == 0o600

@@ -65,9 +65,9 @@ def test_stale_install_work_is_removed_and_other_work_kept(tmp_path: Path) -> No
 
 
 def test_pip_is_started_through_the_guard() -> None:
-    guarded = registry._dies_with_core(["/py", "-m", "pip", "install", "--dry-run"])
+    guarded = registry._dies_with_core(["/py", "-m", "pip", "download", "--dest"])
     guard, pid = str(registry.PIP_GUARD), str(os.getpid())
-    assert guarded == ["/py", "-I", guard, pid, "pip", "install", "--dry-run"]
+    assert guarded == ["/py", "-I", guard, pid, "pip", "download", "--dest"]
 
 
 def test_guarded_child_dies_with_its_parent(tmp_path: Path) -> None:

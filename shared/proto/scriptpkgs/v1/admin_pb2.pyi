@@ -483,7 +483,7 @@ class InstallState(_message.Message):
     total_bytes: _builtins.int
     error: _builtins.str
     phase: _builtins.str
-    """resolving, downloading, verifying, publishing"""
+    """resolving (pip resolves and downloads), verifying"""
     wheels_done: _builtins.int
     wheels_total: _builtins.int
     attempted_hash: _builtins.str

@@ -1,0 +1,120 @@
+"""core/early_checks.py: wheels checked while pip runs, against a real index and real pip."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+from pathlib import Path
+
+from core.early_checks import EarlyChecks
+from core.registry import RegistrySettings, ResolvedWheel, resolve
+from tests.core_process import eventually
+from tests.index_server import PackageIndex
+from tests.wheelfactory import WheelSpec, build_wheel
+
+
+def as_downloaded(wheel: Path, where: Path) -> ResolvedWheel:
+    """A copy of `wheel` at `where`, as pip's --dest would hold it."""
+    where.mkdir(parents=True, exist_ok=True)
+    copy = Path(shutil.copy(wheel, where / wheel.name))
+    digest = hashlib.sha256(copy.read_bytes()).hexdigest()
+    return ResolvedWheel("c", "3.0", wheel.name, copy, digest, copy.stat().st_size, True)
+
+
+def pip_writes(tmp: Path, wheel: Path, unpack: str = "pip-unpack-x1") -> None:
+    """What pip does with a download: a fresh pip-unpack-* dir, the file written and closed."""
+    (tmp / unpack).mkdir()
+    time.sleep(0.2)  # let the observer put its watch on the new directory
+    shutil.copy(wheel, tmp / unpack / wheel.name)
+
+
+async def test_a_wheel_checked_early_is_handed_over(
+    package_index: PackageIndex, wheel_dir: Path, tmp_path: Path
+) -> None:
+    wheel = build_wheel(WheelSpec("c", "3.0"), wheel_dir)
+    early = EarlyChecks(tmp_path / "early", RegistrySettings(index_url=package_index.url))
+    pip_tmp = tmp_path / "tmp"
+    pip_tmp.mkdir()
+    try:
+        with early.watching(pip_tmp):
+            pip_writes(pip_tmp, wheel)
+            eventually(lambda: wheel.name in early, timeout=10, interval=0.02)
+        shutil.rmtree(pip_tmp)  # pip deletes its temp dir when it exits
+        saved = as_downloaded(wheel, tmp_path / "dest")
+        checked = await early.passed(saved)
+        assert checked is not None and checked.parent == tmp_path / "early"
+        assert checked.read_bytes() == wheel.read_bytes()
+        # Only for the same bytes: another file under the same name gets no pass.
+        saved.path.write_bytes(b"other bytes")
+        other = ResolvedWheel(
+            "c", "3.0", wheel.name, saved.path, hashlib.sha256(b"other bytes").hexdigest(), 11, True
+        )
+        assert await early.passed(other) is None
+    finally:
+        early.close()
+
+
+async def test_a_failed_early_check_hands_over_nothing(
+    package_index: PackageIndex, wheel_dir: Path, tmp_path: Path
+) -> None:
+    # RECORD lies about a file: the early check fails, and the installer must check (and
+    # report) it itself.
+    spec = WheelSpec("c", "3.0", record_overrides={"c/__init__.py": "sha256=AAAA,3"})
+    wheel = build_wheel(spec, wheel_dir)
+    early = EarlyChecks(tmp_path / "early", RegistrySettings(index_url=package_index.url))
+    pip_tmp = tmp_path / "tmp"
+    pip_tmp.mkdir()
+    try:
+        with early.watching(pip_tmp):
+            pip_writes(pip_tmp, wheel)
+            eventually(lambda: wheel.name in early, timeout=10, interval=0.02)
+        assert await early.passed(as_downloaded(wheel, tmp_path / "dest")) is None
+    finally:
+        early.close()
+
+
+async def test_files_outside_pip_unpack_dirs_are_ignored(
+    package_index: PackageIndex, wheel_dir: Path, tmp_path: Path
+) -> None:
+    wheel = build_wheel(WheelSpec("c", "3.0"), wheel_dir)
+    early = EarlyChecks(tmp_path / "early", RegistrySettings(index_url=package_index.url))
+    pip_tmp = tmp_path / "tmp"
+    pip_tmp.mkdir()
+    try:
+        with early.watching(pip_tmp):
+            pip_writes(pip_tmp, wheel, unpack="pip-build-env-x")
+            shutil.copy(wheel, pip_tmp / wheel.name)
+            (pip_tmp / "pip-unpack-y").mkdir()
+            time.sleep(0.2)
+            (pip_tmp / "pip-unpack-y" / "c-3.0.tar.gz").write_bytes(b"sdist")
+            time.sleep(0.3)
+        assert wheel.name not in early and "c-3.0.tar.gz" not in early
+        assert not (tmp_path / "early").exists() or os.listdir(tmp_path / "early") == []
+    finally:
+        early.close()
+
+
+async def test_real_pip_downloads_are_checked_while_it_runs(
+    package_index: PackageIndex, wheel_dir: Path, tmp_path: Path
+) -> None:
+    # 4 MiB of incompressible payload: pip takes a while to write it, as with real wheels.
+    payload = {"big/__init__.py": b"", "big/blob.bin": os.urandom(4 * 1024 * 1024)}
+    build_wheel(WheelSpec("big", "1.0", files=payload), wheel_dir)
+    settings = RegistrySettings(index_url=package_index.url, timeout_seconds=10)
+    early = EarlyChecks(tmp_path / "dl" / "early", settings)
+    (tmp_path / "dl").mkdir()
+    try:
+        (got,) = await resolve(
+            [("big", "1.0")],
+            settings,
+            None,
+            tmp_path / "work",
+            tmp_path / "dl",
+            watch=early.watching,
+        )
+        checked = await early.passed(got)
+        assert checked is not None and checked.read_bytes() == got.path.read_bytes()
+    finally:
+        early.close()
