@@ -40,6 +40,10 @@ class BlobStore(Protocol):
 
     def size(self, sha256: str) -> int | None: ...
 
+    def local_path(self, sha256: str) -> Path | None:
+        """The blob as a file on this host, if the backend keeps it as one (read-only use)."""
+        ...
+
     def put_file(self, sha256: str, src: Path) -> bool:
         """Store `src` as blob `sha256`; False if it was already present (idempotent)."""
         ...
@@ -76,6 +80,10 @@ class FilesystemBlobStore:
             return self.path_for(sha256).stat().st_size
         except FileNotFoundError:
             return None
+
+    def local_path(self, sha256: str) -> Path | None:
+        path = self.path_for(sha256)
+        return path if path.is_file() else None
 
     def put_file(self, sha256: str, src: Path) -> bool:
         final = self.path_for(sha256)

@@ -32,7 +32,8 @@ from watchdog.events import FileClosedEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from core.index_client import check_published_sync
-from core.registry import RegistrySettings, ResolvedWheel, plan_downloads
+from core.pip_downloads import ResolvedWheel, plan_downloads
+from core.registry import RegistrySettings
 from shared.errors import SpkError
 from shared.wheels import inspect_wheel
 

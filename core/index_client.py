@@ -33,7 +33,8 @@ from packaging.utils import (
 )
 from packaging.version import InvalidVersion, Version
 
-from core.registry import RegistrySettings, ResolvedWheel, validate_settings
+from core.pip_downloads import ResolvedWheel
+from core.registry import RegistrySettings, validate_settings
 from shared.errors import IntegrityError, NotFound, RegistryError, ResolveError, SpkError
 from shared.names import normalize_name
 

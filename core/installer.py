@@ -28,7 +28,8 @@ from core.early_checks import EarlyChecks
 from core.hub import Hub
 from core.index_client import check_published
 from core.locks import Activity, InstallerLock, Lease
-from core.registry import RegistrySettings, ResolvedWheel, resolve
+from core.pip_downloads import HeldWheel, ResolvedWheel
+from core.registry import RegistrySettings, resolve
 from core.secrets import SecretBox
 from shared.errors import FailedPrecondition, SpkError
 from shared.manifest import Manifest, ManifestEntry
@@ -116,6 +117,11 @@ def remove_stale_work(work_dir: Path) -> list[str]:
             path.unlink(missing_ok=True)
         removed.append(path.name)
     return removed
+
+
+def _desired_entries() -> list[ManifestEntry]:
+    desired = lockfiles.desired_hash()
+    return list(lockfiles.get_manifest(desired).entries) if desired else []
 
 
 @dataclass
@@ -274,6 +280,7 @@ class Installer:
                     self._work_dir,
                     downloads,
                     watch=early.watching,
+                    held=await self._held_wheels(),
                 )
                 await self._set(phase="verifying", wheels_total=len(wheels))
                 entries = await self._store_all(wheels, config.settings, early)
@@ -287,6 +294,17 @@ class Installer:
         if blocked:
             raise FailedPrecondition(blocked)
         return manifest, warnings
+
+    async def _held_wheels(self) -> dict[str, HeldWheel]:
+        """The desired set's wheels that the store keeps as local files, offered to pip so that
+        an install which changes one pin downloads one wheel."""
+        entries = await self._db.run(_desired_entries)
+
+        def locate() -> dict[str, HeldWheel]:
+            paths = ((e, self._store.local_path(e.sha256)) for e in entries)
+            return {e.filename: HeldWheel(e.sha256, p) for e, p in paths if p is not None}
+
+        return await asyncio.to_thread(locate)
 
     async def _store_all(
         self, wheels: list[ResolvedWheel], registry: RegistrySettings, early: EarlyChecks

@@ -4,7 +4,7 @@
       build_pip_argv()        pure: the exact pip command line (never carries a secret)
       build_child_env()       pure: the minimal environment pip runs in
       render_netrc()          pure: the only place the token is written down
-      plan_downloads()        pure: the files pip saved -> wheels by name; sdists refused
+      collect()               see core/pip_downloads.py: which files pip left are the set
       classify_failure()      pure: pip's stderr + debug log -> ResolveError / RegistryError
 
 `pip download` rather than `pip install --dry-run --report`: an index without PEP 658 metadata
@@ -23,26 +23,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from packaging.utils import (
-    InvalidSdistFilename,
-    InvalidWheelFilename,
-    parse_sdist_filename,
-    parse_wheel_filename,
-)
-
-from core.pip_failures import SDIST_REFUSAL, classify_failure
-from shared.errors import InvalidArgument, RegistryError, ResolveError
+from core.pip_downloads import HeldWheel, ResolvedWheel, collect, seed
+from core.pip_failures import classify_failure
+from shared.errors import InvalidArgument, RegistryError
 from shared.manifest import TargetEnvironment
 from shared.names import exact_version, normalize_name
 
@@ -77,27 +70,6 @@ class RegistrySettings:
     def describe_index(self) -> str:
         extra = f" (+{len(self.extra_index_urls)} extra)" if self.extra_index_urls else ""
         return f"{self.index_url}{extra}"
-
-
-@dataclass(frozen=True)
-class PlannedWheel:
-    """A wheel pip chose, named by its file (pure: no path, no bytes)."""
-
-    name: str  # PEP 503 normalised
-    version: str
-    filename: str
-    requested: bool  # on the allowlist (top level) vs pulled in as a dependency
-
-
-@dataclass(frozen=True)
-class ResolvedWheel:
-    name: str  # PEP 503 normalised
-    version: str
-    filename: str
-    path: Path  # pip's download, now in the caller's `dest` directory
-    sha256: str  # of the file on disk (pip checked it against the index link's published hash)
-    size: int
-    requested: bool
 
 
 # --------------------------------------------------------------------------- validation
@@ -205,27 +177,6 @@ def build_child_env(scratch: Path, parent: Mapping[str, str] | None = None) -> d
     return env
 
 
-# --------------------------------------------------------------------------- download planning
-
-
-def plan_downloads(filenames: Collection[str], requested: Collection[str]) -> list[PlannedWheel]:
-    """What pip saved, as wheels; an sdist is refused by name, a stray file as pip's fault."""
-    wheels: list[PlannedWheel] = []
-    for filename in sorted(filenames):
-        try:
-            name, version, _, _ = parse_wheel_filename(filename)
-        except InvalidWheelFilename:
-            try:
-                sname, sversion = parse_sdist_filename(filename)
-            except InvalidSdistFilename:
-                raise ResolveError(f"pip saved {filename!r}, which is not a wheel") from None
-            raise ResolveError(
-                f"'{sname}' {sversion} resolved to {filename}; {SDIST_REFUSAL}"
-            ) from None
-        wheels.append(PlannedWheel(name, str(version), filename, name in requested))
-    return wheels
-
-
 # --------------------------------------------------------------------------- I/O
 
 
@@ -248,23 +199,6 @@ def _prepare_scratch(parent: Path, pins: list[tuple[str, str]], settings: Regist
         shutil.rmtree(scratch, ignore_errors=True)
         raise
     return scratch
-
-
-def _collect(downloaded: Path, dest: Path, requested: Collection[str]) -> list[ResolvedWheel]:
-    """Move pip's files out of the scratch dir (which is deleted) into `dest`, hashing each."""
-    wheels: list[ResolvedWheel] = []
-    for plan in plan_downloads(os.listdir(downloaded), requested):
-        path = dest / plan.filename
-        os.rename(downloaded / plan.filename, path)  # same filesystem: the work dir
-        with path.open("rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()
-            size = os.fstat(f.fileno()).st_size
-        wheels.append(
-            ResolvedWheel(
-                plan.name, plan.version, plan.filename, path, digest, size, plan.requested
-            )
-        )
-    return wheels
 
 
 def _read_text(path: Path) -> str:
@@ -317,6 +251,7 @@ async def resolve(
     *,
     deadline_seconds: float = 600.0,
     watch: Callable[[Path], AbstractContextManager[object]] | None = None,
+    held: Mapping[str, HeldWheel] | None = None,
 ) -> list[ResolvedWheel]:
     """Resolve pinned (name, version) pairs to wheels, dependencies included, downloaded once.
 
@@ -325,6 +260,8 @@ async def resolve(
     (the index cannot satisfy the allowlist; names the package), IntegrityError (a file did not
     match the hash its index link published) or RegistryError (index unreachable, credentials
     rejected). `watch`, if given, is entered with pip's TMPDIR for as long as pip runs.
+    `held` (file name -> blob) are wheels the store holds: pip is offered them instead of
+    downloading them again, and a held wheel in the set is returned with its blob's path.
     """
     pins = [
         (normalize_name(n, f"requirements[{i}]"), exact_version(v, f"requirements[{i}]"))
@@ -336,6 +273,8 @@ async def resolve(
     scratch = _prepare_scratch(scratch_parent, pins, settings)
     try:
         downloaded, log_file = scratch / "downloads", scratch / "pip.log"
+        held = held or {}
+        seed(downloaded, held)
         argv = build_pip_argv(
             settings,
             environment,
@@ -356,7 +295,8 @@ async def resolve(
         if rc != 0:
             raise classify_failure(rc, stderr, _read_text(log_file), settings, environment)
         requested = {name for name, _ in pins}
-        return await asyncio.to_thread(_collect, downloaded, dest, requested)
+        log = _read_text(log_file)
+        return await asyncio.to_thread(collect, downloaded, dest, requested, held, log)
     finally:
         # Synchronous on purpose: a `finally` may run during cancellation, where awaiting a
         # thread could be interrupted and leave the netrc (the token) on disk.

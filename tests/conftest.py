@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.core_process import CoreProcess
-from tests.index_server import PackageIndex
+from tests.index_server import PackageIndex, StaticIndex
 from tests.satellite_process import SatelliteProcess
 from tests.storage_servers import FreshPostgres, MotoS3
 
@@ -36,6 +36,13 @@ def package_index(wheel_dir: Path) -> Iterator[PackageIndex]:
 def auth_package_index(wheel_dir: Path) -> Iterator[PackageIndex]:
     """Every request needs basic auth `__token__` / `index.token` (htpasswd)."""
     with PackageIndex(wheel_dir, token=INDEX_TOKEN) as index:
+        yield index
+
+
+@pytest.fixture
+def static_index(tmp_path: Path) -> Iterator[StaticIndex]:
+    """Hand-written PEP 503 pages over plain files (see tests/index_server.py)."""
+    with StaticIndex(tmp_path / "static") as index:
         yield index
 
 

@@ -11,12 +11,16 @@ to pypi.org (tests never leave loopback).
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
 
@@ -105,3 +109,51 @@ class PackageIndex:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+class StaticIndex:
+    """A PEP 503 tree served as plain files; the test writes every project page itself, so a
+    link can promise a file the server does not have, carry a wrong sha256 or extra attributes.
+
+        with StaticIndex(tmp_path / "static") as index:
+            wheel = build_wheel(spec, index.packages)
+            index.publish("c", wheel)                     # link with the file's real sha256
+            index.publish("c", wheel, sha256="ab" * 32)   # ... or a lying one
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.packages = root / "packages"
+        self._server: ThreadingHTTPServer | None = None
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        return f"http://127.0.0.1:{self._server.server_address[1]}/simple/"
+
+    def publish(self, name: str, *wheels: Path, sha256: str | None = None, attrs: str = "") -> None:
+        links = []
+        for wheel in wheels:
+            digest = sha256 or hashlib.sha256(wheel.read_bytes()).hexdigest()
+            href = f"/packages/{wheel.name}#sha256={digest}"
+            links.append(f'<a href="{href}"{" " + attrs if attrs else ""}>{wheel.name}</a>')
+        page = self.root / "simple" / name / "index.html"
+        page.parent.mkdir(parents=True, exist_ok=True)
+        page.write_text("\n".join(links))
+
+    def __enter__(self) -> StaticIndex:
+        self.packages.mkdir(parents=True, exist_ok=True)
+        handler = functools.partial(_QuietFiles, directory=str(self.root))
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class _QuietFiles(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass

@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 from core.early_checks import EarlyChecks
-from core.registry import RegistrySettings, ResolvedWheel, resolve
+from core.pip_downloads import ResolvedWheel
+from core.registry import RegistrySettings, resolve
 from tests.core_process import eventually
 from tests.index_server import PackageIndex
 from tests.wheelfactory import WheelSpec, build_wheel

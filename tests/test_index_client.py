@@ -20,7 +20,8 @@ from core.index_client import (
     sort_versions,
     versions_from_filenames,
 )
-from core.registry import RegistrySettings, ResolvedWheel
+from core.pip_downloads import ResolvedWheel
+from core.registry import RegistrySettings
 from shared.errors import IntegrityError, NotFound, RegistryError, ResolveError
 from tests.index_server import PackageIndex
 from tests.wheelfactory import WheelSpec, build_sdist, build_wheel

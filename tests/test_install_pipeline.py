@@ -17,7 +17,7 @@ from core.db import BlobRecord, open_database
 from shared.proto.scriptpkgs.v1 import admin_pb2 as apb
 from tests.conftest import INDEX_TOKEN
 from tests.core_process import AdminClient, CoreProcess, eventually
-from tests.index_server import PackageIndex
+from tests.index_server import PackageIndex, StaticIndex
 from tests.wheelfactory import WheelSpec, build_sdist, build_wheel
 
 
@@ -73,6 +73,30 @@ def test_dependency_chain_publishes_verified_blobs(
     assert again.lockfile_hash == state.lockfile_hash
     assert _blob_files(core) == before
     assert len(admin.ListLockfiles().lockfiles) == 1
+    assert not any((core.data_dir / "work").iterdir())  # scratch dirs are gone
+
+
+def test_an_install_downloads_only_what_the_store_lacks(
+    core: CoreProcess, static_index: StaticIndex
+) -> None:
+    packages = static_index.packages
+    dep = build_wheel(WheelSpec("dep", "1.0"), packages)
+    top1 = build_wheel(WheelSpec("top", "1.0", requires=["dep==1.0"]), packages)
+    top2 = build_wheel(WheelSpec("top", "2.0", requires=["dep==1.0"]), packages)
+    static_index.publish("dep", dep)
+    static_index.publish("top", top1, top2)
+    admin = core.admin()
+    admin.SetRegistryConfig(apb.SetRegistryConfigRequest(index_url=static_index.url))
+    _allow(admin, ("top", "1.0"))
+    first = admin.install_and_wait()
+    assert first.status == apb.INSTALL_STATUS_READY, first.error
+    # The index still lists dep 1.0 but can no longer serve it: only the held blob can do.
+    dep.unlink()
+    _allow(admin, ("top", "2.0"))
+    second = admin.install_and_wait()
+    assert second.status == apb.INSTALL_STATUS_READY, second.error
+    entries = admin.GetManifest(apb.AdminGetManifestRequest()).entries
+    assert {(e.name, e.version) for e in entries} == {("top", "2.0"), ("dep", "1.0")}
     assert not any((core.data_dir / "work").iterdir())  # scratch dirs are gone
 
 

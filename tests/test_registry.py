@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import netrc
 import os
@@ -13,26 +12,24 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 import core.registry as registry
+from core.pip_downloads import ResolvedWheel
 from core.pip_failures import classify_failure
 from core.registry import (
     RegistrySettings,
-    ResolvedWheel,
     build_child_env,
     build_pip_argv,
-    plan_downloads,
     render_netrc,
     resolve,
     validate_settings,
 )
 from shared.errors import IntegrityError, InvalidArgument, RegistryError, ResolveError
 from shared.manifest import TargetEnvironment
-from tests.index_server import PackageIndex
+from tests.index_server import PackageIndex, StaticIndex
 from tests.wheelfactory import WheelSpec, build_sdist, build_wheel
 
 WIN = TargetEnvironment("3.11", "cp", "cp311", "win_amd64")
@@ -177,23 +174,6 @@ def test_token_is_not_in_repr() -> None:
     assert "tok-SECRET" not in repr(RegistrySettings(token="tok-SECRET"))
 
 
-def test_plan_downloads() -> None:
-    got = plan_downloads(
-        ["foo_bar-1.0-py3-none-any.whl", "dep-2.0.post0-cp311-cp311-manylinux_2_17_x86_64.whl"],
-        {"foo-bar"},
-    )
-    assert [(w.name, w.version, w.requested) for w in got] == [
-        ("dep", "2.0.post0", False),
-        ("foo-bar", "1.0", True),
-    ]
-    assert got[1].filename == "foo_bar-1.0-py3-none-any.whl"
-    assert plan_downloads([], {"x"}) == []
-    with pytest.raises(ResolveError, match=r"'dep' 2.0 resolved to dep-2.0.tar.gz; source distr"):
-        plan_downloads(["dep-2.0.tar.gz"], set())
-    with pytest.raises(ResolveError, match=r"'notes\.txt', which is not a wheel"):
-        plan_downloads(["notes.txt"], set())
-
-
 def test_classify_failure_scrubs_the_token() -> None:
     s = RegistrySettings(token="tok-SECRET")
     stderr = "ERROR: something odd tok-SECRET happened\nERROR: https://u:tok-SECRET@h/x\n"
@@ -305,47 +285,28 @@ async def test_sdist_only_package_is_refused(
     assert "sdists) are not installed because building them runs code" in str(err.value)
 
 
-async def test_requires_python_mismatch_is_explained(tmp_path: Path) -> None:
+async def test_requires_python_mismatch_is_explained(
+    static_index: StaticIndex, tmp_path: Path
+) -> None:
     # pypiserver does not publish data-requires-python, so serve a static PEP 503 tree.
-    root = tmp_path / "static"
-    build_wheel(WheelSpec("newpy", "1.0"), root / "packages")
-    page = root / "simple" / "newpy" / "index.html"
-    page.parent.mkdir(parents=True)
-    href = "/packages/newpy-1.0-py3-none-any.whl"
-    page.write_text(f'<a href="{href}" data-requires-python="&gt;=3.99">newpy-1.0</a>')
-    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(root))
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/simple/"
-        with pytest.raises(ResolveError) as err:
-            await resolve_to(
-                [("newpy", "1.0")], RegistrySettings(index_url=url), None, tmp_path / "s"
-            )
-    finally:
-        server.shutdown()
-        server.server_close()
+    wheel = build_wheel(WheelSpec("newpy", "1.0"), static_index.packages)
+    static_index.publish("newpy", wheel, attrs='data-requires-python="&gt;=3.99"')
+    with pytest.raises(ResolveError) as err:
+        settings = RegistrySettings(index_url=static_index.url)
+        await resolve_to([("newpy", "1.0")], settings, None, tmp_path / "s")
     assert "'newpy' 1.0 cannot be installed" in str(err.value)
     assert "require a different python version: 1.0 Requires-Python >=3.99" in str(err.value)
 
 
-async def test_bytes_that_differ_from_the_published_hash_are_refused(tmp_path: Path) -> None:
+async def test_bytes_that_differ_from_the_published_hash_are_refused(
+    static_index: StaticIndex, tmp_path: Path
+) -> None:
     # The page promises one sha256, the file server delivers other bytes (a tampered mirror).
-    root = tmp_path / "static"
-    wheel = build_wheel(WheelSpec("hm", "1.0"), root / "packages")
-    page = root / "simple" / "hm" / "index.html"
-    page.parent.mkdir(parents=True)
-    page.write_text(f'<a href="/packages/{wheel.name}#sha256={"ab" * 32}">{wheel.name}</a>')
-    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(root))
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/simple/"
-        with pytest.raises(IntegrityError) as err:
-            await resolve_to([("hm", "1.0")], RegistrySettings(index_url=url), None, tmp_path / "s")
-    finally:
-        server.shutdown()
-        server.server_close()
+    wheel = build_wheel(WheelSpec("hm", "1.0"), static_index.packages)
+    static_index.publish("hm", wheel, sha256="ab" * 32)
+    with pytest.raises(IntegrityError) as err:
+        settings = RegistrySettings(index_url=static_index.url)
+        await resolve_to([("hm", "1.0")], settings, None, tmp_path / "s")
     assert str(err.value) == (
         f"hm==1.0: the index publishes sha256 {'ab' * 32} for {wheel.name} but served bytes"
         f" with sha256 {sha(wheel)}; refusing a tampered or corrupt download"

@@ -79,6 +79,8 @@ def test_contract_put_read_resume_delete(store: BlobStore, tmp_path: Path) -> No
     assert store.has(sha) and store.size(sha) == len(data)
     with store.open_read(sha) as f:
         assert f.read() == data
+    local = store.local_path(sha)  # only the filesystem backend keeps blobs as files
+    assert (local.read_bytes() == data) if store.name == "filesystem" else local is None
     for offset in (1, SMALL_CHUNK - 1, SMALL_CHUNK, 2 * SMALL_CHUNK + 7, len(data)):
         with store.open_read(sha, offset) as f:  # resumable from any offset, chunk edges too
             assert f.read() == data[offset:]
@@ -162,7 +164,7 @@ class _Broken:
     def _down(self, *args: object) -> Any:
         raise StoreError("broken backend is down")
 
-    has = size = open_read = put_file = delete = list = _down
+    has = size = local_path = open_read = put_file = delete = list = _down
 
 
 def test_registry_writes_to_active_and_reads_fall_back(
@@ -181,6 +183,7 @@ def test_registry_writes_to_active_and_reads_fall_back(
     registry.put_file(new_sha, new_src)
     assert db.has(new_sha) and not fs.has(new_sha)
     fs.put_file(sha, src)
+    assert registry.local_path(sha) == fs.path_for(sha) and registry.local_path(new_sha) is None
     with pytest.raises(StoreError, match="broken"):  # tries all, then reports the failure
         registry.delete(sha)
     assert not fs.has(sha) and not db.has(sha)

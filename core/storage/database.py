@@ -48,6 +48,9 @@ class DatabaseBlobStore:
         row = StoredBlob.get_or_none(StoredBlob.sha256 == check_sha256(sha256))
         return None if row is None else int(row.size)
 
+    def local_path(self, sha256: str) -> Path | None:
+        return None  # rows, not files
+
     def put_file(self, sha256: str, src: Path) -> bool:
         digest = check_sha256(sha256)
         if self.has(digest):

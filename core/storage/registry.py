@@ -102,6 +102,17 @@ class StoreRegistry:
         digest = check_sha256(sha256)
         return self._first(digest, lambda s: s.size(digest))
 
+    def local_path(self, sha256: str) -> Path | None:
+        """Best effort (it only saves a download): a backend that cannot answer is skipped."""
+        digest = check_sha256(sha256)
+        for store in self._read_order():
+            try:
+                if (path := store.local_path(digest)) is not None:
+                    return path
+            except (NotFound, StoreError):
+                continue
+        return None
+
     def open_read(self, sha256: str, offset: int = 0) -> BinaryIO:
         digest = check_sha256(sha256)
         reader = self._first(digest, lambda s: s.open_read(digest, offset))

@@ -131,6 +131,9 @@ class S3BlobStore:
     def size(self, sha256: str) -> int | None:
         return self._head(sha256)
 
+    def local_path(self, sha256: str) -> Path | None:
+        return None  # remote objects
+
     def put_file(self, sha256: str, src: Path) -> bool:
         digest = check_sha256(sha256)
         if self._head(digest) is not None:
