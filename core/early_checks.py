@@ -6,8 +6,8 @@ RECORD and member safety: ~0.3 s for w31, mostly CPU) would then start only afte
 while pip keeps one core busy and the other idles. So a watchdog observer on pip's TMPDIR links
 each wheel pip finishes writing (inotify close-after-write) and checks it on one worker thread.
 
-A file that passes is also fsynced here, so storing it later has nothing left to write back:
-the blob store's fsync of 24 MB (w31) otherwise came after pip, on the critical path.
+A file that passes is also handed to the kernel's writeback here, so the blob store's fsync
+after pip (24 MB for w31) finds little left to write.
 
 Purely an optimisation, never a source of truth: a result is keyed by the sha256 of the bytes
 that passed, and the installer uses it only for a file pip saved with that same sha256 (content
@@ -24,6 +24,7 @@ import hashlib
 import itertools
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -32,25 +33,43 @@ from watchdog.events import FileClosedEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from core.index_client import check_published_sync
-from core.pip_downloads import ResolvedWheel, plan_downloads
+from core.pip_downloads import ResolvedWheel, plan_downloads, published_in_log
 from core.registry import RegistrySettings
 from shared.errors import SpkError
+from shared.fsutil import start_writeback
 from shared.wheels import inspect_wheel
 
 log = logging.getLogger(__name__)
+CHECK_NICENESS = 10
 
 
-def check_wheel_file(path: Path, filename: str, settings: RegistrySettings) -> str:
-    """Both of the installer's checks on one file, then fsync; the sha256 of the bytes."""
+def check_wheel_file(path: Path, filename: str, pip_log: Path, settings: RegistrySettings) -> str:
+    """Both of the installer's checks on one file; the sha256 of the bytes that passed.
+
+    pip logs a file's index links before it downloads the file, so the published hashes are
+    usually in its log already (core/pip_downloads.py); otherwise the project page is read.
+    """
     (plan,) = plan_downloads([filename], ())
+    try:
+        published = published_in_log(pip_log.read_text("utf-8", "replace")).get(filename)
+    except OSError:
+        published = None
     with path.open("rb") as f:
         digest = hashlib.file_digest(f, "sha256").hexdigest()
         size = os.fstat(f.fileno()).st_size
-        wheel = ResolvedWheel(plan.name, plan.version, filename, path, digest, size, False)
+        wheel = ResolvedWheel(
+            plan.name, plan.version, filename, path, digest, size, False, published or frozenset()
+        )
         inspect_wheel(path, filename=filename)
         check_published_sync(wheel, settings)
-        os.fsync(f.fileno())
+        # Start writing it to disk now, so the blob store's fsync later has little left to do.
+        start_writeback(f.fileno())
     return digest
+
+
+def _lower_priority() -> None:
+    with contextlib.suppress(OSError, AttributeError):  # per-thread nice is a Linux feature
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), CHECK_NICENESS)
 
 
 class _OnClosed(FileSystemEventHandler):
@@ -67,9 +86,13 @@ class EarlyChecks:
     def __init__(self, links_dir: Path, settings: RegistrySettings) -> None:
         self._links_dir = links_dir  # on pip's filesystem, removed by the caller
         self._settings = settings
-        # One worker: pip keeps one core busy; a second checker would only slow pip down.
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="early-check")
+        # One worker, at a lower priority: pip (and a local index) come first, the checks fill
+        # the gaps. On 2 cores, nice 10 took 0.09 s off a w31 install (docs/benchmarks.md).
+        self._pool = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="early-check", initializer=_lower_priority
+        )
         self._futures: dict[str, tuple[Future[str], Path]] = {}
+        self._pip_log = Path(os.devnull)
         self._seq = itertools.count()
 
     def _on_closed(self, src: str) -> None:
@@ -84,11 +107,12 @@ class EarlyChecks:
             os.link(src, link)
         except OSError:
             return  # gone already, or another filesystem: the installer checks it later
-        future = self._pool.submit(check_wheel_file, link, filename, self._settings)
+        future = self._pool.submit(check_wheel_file, link, filename, self._pip_log, self._settings)
         self._futures[filename] = (future, link)
 
     @contextlib.contextmanager
-    def watching(self, pip_tmp: Path) -> Iterator[None]:
+    def watching(self, pip_tmp: Path, pip_log: Path) -> Iterator[None]:
+        self._pip_log = pip_log
         self._links_dir.mkdir(parents=True, exist_ok=True)
         observer = Observer()
         handler = _OnClosed(self._on_closed)
@@ -105,7 +129,7 @@ class EarlyChecks:
         return filename in self._futures
 
     async def passed(self, wheel: ResolvedWheel) -> Path | None:
-        """A checked, fsynced file with `wheel`'s bytes (waiting for a running check), or None."""
+        """A checked file with `wheel`'s bytes (waiting for a running check), or None."""
         future, path = self._futures.get(wheel.filename, (None, None))
         if future is None or path is None:
             return None

@@ -249,6 +249,9 @@ def check_published_hash(wheel: ResolvedWheel, files: Iterable[IndexFile]) -> No
 
 
 def check_published_sync(wheel: ResolvedWheel, settings: RegistrySettings) -> None:
+    if wheel.published:  # pip logged the links it read: no need to read the pages again
+        check_published_hash(wheel, (IndexFile(wheel.filename, h) for h in wheel.published))
+        return
     try:
         files = _project_files_sync(wheel.name, settings, settings.timeout_seconds)
     except NotFound:
@@ -260,8 +263,9 @@ async def check_published(wheel: ResolvedWheel, settings: RegistrySettings) -> N
     """Confirm against the index that `wheel` (pip's download) is the file it publishes.
 
     pip already refused a file whose hash differed from its link's; this also refuses a link
-    without one. Raises ResolveError (no sha256 published), IntegrityError (another sha256),
-    RegistryError (index unreachable, credentials rejected).
+    without one. The hashes pip logged (`wheel.published`) are used when there are any, else the
+    index's project pages are read. Raises ResolveError (no sha256 published), IntegrityError
+    (another sha256), RegistryError (index unreachable, credentials rejected).
     """
     await asyncio.to_thread(check_published_sync, wheel, settings)
 

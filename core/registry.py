@@ -250,7 +250,7 @@ async def resolve(
     dest: Path,
     *,
     deadline_seconds: float = 600.0,
-    watch: Callable[[Path], AbstractContextManager[object]] | None = None,
+    watch: Callable[[Path, Path], AbstractContextManager[object]] | None = None,
     held: Mapping[str, HeldWheel] | None = None,
 ) -> list[ResolvedWheel]:
     """Resolve pinned (name, version) pairs to wheels, dependencies included, downloaded once.
@@ -259,7 +259,7 @@ async def resolve(
     caller owns and removes it). Raises InvalidArgument (bad settings or pins), ResolveError
     (the index cannot satisfy the allowlist; names the package), IntegrityError (a file did not
     match the hash its index link published) or RegistryError (index unreachable, credentials
-    rejected). `watch`, if given, is entered with pip's TMPDIR for as long as pip runs.
+    rejected). `watch`, if given, is entered with pip's TMPDIR and debug log while pip runs.
     `held` (file name -> blob) are wheels the store holds: pip is offered them instead of
     downloading them again, and a held wheel in the set is returned with its blob's path.
     """
@@ -283,7 +283,7 @@ async def resolve(
             log_file=log_file,
         )
         try:
-            with watch(scratch / "tmp") if watch else nullcontext():
+            with watch(scratch / "tmp", log_file) if watch else nullcontext():
                 rc, stderr = await _run_pip(
                     argv, build_child_env(scratch), scratch, deadline_seconds
                 )

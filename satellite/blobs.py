@@ -15,35 +15,18 @@ loopback (docs/benchmarks.md): the final fsync alone took 0.4-1.1 s on this VM's
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
 from shared.errors import IntegrityError, StoreError
-from shared.fsutil import fsync_dir
+from shared.fsutil import fsync_dir, start_writeback
 from shared.hashing import READ_CHUNK, StreamVerifier, sha256_file
 from shared.names import check_sha256
 
 PARTIAL_DIR = ".partial"
 WRITEBACK_STEP = 8 * 1024 * 1024
-_SYNC_FILE_RANGE_WRITE = 2  # start writeback of dirty pages in the range; do not wait
-
-
-def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    try:
-        func = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):  # not Linux: the final fsync does all the work
-        return None
-    func.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
-    func.restype = ctypes.c_int
-    result: Callable[[int, int, int, int], int] = func
-    return result
-
-
-_SYNC_FILE_RANGE = _load_sync_file_range()
 
 
 class BlobCorrupt(IntegrityError):
@@ -157,11 +140,8 @@ class BlobWriter:
             while view:
                 view = view[os.write(fd, view) :]
             size = self._verifier.size
-            if _SYNC_FILE_RANGE is not None and size - self._written_back >= WRITEBACK_STEP:
-                # Advisory: a failure here only means commit()'s fsync has more to do.
-                _SYNC_FILE_RANGE(
-                    fd, self._written_back, size - self._written_back, _SYNC_FILE_RANGE_WRITE
-                )
+            if size - self._written_back >= WRITEBACK_STEP:
+                start_writeback(fd, self._written_back, size - self._written_back)
                 self._written_back = size
 
     def commit(self) -> Path:

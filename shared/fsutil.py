@@ -9,6 +9,32 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+_SYNC_FILE_RANGE_WRITE = 2  # start writeback of dirty pages in the range; do not wait
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    try:
+        func = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):  # not Linux: the final fsync does all the work
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+    func.restype = ctypes.c_int
+    result: Callable[[int, int, int, int], int] = func
+    return result
+
+
+_SYNC_FILE_RANGE = _load_sync_file_range()
+
+
+def start_writeback(fd: int, offset: int = 0, nbytes: int = 0) -> None:
+    """Ask the kernel to start writing a range (0 bytes: to the end) to disk, without waiting.
+
+    Advisory (sync_file_range, Linux): it makes a later fsync short; a failure only means that
+    fsync has more to do.
+    """
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
+
 
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

@@ -39,7 +39,7 @@ async def test_a_wheel_checked_early_is_handed_over(
     pip_tmp = tmp_path / "tmp"
     pip_tmp.mkdir()
     try:
-        with early.watching(pip_tmp):
+        with early.watching(pip_tmp, tmp_path / "pip.log"):
             pip_writes(pip_tmp, wheel)
             eventually(lambda: wheel.name in early, timeout=10, interval=0.02)
         shutil.rmtree(pip_tmp)  # pip deletes its temp dir when it exits
@@ -68,7 +68,7 @@ async def test_a_failed_early_check_hands_over_nothing(
     pip_tmp = tmp_path / "tmp"
     pip_tmp.mkdir()
     try:
-        with early.watching(pip_tmp):
+        with early.watching(pip_tmp, tmp_path / "pip.log"):
             pip_writes(pip_tmp, wheel)
             eventually(lambda: wheel.name in early, timeout=10, interval=0.02)
         assert await early.passed(as_downloaded(wheel, tmp_path / "dest")) is None
@@ -84,7 +84,7 @@ async def test_files_outside_pip_unpack_dirs_are_ignored(
     pip_tmp = tmp_path / "tmp"
     pip_tmp.mkdir()
     try:
-        with early.watching(pip_tmp):
+        with early.watching(pip_tmp, tmp_path / "pip.log"):
             pip_writes(pip_tmp, wheel, unpack="pip-build-env-x")
             shutil.copy(wheel, pip_tmp / wheel.name)
             (pip_tmp / "pip-unpack-y").mkdir()
@@ -119,3 +119,34 @@ async def test_real_pip_downloads_are_checked_while_it_runs(
         assert checked is not None and checked.read_bytes() == got.path.read_bytes()
     finally:
         early.close()
+
+
+async def test_hashes_in_pips_log_are_used_without_reading_the_page(
+    wheel_dir: Path, tmp_path: Path
+) -> None:
+    good = build_wheel(WheelSpec("c", "3.0"), wheel_dir)
+    bad = build_wheel(WheelSpec("d", "1.0"), wheel_dir)
+    log = tmp_path / "pip.log"
+    log.write_text(
+        f"2026-11-27T03:35:26,066   Found link http://x/packages/{good.name}#sha256={sha(good)}"
+        " (from http://x/simple/c/), version: 3.0\n"
+        f"2026-11-27T03:35:26,067   Found link http://x/packages/{bad.name}#sha256={'ab' * 32}"
+        " (from http://x/simple/d/), version: 1.0\n"
+    )
+    nowhere = RegistrySettings(index_url="http://127.0.0.1:9/simple/")  # nothing listens
+    early = EarlyChecks(tmp_path / "early", nowhere)
+    pip_tmp = tmp_path / "tmp"
+    pip_tmp.mkdir()
+    try:
+        with early.watching(pip_tmp, log):
+            pip_writes(pip_tmp, good, unpack="pip-unpack-1")
+            pip_writes(pip_tmp, bad, unpack="pip-unpack-2")
+            eventually(lambda: good.name in early and bad.name in early, timeout=10, interval=0.02)
+        assert await early.passed(as_downloaded(good, tmp_path / "dest")) is not None
+        assert await early.passed(as_downloaded(bad, tmp_path / "dest")) is None
+    finally:
+        early.close()
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
