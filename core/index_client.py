@@ -267,7 +267,10 @@ async def check_published(wheel: ResolvedWheel, settings: RegistrySettings) -> N
     index's project pages are read. Raises ResolveError (no sha256 published), IntegrityError
     (another sha256), RegistryError (index unreachable, credentials rejected).
     """
-    await asyncio.to_thread(check_published_sync, wheel, settings)
+    if wheel.published:  # pure: no thread hop
+        check_published_sync(wheel, settings)
+    else:
+        await asyncio.to_thread(check_published_sync, wheel, settings)
 
 
 def _versions_sync(name: str, settings: RegistrySettings) -> list[str]:

@@ -338,17 +338,20 @@ class Installer:
         self, wheel: ResolvedWheel, registry: RegistrySettings, early: EarlyChecks
     ) -> str:
         """Check the wheel unless its early check passed, store it if new; its backend's name."""
-        checked = await early.passed(wheel)  # the same bytes, already checked and fsynced
+        checked = await early.passed(wheel)  # the same bytes, already checked
         if checked is None:
             await check_published(wheel, registry)
-        backend = await asyncio.to_thread(self._store.locate, wheel.sha256)
-        if backend is None:
-            if checked is None:
-                # pip does not check RECORD or refuse symlinks; we do, before anything is
-                # published.
-                await asyncio.to_thread(inspect_wheel, wheel.path, filename=wheel.filename)
-            await asyncio.to_thread(self._store.put_file, wheel.sha256, checked or wheel.path)
-        return backend or self._store.name
+        return await asyncio.to_thread(self._store_checked, wheel, checked)
+
+    def _store_checked(self, wheel: ResolvedWheel, checked: Path | None) -> str:
+        """(Worker thread) Store a blob the store lacks; one thread hop for the whole step."""
+        if (backend := self._store.locate(wheel.sha256)) is not None:
+            return backend
+        if checked is None:
+            # pip does not check RECORD or refuse symlinks; we do, before anything is published.
+            inspect_wheel(wheel.path, filename=wheel.filename)
+        self._store.put_file(wheel.sha256, checked or wheel.path)
+        return self._store.name
 
     @staticmethod
     def _record_blobs(blobs: list[tuple[str, int, str]]) -> None:
