@@ -312,14 +312,34 @@ def _claim_files(manifest: Manifest, pkgs: PkgDir) -> dict[str, tuple[str, int, 
                 )
             owners[rel] = (sha, size, entry.sha256)
             owner_files[rel] = entry.filename
-    dirs = {parent for rel in owners for parent in _parents(rel.rpartition("/")[0])}
-    for rel in sorted(dirs & owners.keys()):  # a file of one wheel where another has a directory
+    _refuse_file_where_directory(owners, owner_files)
+    return owners
+
+
+def _refuse_file_where_directory(
+    owners: dict[str, tuple[str, int, str]], owner_files: dict[str, str]
+) -> None:
+    """A file of one wheel where another has a directory cannot share a tree.
+
+    Only paths under a top-level entry that several packages provide can clash (a package that
+    is both was refused when it was unpacked), so only those pay for the walk up their parents.
+    """
+    providers: dict[str, set[str]] = {}
+    for rel, (_, _, pkg) in owners.items():
+        providers.setdefault(rel.partition("/")[0], set()).add(pkg)
+    shared = {top for top, pkgs in providers.items() if len(pkgs) > 1}
+    dirs = {
+        parent
+        for rel in owners
+        if rel.partition("/")[0] in shared
+        for parent in _parents(rel.rpartition("/")[0])
+    }
+    for rel in sorted(dirs & owners.keys()):
         inside = next(p for p in sorted(owners) if p.startswith(f"{rel}/"))
         raise StoreError(
             f"{owner_files[inside]} installs {inside}, which clashes with the file {rel} of"
             f" {owner_files[rel]}; they cannot share one tree"
         )
-    return owners
 
 
 def _link_tree(files: dict[str, tuple[str, int, str]], site: Path, to_pkgs: str) -> dict[str, str]:
@@ -328,31 +348,25 @@ def _link_tree(files: dict[str, tuple[str, int, str]], site: Path, to_pkgs: str)
     A path whose files all come from one package becomes one symlink; a directory shared by
     several packages is created and its entries are handled the same way, one level down.
     """
-    children: dict[str, set[str]] = {}
-    providers: dict[str, set[str]] = {}
-    for rel, (_, _, pkg) in files.items():
-        child = rel
-        while child:
-            parent = child.rpartition("/")[0]
-            children.setdefault(parent, set()).add(child)
-            providers.setdefault(child, set()).add(pkg)
-            child = parent
     links: dict[str, str] = {}
     site_str = str(site)
 
-    def place(directory: str, depth: int) -> None:
-        # From trees/<hash>/site-packages/<directory>/ up to the data dir, then into pkgs/.
+    def place(prefix: str, members: list[str], depth: int) -> None:
+        # From trees/<hash>/site-packages/<prefix> up to the data dir, then into pkgs/.
         up = "../" * (depth + 2) + to_pkgs
-        for rel in sorted(children.get(directory, ())):
-            pkg = providers[rel]
-            if len(pkg) == 1 or rel in files:  # shared identical files link to the first one
-                owner = files[rel][2] if rel in files else next(iter(pkg))
+        entries: dict[str, list[str]] = {}  # this level's entry -> the files at or under it
+        for rel in members:
+            entries.setdefault(prefix + rel[len(prefix) :].partition("/")[0], []).append(rel)
+        for rel in sorted(entries):
+            inside = entries[rel]
+            if rel in files or len({files[f][2] for f in inside}) == 1:
+                owner = files[rel if rel in files else inside[0]][2]  # shared identical: first
                 text = f"{up}/{owner}/{SITE}/{rel}"
                 os.symlink(text, os.path.join(site_str, rel))
                 links[rel] = text
             else:
                 os.mkdir(os.path.join(site_str, rel), 0o755)
-                place(rel, depth + 1)
+                place(f"{rel}/", inside, depth + 1)
 
-    place("", 0)
+    place("", list(files), 0)
     return links
