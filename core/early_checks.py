@@ -81,13 +81,13 @@ class _OnClosed(FileSystemEventHandler):
 
 
 class EarlyChecks:
-    """One install's early checks: `watching(pip_tmp)` around the pip run, then `passed()`."""
+    """One install's early checks: `watching(...)` around the pip run, then `passed()`."""
 
     def __init__(self, links_dir: Path, settings: RegistrySettings) -> None:
         self._links_dir = links_dir  # on pip's filesystem, removed by the caller
         self._settings = settings
         # One worker, at a lower priority: pip (and a local index) come first, the checks fill
-        # the gaps. On 2 cores, nice 10 took 0.09 s off a w31 install (docs/benchmarks.md).
+        # the gaps. On 2 cores, nice 10 took 0.07 s off a w31 install (docs/benchmarks.md).
         self._pool = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="early-check", initializer=_lower_priority
         )

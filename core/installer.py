@@ -266,28 +266,8 @@ class Installer:
         config = await self._db.run(settings.load_registry, self._box)
         cap = await self._db.run(settings.load_size_cap)
         environment = config.target or settings.native_environment()
-        entries: list[ManifestEntry] = []
-        if reqs:  # an empty allowlist needs no pip run and no scratch dir
-            await self._set(phase="resolving")
-            self._work_dir.mkdir(parents=True, exist_ok=True)
-            downloads = Path(tempfile.mkdtemp(prefix="dl-", dir=self._work_dir))
-            early = EarlyChecks(downloads / "early", config.settings)
-            try:
-                wheels = await resolve(
-                    reqs,
-                    config.settings,
-                    config.target,
-                    self._work_dir,
-                    downloads,
-                    watch=early.watching,
-                    held=await self._held_wheels(),
-                )
-                await self._set(phase="verifying", wheels_total=len(wheels))
-                entries = await self._store_all(wheels, config.settings, early)
-            finally:
-                early.close()
-                # Synchronous, like the resolver's cleanup: it must also run under cancellation.
-                shutil.rmtree(downloads, ignore_errors=True)
+        # An empty allowlist needs no pip run and no scratch dir.
+        entries = await self._fetch_set(reqs, config) if reqs else []
         manifest = Manifest.build(entries, environment)
         await self._set(attempted_hash=manifest.lockfile_hash, total_bytes=manifest.total_size)
         warnings, blocked = settings.check_size(manifest.total_size, cap)
@@ -295,9 +275,37 @@ class Installer:
             raise FailedPrecondition(blocked)
         return manifest, warnings
 
+    async def _fetch_set(
+        self, reqs: list[tuple[str, str]], config: settings.RegistryConfig
+    ) -> list[ManifestEntry]:
+        """Resolve and download with pip, check every wheel, store the new ones."""
+        await self._set(phase="resolving")
+        self._work_dir.mkdir(parents=True, exist_ok=True)
+        downloads = Path(tempfile.mkdtemp(prefix="dl-", dir=self._work_dir))
+        early = EarlyChecks(downloads / "early", config.settings)
+        try:
+            wheels = await resolve(
+                reqs,
+                config.settings,
+                config.target,
+                self._work_dir,
+                downloads,
+                watch=early.watching,
+                held=await self._held_wheels(),
+            )
+            await self._set(phase="verifying", wheels_total=len(wheels))
+            return await self._store_all(wheels, config.settings, early)
+        finally:
+            early.close()
+            # Synchronous, like the resolver's cleanup: it must also run under cancellation.
+            shutil.rmtree(downloads, ignore_errors=True)
+
     async def _held_wheels(self) -> dict[str, HeldWheel]:
-        """The desired set's wheels that the store keeps as local files, offered to pip so that
-        an install which changes one pin downloads one wheel."""
+        """The desired set's wheels that the store keeps as local files.
+
+        Offered to pip as already downloaded, so an install that changes one pin fetches one
+        wheel.
+        """
         entries = await self._db.run(_desired_entries)
 
         def locate() -> dict[str, HeldWheel]:
