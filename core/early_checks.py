@@ -43,28 +43,52 @@ log = logging.getLogger(__name__)
 CHECK_NICENESS = 10
 
 
-def check_wheel_file(path: Path, filename: str, pip_log: Path, settings: RegistrySettings) -> str:
+def check_wheel_file(
+    path: Path, filename: str, published: frozenset[str], settings: RegistrySettings
+) -> str:
     """Both of the installer's checks on one file; the sha256 of the bytes that passed.
 
-    pip logs a file's index links before it downloads the file, so the published hashes are
-    usually in its log already (core/pip_downloads.py); otherwise the project page is read.
+    `published`: the hashes pip logged for the file's links (empty: read the project page).
     """
     (plan,) = plan_downloads([filename], ())
-    try:
-        published = published_in_log(pip_log.read_text("utf-8", "replace")).get(filename)
-    except OSError:
-        published = None
     with path.open("rb") as f:
         digest = hashlib.file_digest(f, "sha256").hexdigest()
         size = os.fstat(f.fileno()).st_size
         wheel = ResolvedWheel(
-            plan.name, plan.version, filename, path, digest, size, False, published or frozenset()
+            plan.name, plan.version, filename, path, digest, size, False, published
         )
         inspect_wheel(path, filename=filename)
         check_published_sync(wheel, settings)
         # Start writing it to disk now, so the blob store's fsync later has little left to do.
         start_writeback(f.fileno())
     return digest
+
+
+class LoggedHashes:
+    """The hashes in pip's growing debug log, read a new piece at a time.
+
+    pip logs a file's index links before it downloads the file, so they are there by the time
+    its download is closed. Against PyPI the log holds every version's links (megabytes), so it
+    is never re-read from the start. Used from the one worker thread only.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._offset = 0
+        self._hashes: dict[str, frozenset[str]] = {}
+
+    def get(self, filename: str) -> frozenset[str]:
+        try:
+            with self._path.open("rb") as f:
+                f.seek(self._offset)
+                new = f.read()
+        except OSError:
+            new = b""
+        whole = new.rfind(b"\n") + 1  # a line pip is still writing waits for the next call
+        self._offset += whole
+        for name, hashes in published_in_log(new[:whole].decode("utf-8", "replace")).items():
+            self._hashes[name] = self._hashes.get(name, frozenset()) | hashes
+        return self._hashes.get(filename, frozenset())
 
 
 def _lower_priority() -> None:
@@ -92,7 +116,7 @@ class EarlyChecks:
             max_workers=1, thread_name_prefix="early-check", initializer=_lower_priority
         )
         self._futures: dict[str, tuple[Future[str], Path]] = {}
-        self._pip_log = Path(os.devnull)
+        self._logged = LoggedHashes(Path(os.devnull))
         self._seq = itertools.count()
 
     def _on_closed(self, src: str) -> None:
@@ -107,12 +131,14 @@ class EarlyChecks:
             os.link(src, link)
         except OSError:
             return  # gone already, or another filesystem: the installer checks it later
-        future = self._pool.submit(check_wheel_file, link, filename, self._pip_log, self._settings)
-        self._futures[filename] = (future, link)
+        self._futures[filename] = (self._pool.submit(self._check, link, filename), link)
+
+    def _check(self, link: Path, filename: str) -> str:
+        return check_wheel_file(link, filename, self._logged.get(filename), self._settings)
 
     @contextlib.contextmanager
     def watching(self, pip_tmp: Path, pip_log: Path) -> Iterator[None]:
-        self._pip_log = pip_log
+        self._logged = LoggedHashes(pip_log)
         self._links_dir.mkdir(parents=True, exist_ok=True)
         observer = Observer()
         handler = _OnClosed(self._on_closed)
@@ -132,6 +158,10 @@ class EarlyChecks:
         """A checked file with `wheel`'s bytes (waiting for a running check), or None."""
         future, path = self._futures.get(wheel.filename, (None, None))
         if future is None or path is None:
+            return None
+        if future.cancel():
+            # Still queued behind slower checks (project pages on a remote index): checking it
+            # now, next to the others, is sooner than waiting for the one worker.
             return None
         try:
             digest = await asyncio.wrap_future(future)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from core.early_checks import EarlyChecks
+from core.early_checks import EarlyChecks, LoggedHashes
 from core.pip_downloads import ResolvedWheel
 from core.registry import RegistrySettings, resolve
 from tests.core_process import eventually
@@ -150,3 +152,52 @@ async def test_hashes_in_pips_log_are_used_without_reading_the_page(
 
 def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_logged_hashes_are_read_a_new_piece_at_a_time(tmp_path: Path) -> None:
+    log = tmp_path / "pip.log"
+    line = "2026-11-27T03:35:26,066   Found link http://x/p/c-3.0-py3-none-any.whl#sha256="
+    log.write_text(f"{line}{'ab' * 32} (from http://x/simple/c/)\n{line}{'cd' * 16}")
+    logged = LoggedHashes(log)
+    assert logged.get("c-3.0-py3-none-any.whl") == {"ab" * 32}
+    with log.open("a") as f:  # pip finishes the line it was writing
+        f.write(f"{'cd' * 16} (from http://mirror/simple/c/)\n")
+    assert logged.get("c-3.0-py3-none-any.whl") == {"ab" * 32, "cd" * 32}
+    assert logged.get("d-1.0-py3-none-any.whl") == frozenset()
+
+
+async def test_a_check_still_queued_is_left_to_the_installer(
+    wheel_dir: Path, tmp_path: Path
+) -> None:
+    # A slow index page (no hash in pip's log) holds the one worker; the next file's check is
+    # still queued when the installer asks, so it gets no pass and checks the file itself.
+    first = build_wheel(WheelSpec("c", "3.0"), wheel_dir)
+    second = build_wheel(WheelSpec("d", "1.0"), wheel_dir)
+
+    class SlowIndex(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            time.sleep(1.5)
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), SlowIndex)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/simple/"
+    early = EarlyChecks(tmp_path / "early", RegistrySettings(index_url=url, timeout_seconds=5))
+    pip_tmp = tmp_path / "tmp"
+    pip_tmp.mkdir()
+    try:
+        with early.watching(pip_tmp, tmp_path / "pip.log"):
+            pip_writes(pip_tmp, first, unpack="pip-unpack-1")
+            pip_writes(pip_tmp, second, unpack="pip-unpack-2")
+            eventually(lambda: second.name in early, timeout=10, interval=0.02)
+        started = time.monotonic()
+        assert await early.passed(as_downloaded(second, tmp_path / "dest")) is None
+        assert time.monotonic() - started < 0.5  # not behind the slow check
+    finally:
+        early.close()
+        server.shutdown()
+        server.server_close()
