@@ -18,7 +18,7 @@ import base64
 import json
 import urllib.error
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from http.client import HTTPException, HTTPResponse
@@ -232,12 +232,11 @@ def _project_files_sync(name: str, settings: RegistrySettings, timeout: float) -
     return files
 
 
-def check_published_hash(wheel: ResolvedWheel, files: Iterable[IndexFile]) -> None:
-    """The file on disk must carry a sha256 its index published for that file name."""
-    published = {f.sha256 for f in files if f.filename == wheel.filename}
+def verify_published(wheel: ResolvedWheel, published: Collection[str]) -> None:
+    """The file must carry a sha256 its index published for that file name."""
     if wheel.sha256 in published:
         return
-    if not published or published == {None}:
+    if not published:
         raise ResolveError(
             f"the index gave no sha256 for '{wheel.name}' ({wheel.filename});"
             " refusing an unverifiable wheel"
@@ -248,29 +247,27 @@ def check_published_hash(wheel: ResolvedWheel, files: Iterable[IndexFile]) -> No
     )
 
 
-def check_published_sync(wheel: ResolvedWheel, settings: RegistrySettings) -> None:
-    if wheel.published:  # pip logged the links it read: no need to read the pages again
-        check_published_hash(wheel, (IndexFile(wheel.filename, h) for h in wheel.published))
-        return
+def published_hashes_sync(name: str, filename: str, settings: RegistrySettings) -> frozenset[str]:
+    """The sha256s the configured indexes publish for `filename` of project `name`."""
     try:
-        files = _project_files_sync(wheel.name, settings, settings.timeout_seconds)
+        files = _project_files_sync(name, settings, settings.timeout_seconds)
     except NotFound:
-        files = []  # pip found it a moment ago: treat as "nothing published"
-    check_published_hash(wheel, files)
+        return frozenset()  # pip found it a moment ago: treat as "nothing published"
+    return frozenset(f.sha256 for f in files if f.filename == filename and f.sha256)
+
+
+def check_published_sync(wheel: ResolvedWheel, settings: RegistrySettings) -> None:
+    verify_published(wheel, published_hashes_sync(wheel.name, wheel.filename, settings))
 
 
 async def check_published(wheel: ResolvedWheel, settings: RegistrySettings) -> None:
     """Confirm against the index that `wheel` (pip's download) is the file it publishes.
 
     pip already refused a file whose hash differed from its link's; this also refuses a link
-    without one. The hashes pip logged (`wheel.published`) are used when there are any, else the
-    index's project pages are read. Raises ResolveError (no sha256 published), IntegrityError
-    (another sha256), RegistryError (index unreachable, credentials rejected).
+    without one. Raises ResolveError (no sha256 published), IntegrityError (another sha256),
+    RegistryError (index unreachable, credentials rejected).
     """
-    if wheel.published:  # pure: no thread hop
-        check_published_sync(wheel, settings)
-    else:
-        await asyncio.to_thread(check_published_sync, wheel, settings)
+    await asyncio.to_thread(check_published_sync, wheel, settings)
 
 
 def _versions_sync(name: str, settings: RegistrySettings) -> list[str]:

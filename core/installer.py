@@ -284,6 +284,8 @@ class Installer:
         downloads = Path(tempfile.mkdtemp(prefix="dl-", dir=self._work_dir))
         early = EarlyChecks(downloads / "early", config.settings)
         try:
+            held = await self._held_wheels()
+            early.expect(held)
             wheels = await resolve(
                 reqs,
                 config.settings,
@@ -291,7 +293,7 @@ class Installer:
                 self._work_dir,
                 downloads,
                 watch=early.watching,
-                held=await self._held_wheels(),
+                held=held,
             )
             await self._set(phase="verifying", wheels_total=len(wheels))
             return await self._store_all(wheels, config.settings, early)
@@ -346,8 +348,8 @@ class Installer:
         self, wheel: ResolvedWheel, registry: RegistrySettings, early: EarlyChecks
     ) -> str:
         """Check the wheel unless its early check passed, store it if new; its backend's name."""
-        checked = await early.passed(wheel)  # the same bytes, already checked
-        if checked is None:
+        checked = await early.inspected(wheel)  # the same bytes, already inspected
+        if not await early.published(wheel):
             await check_published(wheel, registry)
         return await asyncio.to_thread(self._store_checked, wheel, checked)
 

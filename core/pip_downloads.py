@@ -1,8 +1,7 @@
 """What `pip download --dest` leaves behind, read as the resolved set of wheel files.
 
     seed()              I/O: link the wheels the blob store already holds into --dest
-    reported_names()    pure: pip's closing "Successfully downloaded a b c" log line -> names
-    published_in_log()  pure: the sha256 each index link carried, as pip logged the links
+    reported_names()    pure: pip's closing "Successfully downloaded a b c" line -> names
     choose_files()      pure: the files of the resolution (seeds pip did not use left out)
     plan_downloads()    pure: file names -> wheels by name; sdists refused
     collect()           I/O: move pip's new files out of the scratch dir and hash them
@@ -14,11 +13,6 @@ changed downloads only what changed (an index with PEP 658 metadata, PyPI, used 
 changed wheels only; without the seeds every install would fetch every wheel again). Seeds pip
 did not need stay in --dest next to the ones it used, so pip's closing line, which names every
 project of the resolution, tells them apart; without seeds that line is not needed.
-
-Published hashes: pip's debug log lists every link it read from a PEP 503 (HTML) page with its
-`#sha256=` fragment, which is what the index published; the installer checks the files against
-those instead of fetching every project page again. A PEP 691 (JSON) page carries its hashes
-outside the URL, so those links log none and core/index_client.py reads the pages itself.
 """
 
 from __future__ import annotations
@@ -29,7 +23,6 @@ import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
 
 from packaging.utils import (
     InvalidSdistFilename,
@@ -43,7 +36,6 @@ from core.pip_failures import SDIST_REFUSAL
 from shared.errors import ResolveError
 
 _REPORTED = re.compile(r"Successfully downloaded (?P<names>.*)$", re.MULTILINE)
-_FOUND_LINK = re.compile(r"^\S+ +Found link (?P<url>\S+)", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -65,8 +57,6 @@ class ResolvedWheel:
     sha256: str  # of the file (pip checked it against the index link's published hash)
     size: int
     requested: bool
-    # sha256s the index links for this file name carried, from pip's log; empty if none logged
-    published: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -88,21 +78,9 @@ def _project_of(filename: str) -> str | None:
         return None
 
 
-def published_in_log(log: str) -> dict[str, frozenset[str]]:
-    """File name -> the sha256s its links carried (several indexes may list one file)."""
-    found: dict[str, set[str]] = {}
-    for m in _FOUND_LINK.finditer(log):
-        parts = urlsplit(m["url"])
-        algo, _, digest = parts.fragment.partition("=")
-        if algo == "sha256" and len(digest) == 64:
-            filename = unquote(parts.path.rsplit("/", 1)[-1])
-            found.setdefault(filename, set()).add(digest.lower())
-    return {name: frozenset(hashes) for name, hashes in found.items()}
-
-
-def reported_names(log: str) -> set[str] | None:
+def reported_names(output: str) -> set[str] | None:
     """The projects pip's last "Successfully downloaded" line names; None if there is none."""
-    lines = list(_REPORTED.finditer(log))
+    lines = list(_REPORTED.finditer(output))
     if not lines:
         return None
     return {canonicalize_name(n) for n in lines[-1]["names"].split()}
@@ -176,13 +154,15 @@ def collect(
     dest: Path,
     requested: Collection[str],
     held: Mapping[str, HeldWheel],
-    log: str,
+    output: str,
 ) -> list[ResolvedWheel]:
-    """The resolved wheels: new ones moved into `dest` and hashed, held ones as their blobs."""
+    """The resolved wheels: new ones moved into `dest` and hashed, held ones as their blobs.
+
+    `output`: pip's INFO output, which ends with the "Successfully downloaded" line.
+    """
     files = os.listdir(downloads)
     seeds = {f for f in files if _still_seeded(downloads / f, held)}
-    chosen = choose_files(files, seeds, reported_names(log) if seeds else None)
-    published = published_in_log(log)
+    chosen = choose_files(files, seeds, reported_names(output) if seeds else None)
     wheels: list[ResolvedWheel] = []
     for plan in plan_downloads(chosen, requested):
         if plan.filename in seeds:
@@ -194,10 +174,9 @@ def collect(
             with path.open("rb") as f:
                 digest = hashlib.file_digest(f, "sha256").hexdigest()
                 size = os.fstat(f.fileno()).st_size
-        hashes = published.get(plan.filename, frozenset())
         wheels.append(
             ResolvedWheel(
-                plan.name, plan.version, plan.filename, path, digest, size, plan.requested, hashes
+                plan.name, plan.version, plan.filename, path, digest, size, plan.requested
             )
         )
     return wheels

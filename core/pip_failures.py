@@ -1,8 +1,9 @@
 """Turn a failed pip run into one operator-facing error that names the package and the reason.
 
-At --quiet, pip's stderr says the same two lines for an unknown package, a wheel for another
-platform, an sdist-only package, a 401 and a dead index; the reasons are only in the debug log
-(`--log`), so both are read. The token is scrubbed at this module's exit.
+pip's stderr says the same two lines for an unknown package, a wheel for another platform, an
+sdist-only package, a 401 and a dead index. Its INFO output (stdout) names a failed fetch and a
+conflict's causes; why a wheel or sdist was skipped is only in its debug log (`--log`), so the
+resolver asks for one when `needs_debug_log` says so. The token is scrubbed at this module's exit.
 """
 
 from __future__ import annotations
@@ -151,6 +152,18 @@ def _version_key(raw: str) -> tuple[int, Version]:
         return (1, Version(raw))
     except InvalidVersion:
         return (0, Version("0"))
+
+
+def needs_debug_log(stdout: str, stderr: str) -> bool:
+    """Whether explaining this failure needs pip's debug log: "no matching distribution" with
+    no failed fetch, refused credentials or ignored host to blame."""
+    text = f"{stderr}\n{stdout}"
+    blamed = (
+        _FETCH_FAIL.search(text)
+        or _INSECURE_HOST.search(text)
+        or any((m.group(1) or m.group(2)) in ("401", "403") for m in _HTTP_STATUS.finditer(text))
+    )
+    return not blamed and _NO_MATCH.search(stderr) is not None
 
 
 def classify_failure(

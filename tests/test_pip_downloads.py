@@ -12,7 +12,6 @@ from core.pip_downloads import (
     HeldWheel,
     choose_files,
     plan_downloads,
-    published_in_log,
     reported_names,
 )
 from core.registry import RegistrySettings, resolve
@@ -48,22 +47,6 @@ def test_reported_names_reads_the_last_closing_line() -> None:
     )
     assert reported_names(log) == {"foo-bar", "markupsafe", "six"}
     assert reported_names("Collecting six==1.0\n") is None
-
-
-def test_published_in_log_reads_the_links_pip_logged() -> None:
-    digest, other = "ab" * 32, "CD" * 32
-    log = (
-        "2026-11-27T03:35:26,066   Found link http://127.0.0.1:1/packages/six-1.17.0-py3-none-any"
-        f".whl#sha256={digest} (from http://127.0.0.1:1/simple/six/), version: 1.17.0\n"
-        "2026-11-27T03:35:26,067   Found link https://mirror/p/six-1.17.0-py3-none-any.whl"
-        f"#sha256={other} (from https://mirror/simple/six/), version: 1.17.0\n"
-        "2026-11-27T03:35:26,068   Found link https://x/p/a%2Bb-1.0-py3-none-any.whl#md5=00 (from\n"
-        "2026-11-27T03:35:26,069   Found link https://x/p/c-1.0-py3-none-any.whl (from x)\n"
-        "2026-11-27T03:35:26,070 Skipping link: not a file: http://127.0.0.1:1/simple/six/\n"
-    )
-    assert published_in_log(log) == {
-        "six-1.17.0-py3-none-any.whl": frozenset({digest, other.lower()}),
-    }
 
 
 def test_without_seeds_every_file_is_the_set() -> None:

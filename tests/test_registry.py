@@ -18,7 +18,7 @@ import pytest
 
 import core.registry as registry
 from core.pip_downloads import ResolvedWheel
-from core.pip_failures import classify_failure
+from core.pip_failures import classify_failure, needs_debug_log
 from core.registry import (
     RegistrySettings,
     build_child_env,
@@ -87,7 +87,7 @@ def test_build_pip_argv_is_exact_and_carries_no_secret(tmp_path: Path) -> None:
         python="/py",
     )
     assert argv[:4] == ["/py", "-m", "pip", "download"]
-    for flag in ("--isolated", "--no-cache-dir", "--no-input"):
+    for flag in ("--isolated", "--no-cache-dir", "--no-input", "--no-color"):
         assert flag in argv
     assert "--disable-pip-version-check" in argv and "--only-binary=:all:" in argv
     pairs = {argv[i]: argv[i + 1] for i in range(len(argv) - 1)}
@@ -96,7 +96,8 @@ def test_build_pip_argv_is_exact_and_carries_no_secret(tmp_path: Path) -> None:
     assert pairs["--timeout"] == "7"
     assert pairs["--python-version"] == "3.11" and pairs["--implementation"] == "cp"
     assert pairs["--abi"] == "cp311" and pairs["--platform"] == "manylinux_2_17_x86_64"
-    assert pairs["--dest"] == str(tmp_path / "dl")
+    assert pairs["--dest"] == str(tmp_path / "dl") and pairs["--log"] == str(tmp_path / "pip.log")
+    assert pairs["--progress-bar"] == "off" and "--quiet" not in argv  # its INFO lines are read
     assert argv[-2:] == ["-r", str(tmp_path / "r.txt")]
     joined = " ".join(argv)
     assert "SECRET" not in joined and "bob" not in joined
@@ -106,10 +107,10 @@ def test_build_pip_argv_is_exact_and_carries_no_secret(tmp_path: Path) -> None:
         TargetEnvironment("3.11"),  # no platform: the core's own tags, no target flags
         requirements_file=Path("r"),
         download_dir=Path("p"),
-        log_file=Path("l"),
     )
     assert native[0] == sys.executable
     assert not {"--platform", "--python-version", "--abi", "--extra-index-url"} & set(native)
+    assert "--log" not in native  # pip's debug log is asked for only to explain a failure
 
 
 def test_child_env_is_built_from_scratch(tmp_path: Path) -> None:
@@ -172,6 +173,15 @@ def test_settings_are_validated_without_echoing_secrets(
 
 def test_token_is_not_in_repr() -> None:
     assert "tok-SECRET" not in repr(RegistrySettings(token="tok-SECRET"))
+
+
+def test_debug_log_is_asked_for_only_when_nothing_else_explains_a_miss() -> None:
+    miss = "ERROR: No matching distribution found for c==3.0\n"
+    assert needs_debug_log("Collecting c==3.0\n", miss)  # tags or sdists: debug level only
+    fetch = "Could not fetch URL https://idx/simple/c/: connection error: refused - skipping\n"
+    assert not needs_debug_log(fetch, miss)
+    assert not needs_debug_log("", "ERROR: 401 Client Error: Unauthorized for url\n" + miss)
+    assert not needs_debug_log("", "ERROR: Cannot install a and b (conflicting dependencies)\n")
 
 
 def test_classify_failure_scrubs_the_token() -> None:
