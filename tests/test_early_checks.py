@@ -7,8 +7,11 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import pytest
 
 from core.early_checks import EarlyChecks, outcome
 from core.pip_downloads import HeldWheel, ResolvedWheel
@@ -33,74 +36,71 @@ def pip_writes(tmp: Path, wheel: Path, unpack: str = "pip-unpack-x1") -> None:
     shutil.copy(wheel, tmp / unpack / wheel.name)
 
 
+@pytest.fixture
+def early(package_index: PackageIndex, tmp_path: Path) -> Iterator[EarlyChecks]:
+    checks = EarlyChecks(tmp_path / "early", RegistrySettings(index_url=package_index.url))
+    yield checks
+    checks.close()
+
+
+@pytest.fixture
+def pip_tmp(tmp_path: Path) -> Path:
+    """Stands in for pip's TMPDIR."""
+    path = tmp_path / "tmp"
+    path.mkdir()
+    return path
+
+
 async def test_a_wheel_checked_early_is_handed_over(
-    package_index: PackageIndex, wheel_dir: Path, tmp_path: Path
+    early: EarlyChecks, pip_tmp: Path, wheel_dir: Path, tmp_path: Path
 ) -> None:
     wheel = build_wheel(WheelSpec("c", "3.0"), wheel_dir)
-    early = EarlyChecks(tmp_path / "early", RegistrySettings(index_url=package_index.url))
-    pip_tmp = tmp_path / "tmp"
-    pip_tmp.mkdir()
-    try:
-        with early.watching(pip_tmp):
-            pip_writes(pip_tmp, wheel)
-            eventually(lambda: wheel.name in early, timeout=10, interval=0.02)
-        shutil.rmtree(pip_tmp)  # pip deletes its temp dir when it exits
-        saved = as_downloaded(wheel, tmp_path / "dest")
-        checked = await early.inspected(saved)
-        assert await early.published(saved)
-        assert checked is not None and checked.parent == tmp_path / "early"
-        assert checked.read_bytes() == wheel.read_bytes()
-        # Only for the same bytes: another file under the same name gets no pass.
-        saved.path.write_bytes(b"other bytes")
-        other = ResolvedWheel(
-            "c", "3.0", wheel.name, saved.path, hashlib.sha256(b"other bytes").hexdigest(), 11, True
-        )
-        assert await early.inspected(other) is None
-        assert not await early.published(other)
-    finally:
-        early.close()
+    with early.watching(pip_tmp):
+        pip_writes(pip_tmp, wheel)
+        eventually(lambda: wheel.name in early, timeout=10, interval=0.02)
+    shutil.rmtree(pip_tmp)  # pip deletes its temp dir when it exits
+    saved = as_downloaded(wheel, tmp_path / "dest")
+    checked = await early.inspected(saved)
+    assert await early.published(saved)
+    assert checked is not None and checked.parent == tmp_path / "early"
+    assert checked.read_bytes() == wheel.read_bytes()
+    # Only for the same bytes: another file under the same name gets no pass.
+    saved.path.write_bytes(b"other bytes")
+    other = ResolvedWheel(
+        "c", "3.0", wheel.name, saved.path, hashlib.sha256(b"other bytes").hexdigest(), 11, True
+    )
+    assert await early.inspected(other) is None
+    assert not await early.published(other)
 
 
 async def test_a_failed_early_check_hands_over_nothing(
-    package_index: PackageIndex, wheel_dir: Path, tmp_path: Path
+    early: EarlyChecks, pip_tmp: Path, wheel_dir: Path, tmp_path: Path
 ) -> None:
     # RECORD lies about a file: the early check fails, and the installer must check (and
     # report) it itself.
     spec = WheelSpec("c", "3.0", record_overrides={"c/__init__.py": "sha256=AAAA,3"})
     wheel = build_wheel(spec, wheel_dir)
-    early = EarlyChecks(tmp_path / "early", RegistrySettings(index_url=package_index.url))
-    pip_tmp = tmp_path / "tmp"
-    pip_tmp.mkdir()
-    try:
-        with early.watching(pip_tmp):
-            pip_writes(pip_tmp, wheel)
-            eventually(lambda: wheel.name in early, timeout=10, interval=0.02)
-        saved = as_downloaded(wheel, tmp_path / "dest")
-        assert await early.inspected(saved) is None
-        assert await early.published(saved)  # the index does publish it: only RECORD lies
-    finally:
-        early.close()
+    with early.watching(pip_tmp):
+        pip_writes(pip_tmp, wheel)
+        eventually(lambda: wheel.name in early, timeout=10, interval=0.02)
+    saved = as_downloaded(wheel, tmp_path / "dest")
+    assert await early.inspected(saved) is None
+    assert await early.published(saved)  # the index does publish it: only RECORD lies
 
 
 async def test_files_outside_pip_unpack_dirs_are_ignored(
-    package_index: PackageIndex, wheel_dir: Path, tmp_path: Path
+    early: EarlyChecks, pip_tmp: Path, wheel_dir: Path, tmp_path: Path
 ) -> None:
     wheel = build_wheel(WheelSpec("c", "3.0"), wheel_dir)
-    early = EarlyChecks(tmp_path / "early", RegistrySettings(index_url=package_index.url))
-    pip_tmp = tmp_path / "tmp"
-    pip_tmp.mkdir()
-    try:
-        with early.watching(pip_tmp):
-            pip_writes(pip_tmp, wheel, unpack="pip-build-env-x")
-            shutil.copy(wheel, pip_tmp / wheel.name)
-            (pip_tmp / "pip-unpack-y").mkdir()
-            time.sleep(0.2)
-            (pip_tmp / "pip-unpack-y" / "c-3.0.tar.gz").write_bytes(b"sdist")
-            time.sleep(0.3)
-        assert wheel.name not in early and "c-3.0.tar.gz" not in early
-        assert not (tmp_path / "early").exists() or os.listdir(tmp_path / "early") == []
-    finally:
-        early.close()
+    with early.watching(pip_tmp):
+        pip_writes(pip_tmp, wheel, unpack="pip-build-env-x")
+        shutil.copy(wheel, pip_tmp / wheel.name)
+        (pip_tmp / "pip-unpack-y").mkdir()
+        time.sleep(0.2)
+        (pip_tmp / "pip-unpack-y" / "c-3.0.tar.gz").write_bytes(b"sdist")
+        time.sleep(0.3)
+    assert wheel.name not in early and "c-3.0.tar.gz" not in early
+    assert not (tmp_path / "early").exists() or os.listdir(tmp_path / "early") == []
 
 
 async def test_real_pip_downloads_are_checked_while_it_runs(
@@ -151,13 +151,9 @@ async def test_a_check_still_queued_is_left_to_the_installer() -> None:
 
 
 async def test_held_wheels_published_hashes_are_fetched_before_pip_runs(
-    package_index: PackageIndex, wheel_dir: Path, tmp_path: Path
+    early: EarlyChecks, wheel_dir: Path, tmp_path: Path
 ) -> None:
     wheel = build_wheel(WheelSpec("c", "3.0"), wheel_dir)
-    early = EarlyChecks(tmp_path / "early", RegistrySettings(index_url=package_index.url))
-    try:
-        early.expect({wheel.name: HeldWheel(sha(wheel), wheel)})
-        assert await early.published(as_downloaded(wheel, tmp_path / "dest"))
-        assert await early.inspected(as_downloaded(wheel, tmp_path / "dest2")) is None
-    finally:
-        early.close()
+    early.expect({wheel.name: HeldWheel(sha(wheel), wheel)})
+    assert await early.published(as_downloaded(wheel, tmp_path / "dest"))
+    assert await early.inspected(as_downloaded(wheel, tmp_path / "dest2")) is None
