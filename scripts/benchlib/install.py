@@ -28,7 +28,7 @@ def run(bench: Bench, work: Workload, index: PackageIndex) -> BenchCore:
         core.configure(index.url)
         core.set_packages(work.pins)
         os.sync()
-        ours.append(core.install(poll=0.005)[1])
+        ours.append(core.install()[1])
         peers.append(_pip_download(bench, index, pins, f"pipdl-{r}"))
     assert core is not None
     _one_pin_changed(bench, work, index, core)
@@ -72,7 +72,7 @@ def _one_pin_changed(bench: Bench, work: Workload, index: PackageIndex, core: Be
         changed = pin_of(work.delta_v2 if r % 2 else work.delta_v1)
         core.set_packages([*work.pins, changed])
         os.sync()
-        ours.append(core.install(poll=0.005)[1])
+        ours.append(core.install()[1])
         pins = [f"{n}=={v}" for n, v in [*work.pins, changed]]
         peers.append(_pip_download(bench, index, pins, f"pipdl-change-{r}"))
     bench.add(
