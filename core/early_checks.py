@@ -131,8 +131,13 @@ class EarlyChecks:
         self._links_dir.mkdir(parents=True, exist_ok=True)
         observer = Observer()
         handler = _OnClosed(self._on_closed)
-        observer.schedule(handler, str(pip_tmp), recursive=True, event_filter=[FileClosedEvent])
-        observer.start()
+        try:
+            observer.schedule(handler, str(pip_tmp), recursive=True, event_filter=[FileClosedEvent])
+            observer.start()
+        except OSError as exc:  # e.g. the inotify instance limit: only slower, never broken
+            log.warning("checking wheels after pip, not during: cannot watch %s: %s", pip_tmp, exc)
+            yield
+            return
         try:
             yield
         finally:

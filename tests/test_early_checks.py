@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -12,7 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from watchdog.observers import Observer
 
+from core import early_checks
 from core.early_checks import EarlyChecks, outcome
 from core.pip_downloads import HeldWheel, ResolvedWheel
 from core.registry import RegistrySettings, resolve
@@ -157,3 +160,24 @@ async def test_held_wheels_published_hashes_are_fetched_before_pip_runs(
     early.expect({wheel.name: HeldWheel(sha(wheel), wheel)})
     assert await early.published(as_downloaded(wheel, tmp_path / "dest"))
     assert await early.inspected(as_downloaded(wheel, tmp_path / "dest2")) is None
+
+
+async def test_no_inotify_means_checks_after_pip_not_a_failed_install(
+    early: EarlyChecks,
+    package_index: PackageIndex,
+    wheel_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    class NoInotify(Observer):  # type: ignore[misc,valid-type]
+        def start(self) -> None:  # what watchdog raises when the instance limit is reached
+            raise OSError(errno.EMFILE, "inotify instance limit reached")
+
+    monkeypatch.setattr(early_checks, "Observer", NoInotify)
+    build_wheel(WheelSpec("c", "3.0"), wheel_dir)
+    (tmp_path / "dl").mkdir()
+    settings = RegistrySettings(index_url=package_index.url, timeout_seconds=10)
+    (got,) = await resolve(
+        [("c", "3.0")], settings, None, tmp_path / "work", tmp_path / "dl", watch=early.watching
+    )
+    assert got.name == "c" and await early.inspected(got) is None  # left to the installer
