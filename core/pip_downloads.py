@@ -94,7 +94,7 @@ def choose_files(
         return sorted(files)  # everything pip left is what it resolved
     if reported is None:
         raise ResolveError(
-            "pip's log does not name the projects it resolved ('Successfully downloaded ...'),"
+            "pip's output does not name the projects it resolved ('Successfully downloaded ...'),"
             " so the held wheels it used cannot be told from the ones it did not"
         )
     by_project: dict[str | None, list[str]] = {}

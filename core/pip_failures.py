@@ -154,15 +154,19 @@ def _version_key(raw: str) -> tuple[int, Version]:
         return (0, Version("0"))
 
 
+def _refused_credentials(text: str) -> str | None:
+    """The HTTP status (401/403) with which the index refused our credentials, if it did."""
+    for m in _HTTP_STATUS.finditer(text):
+        if (code := m.group(1) or m.group(2)) in ("401", "403"):
+            return code
+    return None
+
+
 def needs_debug_log(stdout: str, stderr: str) -> bool:
     """Whether explaining this failure needs pip's debug log: "no matching distribution" with
     no failed fetch, refused credentials or ignored host to blame."""
     text = f"{stderr}\n{stdout}"
-    blamed = (
-        _FETCH_FAIL.search(text)
-        or _INSECURE_HOST.search(text)
-        or any((m.group(1) or m.group(2)) in ("401", "403") for m in _HTTP_STATUS.finditer(text))
-    )
+    blamed = _FETCH_FAIL.search(text) or _INSECURE_HOST.search(text) or _refused_credentials(text)
     return not blamed and _NO_MATCH.search(stderr) is not None
 
 
@@ -191,13 +195,11 @@ def _classify(
             " download"
         )
     # Credentials first: pip reports a 401 on the project page as "(from versions: none)".
-    for m in _HTTP_STATUS.finditer(text):
-        code = m.group(1) or m.group(2)
-        if code in ("401", "403"):
-            return RegistryError, (
-                f"the index rejected the credentials (HTTP {code}) at "
-                f"{settings.describe_index()}; check the registry username and token"
-            )
+    if code := _refused_credentials(text):
+        return RegistryError, (
+            f"the index rejected the credentials (HTTP {code}) at "
+            f"{settings.describe_index()}; check the registry username and token"
+        )
     # Same for a dead index: pip skips the page and then says the package has no versions.
     for m in _FETCH_FAIL.finditer(text):
         status = _HTTP_STATUS.search(m["reason"])

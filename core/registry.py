@@ -34,7 +34,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -258,7 +257,7 @@ async def resolve(
     dest: Path,
     *,
     deadline_seconds: float = 600.0,
-    watch: Callable[[Path], AbstractContextManager[object]] | None = None,
+    watch: Callable[[Path], contextlib.AbstractContextManager[object]] | None = None,
     held: Mapping[str, HeldWheel] | None = None,
 ) -> list[ResolvedWheel]:
     """Resolve pinned (name, version) pairs to wheels, dependencies included, downloaded once.
@@ -292,7 +291,7 @@ async def resolve(
             )
 
         try:
-            with watch(scratch / "tmp") if watch else nullcontext():
+            with watch(scratch / "tmp") if watch else contextlib.nullcontext():
                 rc, out, err = await _run_pip(argv(None), env, scratch, deadline_seconds)
             if rc != 0 and needs_debug_log(out, err):
                 left = deadline_seconds - (time.monotonic() - started)
