@@ -20,17 +20,13 @@ import threading
 from pathlib import Path
 from types import TracebackType
 
-from shared.errors import IntegrityError, StoreError
+from shared.errors import BlobCorrupt, IntegrityError, StoreError
 from shared.fsutil import fsync_dir, start_writeback
 from shared.hashing import READ_CHUNK, StreamVerifier, sha256_file
 from shared.names import check_sha256
 
 PARTIAL_DIR = ".partial"
 WRITEBACK_STEP = 8 * 1024 * 1024
-
-
-class BlobCorrupt(IntegrityError):
-    """A blob already on disk no longer matches its sha256 (bit rot, tampering). It was deleted."""
 
 
 def checked_sha(sha256: str) -> str:

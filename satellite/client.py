@@ -18,9 +18,10 @@ from shared.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
-    RegistryError,
+    ResourceExhausted,
     SpkError,
     Unauthenticated,
+    Unavailable,
 )
 from shared.manifest import Manifest
 from shared.proto.scriptpkgs.v1 import distribution_pb2 as pb
@@ -39,31 +40,54 @@ _STATUS = {
 }
 
 
-class CoreUnavailable(SpkError):
+class CoreUnavailable(Unavailable):
     """The core cannot be reached right now; the agent retries with backoff."""
 
 
+class CoreFailed(SpkError):
+    """The core (or a proxy in front of it) failed to answer: a bug or outage there, not ours."""
+
+
+# Every status code a call can end with, mapped to the error type the agent acts on. The core
+# sends these for our own errors (core/api/status.py); the rest come from gRPC itself or from
+# something in between (a proxy, a load balancer). INTERNAL and UNKNOWN are the core's bugs or
+# a proxy's failure (CoreFailed): the agent retries them like an outage, naming which it was.
+_BY_CODE: dict[grpc.StatusCode, type[SpkError]] = {
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+    grpc.StatusCode.DATA_LOSS: IntegrityError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.ALREADY_EXISTS: FailedPrecondition,
+    grpc.StatusCode.ABORTED: CoreUnavailable,
+    grpc.StatusCode.OUT_OF_RANGE: InvalidArgument,
+    grpc.StatusCode.UNIMPLEMENTED: FailedPrecondition,
+    grpc.StatusCode.UNAVAILABLE: CoreUnavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: CoreUnavailable,
+    grpc.StatusCode.CANCELLED: CoreUnavailable,
+    grpc.StatusCode.INTERNAL: CoreFailed,
+    grpc.StatusCode.UNKNOWN: CoreFailed,
+}
+_HINTS = {
+    grpc.StatusCode.UNIMPLEMENTED: "; the core is older than this agent: upgrade the core",
+    grpc.StatusCode.INTERNAL: "; see the core's log",
+    grpc.StatusCode.UNKNOWN: "; see the logs of the core and of any proxy in front of it",
+}
+
+
 def translate(exc: grpc.aio.AioRpcError, what: str) -> SpkError:
+    """The one place a gRPC status becomes one of our errors on the satellite side."""
     code, detail = exc.code(), exc.details() or ""
-    mapping: dict[grpc.StatusCode, type[SpkError]] = {
-        grpc.StatusCode.NOT_FOUND: NotFound,
-        grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
-        grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
-        grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
-        grpc.StatusCode.DATA_LOSS: IntegrityError,
-    }
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return InvalidArgument(what, detail)
-    cls = mapping.get(code)
-    if cls is not None:
-        return cls(f"{what}: {detail}")
-    if code in (
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.CANCELLED,
-    ):
-        return CoreUnavailable(f"{what}: core unavailable ({code.name}: {detail})")
-    return RegistryError(f"{what}: {code.name}: {detail}")
+    cls = _BY_CODE.get(code, CoreUnavailable)
+    hint = _HINTS.get(code, "")
+    if cls is InvalidArgument:
+        return InvalidArgument(what, f"{detail}{hint}")
+    if cls is CoreUnavailable:
+        return CoreUnavailable(f"{what}: core unavailable ({code.name}: {detail}){hint}")
+    if cls is CoreFailed:
+        return CoreFailed(f"{what}: the core failed ({code.name}: {detail}){hint}")
+    return cls(f"{what}: {detail}{hint}")
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from satellite.blobs import BlobCorrupt
 from satellite.ports import CoreClient
-from shared.errors import IntegrityError, SpkError
+from shared.errors import BlobCorrupt, IntegrityError, SpkError
 from shared.manifest import ManifestEntry
 
 if TYPE_CHECKING:  # an opaque token here; only the store looks inside

@@ -22,13 +22,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from core.blobstore import FilesystemBlobStore  # noqa: E402
-from core.db import BlobRecord, Database, open_database  # noqa: E402
-from core.locks import InstallerLock  # noqa: E402
-from core.migration import Migrator  # noqa: E402
-from core.storage.database import DatabaseBlobStore  # noqa: E402
-from core.storage.registry import StoreRegistry  # noqa: E402
-from core.storage.s3 import S3BlobStore, s3_config_from_env  # noqa: E402
+from core.state.db import BlobRecord, Database, open_database  # noqa: E402
+from core.state.locks import InstallerLock  # noqa: E402
+from core.storage.backends import StoreRegistry  # noqa: E402
+from core.storage.blobstore import FilesystemBlobStore  # noqa: E402
+from core.storage.database_store import DatabaseBlobStore  # noqa: E402
+from core.storage.migration import Migrator  # noqa: E402
+from core.storage.s3_store import S3BlobStore, s3_config_from_env  # noqa: E402
 from tests.storage_servers import FreshPostgres, MotoS3  # noqa: E402
 
 MiB = 1024 * 1024

@@ -1,29 +1,31 @@
-"""One error hierarchy for both sides, and its mapping to gRPC status codes.
+"""One error hierarchy for both sides. Pure: no transport here (core/api/status.py maps these
+to gRPC status codes; satellite/client.py maps status codes back).
 
-    SpkError                      base; `code` is the gRPC status it maps to
+    SpkError                      base: a failure we raise on purpose, explained for operators
     ├── InvalidArgument           bad input: names the field and the rule
     ├── NotFound                  an unknown package, hash, blob or satellite
     ├── FailedPrecondition        refused now (install running, migration running, ...)
     ├── Unauthenticated / PermissionDenied
     ├── ResourceExhausted         a per-client cap (concurrent downloads, open streams) is reached
+    ├── Unavailable               the other side is down or going away; try again later
     ├── IntegrityError            a hash, size or signature does not match
+    │   └── BlobCorrupt           a blob already on disk no longer matches (it was deleted)
     ├── UnsafeWheel               a wheel that could escape its target or lies about its content
     ├── ResolveError              the index cannot satisfy the allowlist (names the package)
     ├── RegistryError             the index is unreachable or refuses the credentials
-    └── StoreError                local storage failed (disk full, permissions, ...)
+    └── StoreError                local storage failed (permissions, a missing file, ...)
+        └── DiskFull              no space (or quota) left on the data disk: an operator matter
 
 Messages are written for operators and never contain secrets.
 """
 
 from __future__ import annotations
 
-import grpc
+import errno
 
 
 class SpkError(Exception):
     """Base class of every error this project raises on purpose."""
-
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -34,8 +36,6 @@ class SpkError(Exception):
 
 
 class InvalidArgument(SpkError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
-
     def __init__(self, field: str, rule: str) -> None:
         super().__init__(f"{field}: {rule}")
         self.field = field
@@ -43,32 +43,38 @@ class InvalidArgument(SpkError):
 
 
 class NotFound(SpkError):
-    code = grpc.StatusCode.NOT_FOUND
+    pass
 
 
 class FailedPrecondition(SpkError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    pass
 
 
 class Unauthenticated(SpkError):
-    code = grpc.StatusCode.UNAUTHENTICATED
+    pass
 
 
 class PermissionDenied(SpkError):
-    code = grpc.StatusCode.PERMISSION_DENIED
+    pass
 
 
 class ResourceExhausted(SpkError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    pass
+
+
+class Unavailable(SpkError):
+    pass
 
 
 class IntegrityError(SpkError):
-    code = grpc.StatusCode.DATA_LOSS
+    pass
+
+
+class BlobCorrupt(IntegrityError):
+    """A blob already on disk no longer matches its sha256 (bit rot, tampering). It was deleted."""
 
 
 class UnsafeWheel(SpkError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
-
     def __init__(self, wheel: str, reason: str) -> None:
         super().__init__(f"unsafe wheel {wheel}: {reason}")
         self.wheel = wheel
@@ -76,12 +82,31 @@ class UnsafeWheel(SpkError):
 
 
 class ResolveError(SpkError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    pass
 
 
 class RegistryError(SpkError):
-    code = grpc.StatusCode.UNAVAILABLE
+    pass
 
 
 class StoreError(SpkError):
-    code = grpc.StatusCode.INTERNAL
+    pass
+
+
+class DiskFull(StoreError):
+    """The data disk (or the user's quota) is full; freeing space there is the fix."""
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether a failure comes down to a full disk, here or anywhere in its cause chain."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, DiskFull):
+            return True
+        if isinstance(seen, OSError) and seen.errno in _DISK_FULL:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

@@ -68,7 +68,7 @@ class CoreProcess:
                 *self.wrapper,
                 sys.executable,
                 "-m",
-                "core.cli",
+                "core.app.cli",
                 "serve",
                 "--data-dir",
                 str(self.data_dir),

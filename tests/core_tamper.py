@@ -11,10 +11,10 @@ import hashlib
 import shutil
 from pathlib import Path
 
-from core import lockfiles
-from core.db import InstallStateRow, Lockfile, open_database
-from core.secrets import SecretBox, load_or_create_key
-from core.settings import native_environment
+from core.state import lockfiles
+from core.state.db import InstallStateRow, Lockfile, open_database
+from core.state.keys import SecretBox, load_or_create_key
+from core.state.settings import native_environment
 from shared.manifest import Manifest, ManifestEntry
 from shared.signing import sign_manifest
 

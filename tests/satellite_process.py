@@ -18,7 +18,7 @@ def export_signing_key(core: CoreProcess, dest: Path) -> Path:
         [
             sys.executable,
             "-m",
-            "core.cli",
+            "core.app.cli",
             "signing-key",
             "export",
             "--data-dir",

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import peewee as pw
 
-from core import lockfiles
-from core.blobstore import BlobStore, FilesystemBlobStore
-from core.db import BlobRecord, Database, InstallStateRow, database_proxy, open_database
-from core.locks import InstallerLock
-from core.secrets import new_signing_key
-from core.storage.database import DatabaseBlobStore
-from core.storage.registry import StoreRegistry
+from core.state import lockfiles
+from core.state.db import BlobRecord, Database, InstallStateRow, database_proxy, open_database
+from core.state.keys import new_signing_key
+from core.state.locks import InstallerLock
+from core.storage.backends import StoreRegistry
+from core.storage.blobstore import BlobStore, FilesystemBlobStore
+from core.storage.database_store import DatabaseBlobStore
 from shared.manifest import Manifest, ManifestEntry, TargetEnvironment
 
 ENV = TargetEnvironment("3.11", "cp", "cp311", "manylinux_2_17_x86_64")

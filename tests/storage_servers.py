@@ -120,7 +120,7 @@ class MotoS3:
         }
 
     def client(self) -> Any:
-        from core.storage.s3 import make_client, s3_config_from_env
+        from core.storage.s3_store import make_client, s3_config_from_env
 
         config, problem = s3_config_from_env(self.env("unused"))
         assert config is not None, problem

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from core.admin_cli import parse_pin, parse_size
+from core.app.admin_cli import parse_pin, parse_size
 from shared.errors import InvalidArgument
 from tests.core_process import ADMIN_TOKEN, CoreProcess
 from tests.index_server import PackageIndex
@@ -39,7 +39,7 @@ def test_admin_cli_drives_an_install(
 
     def admin(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "core.cli", "admin", "--core", core.target,
+            [sys.executable, "-m", "core.app.cli", "admin", "--core", core.target,
              "--token-file", str(token_file), *args],
             capture_output=True, text=True, timeout=120, env=env, input=stdin,
         )  # fmt: skip
@@ -62,7 +62,7 @@ def test_admin_cli_drives_an_install(
     assert (tmp_path / "sat.token").stat().st_mode & 0o077 == 0
     assert "host-a" in admin("satellites", "list").stdout
     denied = subprocess.run(
-        [sys.executable, "-m", "core.cli", "admin", "--core", core.target, "state"],
+        [sys.executable, "-m", "core.app.cli", "admin", "--core", core.target, "state"],
         capture_output=True, text=True, timeout=60, env=env,
     )  # fmt: skip
     assert denied.returncode == 1 and "no admin token" in denied.stderr

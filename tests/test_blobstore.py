@@ -1,4 +1,4 @@
-"""core/blobstore.py: the filesystem blob store on a real directory."""
+"""core/storage/blobstore.py: the filesystem blob store on a real directory."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from core.blobstore import BlobStore, FilesystemBlobStore
+from core.storage.blobstore import BlobStore, FilesystemBlobStore
 from shared.errors import IntegrityError, InvalidArgument, NotFound
 
 

@@ -22,7 +22,7 @@ def _code(call: object) -> grpc.StatusCode:
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "core.cli", *args], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "core.app.cli", *args], capture_output=True, text=True, timeout=60
     )
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from core.distribution_service import CHUNK_SIZE
+from core.api.distribution_service import CHUNK_SIZE
 from shared.proto.scriptpkgs.v1 import admin_pb2 as apb
 from shared.proto.scriptpkgs.v1 import distribution_pb2 as dpb
 from shared.proto.scriptpkgs.v1 import distribution_pb2_grpc

@@ -1,4 +1,4 @@
-"""core/early_checks.py: wheels checked while pip runs, against a real index and real pip."""
+"""core/install/early_checks.py: wheels checked while pip runs (real index, real pip)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 from watchdog.observers import Observer
 
-from core import early_checks
-from core.early_checks import EarlyChecks, outcome
-from core.pip_downloads import HeldWheel, ResolvedWheel
-from core.registry import RegistrySettings, resolve
+from core.install import early_checks
+from core.install.early_checks import EarlyChecks, outcome
+from core.install.pip_downloads import HeldWheel, ResolvedWheel
+from core.install.pip_resolver import resolve
+from core.state.index_config import RegistrySettings
 from tests.core_process import eventually
 from tests.index_server import PackageIndex
 from tests.wheelfactory import WheelSpec, build_wheel

@@ -1,5 +1,6 @@
-"""core/gc.py: the keep/delete policy as a pure function, then real passes over real stores and a
-real database with an injected clock (no sleeps), and the schedule driven by a fake clock."""
+"""core/storage/gc.py: the keep/delete policy as a pure function, then real passes over real
+stores and a real database with an injected clock (no sleeps), and the schedule driven by a
+fake clock."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from core.blobstore import FilesystemBlobStore
-from core.db import BlobRecord, Lockfile
-from core.gc import RETRY_SECONDS, BlobAge, BlobGc, GcPolicy, LockfileBlobs, plan_gc
-from core.locks import Activity
-from core.storage.registry import StoreRegistry
+from core.state.db import BlobRecord, Lockfile
+from core.state.locks import Activity
+from core.storage.backends import StoreRegistry
+from core.storage.blobstore import FilesystemBlobStore
+from core.storage.gc import RETRY_SECONDS, BlobAge, BlobGc, GcPolicy, LockfileBlobs, plan_gc
 from shared.errors import FailedPrecondition, StoreError
 from tests.storage_env import StorageEnv
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from core.hub import Hub
+from core.fanout.hub import Hub
 
 
 async def _take(agen, n: int) -> list[str]:  # type: ignore[no-untyped-def]

@@ -1,4 +1,5 @@
-"""core/index_client.py: published-hash checks and version listing against real loopback servers."""
+"""core/install/index_client.py: published-hash checks and version listing (real loopback
+servers)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from core.index_client import (
+from core.install.index_client import (
     IndexFile,
     basic_auth_header,
     check_published,
@@ -20,8 +21,8 @@ from core.index_client import (
     sort_versions,
     versions_from_filenames,
 )
-from core.pip_downloads import ResolvedWheel
-from core.registry import RegistrySettings
+from core.install.pip_downloads import ResolvedWheel
+from core.state.index_config import RegistrySettings
 from shared.errors import IntegrityError, NotFound, RegistryError, ResolveError
 from tests.index_server import PackageIndex
 from tests.wheelfactory import WheelSpec, build_sdist, build_wheel

@@ -7,7 +7,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from core.index_search import project_names, rank
+from core.install.index_search import project_names, rank
 from shared.proto.scriptpkgs.v1 import admin_pb2 as apb
 from tests.conftest import INDEX_TOKEN
 from tests.core_process import CoreProcess

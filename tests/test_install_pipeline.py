@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from core.db import BlobRecord, open_database
+from core.state.db import BlobRecord, open_database
 from shared.proto.scriptpkgs.v1 import admin_pb2 as apb
 from tests.conftest import INDEX_TOKEN
 from tests.core_process import AdminClient, CoreProcess, eventually

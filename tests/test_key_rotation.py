@@ -18,7 +18,7 @@ from tests.wheelfactory import WheelSpec, build_wheel
 
 def _cli(*args: str) -> str:
     out = subprocess.run(
-        [sys.executable, "-m", "core.cli", *args], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "core.app.cli", *args], capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 0, out.stderr
     return out.stdout

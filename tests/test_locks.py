@@ -1,4 +1,4 @@
-"""core/locks.py: one of install / GC / migration / rollback at a time, in a process and (with
+"""core/state/locks.py: one of install / GC / migration / rollback at a time, in a process and (with
 Postgres) across core instances, each refusal naming what runs."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from core.db import open_database
-from core.locks import Activity, InstallerLock
+from core.state.db import open_database
+from core.state.locks import Activity, InstallerLock
 from shared.errors import FailedPrecondition
 
 

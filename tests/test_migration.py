@@ -1,5 +1,6 @@
-"""core/migration.py: the work set and throttle (pure), in-process runs over real stores (including
-S3 on moto, a lying target and a corrupt source), and the real core killed mid-migration."""
+"""core/storage/migration.py: the work set and throttle (pure), in-process runs over real stores
+(including S3 on moto, a lying target and a corrupt source), and the real core killed
+mid-migration."""
 
 from __future__ import annotations
 
@@ -15,10 +16,13 @@ from typing import BinaryIO
 import grpc
 import pytest
 
-from core.blobstore import FilesystemBlobStore
-from core.db import BlobRecord, open_database
-from core.locks import Activity
-from core.migration import (
+from core.state.db import BlobRecord, open_database
+from core.state.keys import SECRET_KEY_ENV
+from core.state.locks import Activity
+from core.storage.backends import StoreRegistry, load_active_name
+from core.storage.blobstore import FilesystemBlobStore
+from core.storage.database_store import DatabaseBlobStore
+from core.storage.migration import (
     MigrationState,
     Migrator,
     WorkItem,
@@ -27,10 +31,7 @@ from core.migration import (
     throttle_delay,
     work_set,
 )
-from core.secrets import SECRET_KEY_ENV
-from core.storage.database import DatabaseBlobStore
-from core.storage.registry import StoreRegistry, load_active_name
-from core.storage.s3 import S3BlobStore, s3_config_from_env
+from core.storage.s3_store import S3BlobStore, s3_config_from_env
 from shared.errors import FailedPrecondition, InvalidArgument
 from shared.proto.scriptpkgs.v1 import admin_pb2 as apb
 from tests.core_process import CoreProcess, eventually

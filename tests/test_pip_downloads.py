@@ -1,4 +1,5 @@
-"""core/pip_downloads.py: which files `pip download` left are the resolved set, held wheels too."""
+"""core/install/pip_downloads.py: which files `pip download` left are the resolved set (held
+wheels too)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from core.pip_downloads import (
+from core.install.pip_downloads import (
     HeldWheel,
     choose_files,
     plan_downloads,
     reported_names,
 )
-from core.registry import RegistrySettings, resolve
+from core.install.pip_resolver import resolve
+from core.state.index_config import RegistrySettings
 from shared.errors import ResolveError
 from tests.index_server import StaticIndex
 from tests.wheelfactory import WheelSpec, build_wheel

@@ -1,4 +1,4 @@
-"""core/registry.py: pip resolution against a real pypiserver on loopback."""
+"""core/install/pip_resolver.py: pip resolution against a real pypiserver on loopback."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-import core.registry as registry
-from core.pip_downloads import ResolvedWheel
-from core.pip_failures import classify_failure, needs_debug_log
-from core.registry import (
+import core.install.pip_resolver as registry
+from core.install.pip_downloads import ResolvedWheel
+from core.install.pip_failures import classify_failure, needs_debug_log
+from core.install.pip_resolver import (
     RegistrySettings,
     build_child_env,
     build_pip_argv,

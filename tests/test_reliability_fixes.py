@@ -19,10 +19,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from core import installer, lockfiles, registry, settings
-from core.db import open_database
-from core.installer import Installer, read_state, recover_stale_install, remove_stale_work
-from core.secrets import new_signing_key
+from core.install import installer
+from core.install import pip_resolver as registry
+from core.install.installer import Installer, read_state, recover_stale_install, remove_stale_work
+from core.state import lockfiles, settings
+from core.state.db import open_database
+from core.state.keys import new_signing_key
 from satellite.agent import Agent, AgentConfig
 from satellite.materialiser import ReconcileFailed
 from satellite.reconcile_types import Outcome, ReconcileResult, disk_full
@@ -71,8 +73,8 @@ def test_pip_is_started_through_the_guard() -> None:
 
 
 def test_guarded_child_dies_with_its_parent(tmp_path: Path) -> None:
-    # A parent starts core/pip_guard.py around a module that blocks (the `code` REPL reading a
-    # pipe nobody writes), reports the child's pid, and is SIGKILLed: the child must follow.
+    # A parent starts core/install/pip_guard.py around a module that blocks (the `code` REPL reading
+    # a pipe nobody writes), reports the child's pid, and is SIGKILLed: the child must follow.
     parent_code = (
         "import os, subprocess, sys, time\n"
         f"child = subprocess.Popen([sys.executable, '-I', {str(registry.PIP_GUARD)!r},"

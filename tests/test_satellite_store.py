@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from satellite.blobs import BlobCorrupt
 from satellite.store import AgentState, SatelliteStore
-from shared.errors import IntegrityError, NotFound, StoreError, UnsafeWheel
+from shared.errors import BlobCorrupt, IntegrityError, NotFound, StoreError, UnsafeWheel
 from shared.manifest import Manifest, ManifestEntry, TargetEnvironment
 from tests.wheelfactory import WheelSpec, build_wheel
 

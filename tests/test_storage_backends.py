@@ -18,11 +18,11 @@ import grpc
 import peewee as pw
 import pytest
 
-from core.blobstore import BlobStore, FilesystemBlobStore
-from core.db import BlobChunk, database_proxy, open_database
-from core.storage.database import DatabaseBlobStore
-from core.storage.registry import StoreRegistry, build_registry
-from core.storage.s3 import S3BlobStore, S3Config, s3_config_from_env
+from core.state.db import BlobChunk, database_proxy, open_database
+from core.storage.backends import StoreRegistry, build_registry
+from core.storage.blobstore import BlobStore, FilesystemBlobStore
+from core.storage.database_store import DatabaseBlobStore
+from core.storage.s3_store import S3BlobStore, S3Config, s3_config_from_env
 from shared.errors import IntegrityError, InvalidArgument, NotFound, StoreError
 from shared.proto.scriptpkgs.v1 import admin_pb2 as apb
 from shared.proto.scriptpkgs.v1 import distribution_pb2 as dpb

@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 import pytest
 
-from core.auth import TransportPolicy, _check_transport, _is_loopback
+from core.api.auth import TransportPolicy, _check_transport, _is_loopback
 from shared.errors import Unauthenticated
 from shared.proto.scriptpkgs.v1 import admin_pb2 as apb
 from shared.proto.scriptpkgs.v1 import admin_pb2_grpc
@@ -22,7 +22,7 @@ from tests.satellite_process import SatelliteProcess, export_signing_key
 
 def _certs(tmp_path: Path, *clients: str) -> Path:
     out = tmp_path / "pki"
-    args = [sys.executable, "-m", "core.cli", "certs", "init", str(out), "--host", "localhost",
+    args = [sys.executable, "-m", "core.app.cli", "certs", "init", str(out), "--host", "localhost",
             "--host", "127.0.0.1"]  # fmt: skip
     for name in clients:
         args += ["--client", name]
@@ -66,7 +66,7 @@ def test_certs_init_writes_private_keys_0600(pki: Path) -> None:
         assert stat.S_IMODE(key.stat().st_mode) == 0o600
     assert (pki / "ca.pem").exists() and (pki / "server.pem").exists()
     again = subprocess.run(
-        [sys.executable, "-m", "core.cli", "certs", "init", str(pki), "--host", "x"],
+        [sys.executable, "-m", "core.app.cli", "certs", "init", str(pki), "--host", "x"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert again.returncode == 1 and "already holds a CA" in again.stderr

@@ -1,10 +1,10 @@
-"""Blob store backends beyond the filesystem (database, S3) and the registry that ties them.
+"""Blob storage: one interface, its backends, and what runs over them (GC, migration).
 
-core.blobstore.BlobStore       the one interface (put_file, open_read, has, size, delete, list)
-├── FilesystemBlobStore        core/blobstore.py
-├── DatabaseBlobStore          database.py: chunked rows in the core's own database
-├── S3BlobStore                s3.py: any S3-compatible object store, configured by env
-└── StoreRegistry              registry.py: writes to the active backend, reads fall back
-
-runtime.py assembles them with the installer lock, GC, migration and rollback for the server.
+core.storage.blobstore.BlobStore   the one interface (put_file, open_read, has, size, delete, list)
+├── FilesystemBlobStore            blobstore.py: the default, files under the data dir
+├── DatabaseBlobStore              database_store.py: chunked rows in the core's own database
+├── S3BlobStore                    s3_store.py: any S3-compatible object store, configured by env
+└── StoreRegistry                  backends.py: writes to the active backend, reads fall back
+gc.py                              blob GC: keep the desired set and the newest N, grace period
+migration.py                       copy every blob to another backend, verified, resumable
 """

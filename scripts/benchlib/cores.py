@@ -106,11 +106,11 @@ class BenchCore:
 
 def main() -> int:
     chunk = int(sys.argv[1])
-    from core import distribution_service
+    from core.api import distribution_service
 
     if chunk:  # read per call by the servicer, so setting it before serving is enough
         distribution_service.CHUNK_SIZE = chunk
-    from core.cli import main as core_main
+    from core.app.cli import main as core_main
 
     return core_main(sys.argv[2:])
 

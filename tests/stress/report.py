@@ -54,7 +54,8 @@ SECTIONS: list[Section] = [
         " the blobs' own bytes (re-sent data, framing, manifests, reconnects) stays under 10%."
         " What one cut costs is the gRPC message in flight on each open stream: the client keeps"
         " only whole messages, and the core sends 1 MiB messages (the fastest size measured,"
-        " core/distribution_service.py). So the share re-sent is about (cuts x ~0.4 MB) / total:"
+        " core/api/distribution_service.py). So the share re-sent is about (cuts x ~0.4 MB) /"
+        " total:"
         " under 10% needs fewer than one cut per ~4-5 MB. The runs use one cut per 12 MiB.",
     ),
     (
@@ -149,7 +150,7 @@ SECTIONS: list[Section] = [
         "durability_core",
         "7b. Durability order on the core (strace), and database rows",
         "The real core runs two installs under the same strace. Database rows are not published"
-        " by rename: SQLite runs in WAL mode with synchronous=FULL (core/db.py), so a commit"
+        " by rename: SQLite runs in WAL mode with synchronous=FULL (core/state/db.py), so a commit"
         " returns only after the WAL is fsynced; the test reads both pragmas back from a database"
         " opened by the core's own code (`journal_mode=wal`, `synchronous=2`).",
         "Every blob rename follows the fsync of its temp file and is followed by an fsync of its"
@@ -190,9 +191,9 @@ stay in the suite (short mode) as end-to-end regression tests.
   resolver's scratch dir (`work/resolve-*`, whose netrc holds the token in plaintext) and
   half-downloaded wheels stayed forever. The core now removes them at startup.
 - **pip outlived a killed core (fault 3; 6 of 6 kills in the first run).** pip kept resolving on
-  its own until its network timeouts. It is now started through `core/pip_guard.py`, which asks
-  the kernel to SIGKILL it when the core dies (PR_SET_PDEATHSIG, set after exec so no Python
-  runs between fork and exec).
+  its own until its network timeouts. It is now started through `core/install/pip_guard.py`,
+  which asks the kernel to SIGKILL it when the core dies (PR_SET_PDEATHSIG, set after exec so no
+  Python runs between fork and exec).
 - **`installing` with a new desired hash (fault 3, by inspection of the kill window).** The
   install committed the new desired hash and only then set `ready` in a second transaction; a
   kill between the two restarted into "failed, the previous desired hash stays" while the new

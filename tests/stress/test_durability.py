@@ -3,7 +3,7 @@
 A real agent syncs two manifests (blobs, packages, trees, `current`, state, retirement marks,
 tree GC) and a real core runs installs, each under `strace -f -y`; tests/stress/strace_check.py
 checks the ordering rule on every publishing rename. Database rows are not published by rename:
-SQLite runs in WAL mode with synchronous=FULL (core/db.py), so a commit returns only after the
+SQLite runs in WAL mode with synchronous=FULL (core/state/db.py), so a commit returns only after the
 WAL is fsynced. The test checks both pragmas on a database opened by the core's own code, and on
 the core's trace that no WAL write is left without a following fsync.
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from core.db import open_database
+from core.state.db import open_database
 from shared.proto.scriptpkgs.v1 import admin_pb2 as apb
 from tests.core_process import CoreProcess, eventually
 from tests.index_server import PackageIndex

@@ -14,14 +14,14 @@ import time
 from collections.abc import Callable
 from html.parser import HTMLParser
 
-from core.index_client import (
+from core.install.index_client import (
     ACCEPT_SIMPLE,
     PEP691_JSON,
     open_index_url,
     package_versions,
     read_bounded,
 )
-from core.registry import RegistrySettings, validate_settings
+from core.state.index_config import RegistrySettings, validate_settings
 from shared.errors import InvalidArgument
 from shared.names import normalize_name
 

@@ -12,11 +12,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from core import admin_cli, auth, certs, lockfiles
-from core.db import Database, open_database
-from core.gc import GcPolicy
-from core.secrets import SecretBox, load_or_create_key
-from core.server import CoreConfig, CoreServer, prepare_data_dir
+from core.app import admin_cli, certs
+from core.app.server import CoreConfig, CoreServer, prepare_data_dir
+from core.state import lockfiles, tokens
+from core.state.db import Database, open_database
+from core.state.keys import SecretBox, load_or_create_key
+from core.storage.gc import GcPolicy
 from shared.cli import run_command
 from shared.signing import public_key_pem
 
@@ -89,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     tok = sub.add_parser("admin-token", help="manage admin tokens")
     tok_sub = tok.add_subparsers(dest="action", required=True)
     create = tok_sub.add_parser("create", help="create a token and print it once")
-    create.add_argument("--role", choices=auth.ROLES, required=True)
+    create.add_argument("--role", choices=tokens.ROLES, required=True)
     create.add_argument("--label", default="")
     create.add_argument("--data-dir", type=Path, default=Path("spk-core-data"))
     create.add_argument("--database-url", default=os.environ.get("SPK_DATABASE_URL"))
@@ -132,7 +133,7 @@ async def _serve(args: argparse.Namespace) -> None:
         data_dir=args.data_dir,
         listen=args.listen,
         database_url=args.database_url,
-        bootstrap_admin_token=os.environ.get(auth.BOOTSTRAP_ENV) or None,
+        bootstrap_admin_token=os.environ.get(tokens.BOOTSTRAP_ENV) or None,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
@@ -169,12 +170,12 @@ def _dispatch(args: argparse.Namespace) -> int | None:
     elif args.command == "admin-token":
         db, _ = _open(args)
         if args.action == "create":
-            print(auth.create_admin_token(args.role, args.label))
+            print(tokens.create_admin_token(args.role, args.label))
         elif args.action == "list":
-            for token_id, role, label, created in auth.list_admin_tokens():
+            for token_id, role, label, created in tokens.list_admin_tokens():
                 print(f"{token_id}  {role:<6}  {created}  {label}")
         else:
-            auth.revoke_admin_token(args.id)
+            tokens.revoke_admin_token(args.id)
         db.close()
     elif args.command == "admin":
         return admin_cli.run(args)

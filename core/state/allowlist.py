@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from core.db import AllowlistPackage, database_proxy, now
+from core.state.db import AllowlistPackage, database_proxy, now
 from shared.errors import InvalidArgument, NotFound
 from shared.names import exact_version, normalize_name
 

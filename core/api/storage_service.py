@@ -8,10 +8,10 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from core.db import Database
-from core.gc import BlobGc, GcRun
-from core.migration import MigrationState, Migrator
-from core.storage.registry import StoreRegistry, backend_stats, load_active_name
+from core.state.db import Database
+from core.storage.backends import StoreRegistry, backend_stats, load_active_name
+from core.storage.gc import BlobGc, GcRun
+from core.storage.migration import MigrationState, Migrator
 from shared.manifest import Manifest
 from shared.proto.scriptpkgs.v1 import admin_pb2 as pb
 

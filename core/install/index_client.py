@@ -1,9 +1,9 @@
 """Talk to the package index directly: check a downloaded wheel's published hash, list versions.
 
-pip decides WHAT to install and downloads it (core/registry.py); this module reads the index's
-project pages (PEP 691 JSON or PEP 503 HTML) to confirm that the index published a sha256 for
-each file and that it is the one on disk. urllib is blocking, so every request runs in a worker
-thread (asyncio.to_thread). Errors are translated in one place (`_translate`):
+pip decides WHAT to install and downloads it (core/install/pip_resolver.py); this module reads
+the index's project pages (PEP 691 JSON or PEP 503 HTML) to confirm that the index published
+a sha256 for each file and that it is the one on disk. urllib is blocking, so every request
+runs in a worker thread (asyncio.to_thread). Errors are translated in one place (`_translate`):
 
     HTTP 401/403              -> RegistryError ("the index rejected the credentials ...")
     HTTP 404                  -> NotFound
@@ -33,8 +33,8 @@ from packaging.utils import (
 )
 from packaging.version import InvalidVersion, Version
 
-from core.pip_downloads import ResolvedWheel
-from core.registry import RegistrySettings, validate_settings
+from core.install.pip_downloads import ResolvedWheel
+from core.state.index_config import RegistrySettings, validate_settings
 from shared.errors import IntegrityError, NotFound, RegistryError, ResolveError, SpkError
 from shared.names import normalize_name
 

@@ -13,11 +13,11 @@ import logging
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from core import lockfiles
-from core.blobstore import BlobStore
-from core.db import Database, InstallStateRow, database_proxy, now
-from core.hub import Hub
-from core.locks import Activity, InstallerLock
+from core.fanout.hub import Hub
+from core.state import lockfiles
+from core.state.db import Database, InstallStateRow, database_proxy, now
+from core.state.locks import Activity, InstallerLock
+from core.storage.blobstore import BlobStore
 from shared.errors import FailedPrecondition
 from shared.manifest import Manifest, ManifestEntry
 from shared.names import check_lockfile_hash

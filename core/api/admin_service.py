@@ -1,6 +1,6 @@
 """PackageAdmin servicer: thin translation between protobuf and the core's modules.
 
-Storage and blob GC methods live in core/storage_admin.py (mixed in). Methods defined nowhere
+Storage and blob GC methods live in core/api/storage_service.py (mixed in). Methods defined nowhere
 answer UNIMPLEMENTED (the generated base class does that).
 """
 
@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from core import allowlist, fleet, lockfiles, settings
-from core.auth import current_identity
-from core.db import Database
-from core.hub import Hub
-from core.index_search import IndexCatalog
-from core.installer import Installer, InstallState
-from core.secrets import SecretBox
-from core.storage_admin import StorageAdminMixin, StorageOps
+from core.api.auth import current_identity
+from core.api.storage_service import StorageAdminMixin, StorageOps
+from core.fanout.hub import Hub
+from core.install.index_search import IndexCatalog
+from core.install.installer import Installer, InstallState
+from core.state import allowlist, fleet, lockfiles, settings
+from core.state.db import Database
+from core.state.keys import SecretBox
 from shared.errors import InvalidArgument, NotFound
 from shared.manifest import TargetEnvironment
 from shared.names import check_lockfile_hash, normalize_name

@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from core import fleet
-from core.db import AdminToken, Database
-from core.secrets import hash_token, new_token
-from shared.errors import InvalidArgument, PermissionDenied, SpkError, Unauthenticated
+from core.api.status import status_code
+from core.state import fleet
+from core.state.db import Database
+from core.state.tokens import admin_role
+from shared.errors import PermissionDenied, SpkError, Unauthenticated
 
 log = logging.getLogger(__name__)
 if TYPE_CHECKING:  # the stubs are generic, the runtime classes are not
@@ -27,9 +28,7 @@ if TYPE_CHECKING:  # the stubs are generic, the runtime classes are not
 
 ADMIN_SERVICE = "/scriptpkgs.v1.PackageAdmin/"
 DIST_SERVICE = "/scriptpkgs.v1.PackageDistribution/"
-ROLES = ("manage", "read")
 READ_PREFIXES = ("Get", "List", "Watch", "Search")
-BOOTSTRAP_ENV = "SPK_ADMIN_TOKEN"
 
 
 @dataclass(frozen=True)
@@ -49,43 +48,6 @@ def current_identity() -> Identity:
     if ident is None:  # pragma: no cover - the interceptor always sets it
         raise Unauthenticated("no identity")
     return ident
-
-
-def create_admin_token(role: str, label: str = "") -> str:
-    if role not in ROLES:
-        raise InvalidArgument("role", f"must be one of {', '.join(ROLES)}")
-    token = new_token("spk_admin")
-    AdminToken.create(token_hash=hash_token(token), role=role, label=label)
-    return token
-
-
-def ensure_bootstrap_token(token: str) -> None:
-    """An operator-provided manage token (from the environment), stored hashed, idempotent."""
-    if len(token) < 16:
-        raise InvalidArgument(BOOTSTRAP_ENV, "must be at least 16 characters")
-    AdminToken.insert(
-        token_hash=hash_token(token), role="manage", label="bootstrap"
-    ).on_conflict_ignore().execute()
-
-
-def list_admin_tokens() -> list[tuple[str, str, str, int]]:
-    """(id, role, label, created_at); the id is the first 12 hex chars of the stored hash."""
-    rows = AdminToken.select().order_by(AdminToken.created_at)
-    return [(r.token_hash[:12], r.role, r.label, r.created_at) for r in rows]
-
-
-def revoke_admin_token(token_id: str) -> None:
-    if len(token_id) < 8:
-        raise InvalidArgument("id", "give at least 8 characters of the id from `admin-token list`")
-    matches = list(AdminToken.select().where(AdminToken.token_hash.startswith(token_id)))
-    if len(matches) != 1:
-        raise InvalidArgument("id", f"matches {len(matches)} tokens; give a longer prefix")
-    matches[0].delete_instance()
-
-
-def admin_role(token: str) -> str | None:
-    row = AdminToken.get_or_none(AdminToken.token_hash == hash_token(token))
-    return None if row is None else str(row.role)
 
 
 def _bearer(metadata: Any) -> str | None:
@@ -146,7 +108,7 @@ def _wrap(
 
     async def fail(context: Ctx, exc: BaseException) -> None:
         if isinstance(exc, SpkError):
-            await context.abort(exc.code, exc.message)
+            await context.abort(status_code(exc), exc.message)
         log.exception("unexpected error in %s", method)
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see core log")
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import peewee as pw
 
-from core.db import Setting, now, upsert
+from core.state.db import Setting, now, upsert
 from shared.errors import FailedPrecondition, StoreError
 
 log = logging.getLogger(__name__)

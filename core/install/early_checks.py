@@ -38,9 +38,9 @@ from typing import TypeVar
 from watchdog.events import FileClosedEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from core.index_client import published_hashes_sync
-from core.pip_downloads import HeldWheel, ResolvedWheel, plan_downloads
-from core.registry import RegistrySettings
+from core.install.index_client import published_hashes_sync
+from core.install.pip_downloads import HeldWheel, ResolvedWheel, plan_downloads
+from core.state.index_config import RegistrySettings
 from shared.errors import SpkError
 from shared.fsutil import start_writeback
 from shared.wheels import inspect_wheel

@@ -16,14 +16,14 @@ from typing import TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from core.db import Database
-from core.gc import BlobGc, GcPolicy
-from core.hub import Hub
-from core.locks import Activity, InstallerLock
-from core.migration import Migrator
-from core.rollback import rollback
-from core.storage.registry import StoreRegistry, build_registry, load_active_name
-from core.storage_admin import StorageOps
+from core.api.storage_service import StorageOps
+from core.fanout.hub import Hub
+from core.install.rollback import rollback
+from core.state.db import Database
+from core.state.locks import Activity, InstallerLock
+from core.storage.backends import StoreRegistry, build_registry, load_active_name
+from core.storage.gc import BlobGc, GcPolicy
+from core.storage.migration import Migrator
 from shared.errors import FailedPrecondition, StoreError
 
 log = logging.getLogger(__name__)

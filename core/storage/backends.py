@@ -16,10 +16,10 @@ from typing import BinaryIO, TypeVar, cast
 
 import peewee as pw
 
-from core.blobstore import BlobStore, FilesystemBlobStore
-from core.db import BlobRecord, Setting, upsert
-from core.storage.database import DatabaseBlobStore
-from core.storage.s3 import S3BlobStore, s3_config_from_env
+from core.state.db import BlobRecord, Setting, upsert
+from core.storage.blobstore import BlobStore, FilesystemBlobStore
+from core.storage.database_store import DatabaseBlobStore
+from core.storage.s3_store import S3BlobStore, s3_config_from_env
 from shared.errors import InvalidArgument, NotFound, StoreError
 from shared.names import check_sha256
 

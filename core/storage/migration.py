@@ -22,10 +22,10 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.blobstore import BlobStore, FilesystemBlobStore
-from core.db import BlobRecord, Database, Setting, database_proxy, now, upsert
-from core.locks import Activity, InstallerLock, Lease
-from core.storage.registry import StoreRegistry, save_active_name
+from core.state.db import BlobRecord, Database, Setting, database_proxy, now, upsert
+from core.state.locks import Activity, InstallerLock, Lease
+from core.storage.backends import StoreRegistry, save_active_name
+from core.storage.blobstore import BlobStore, FilesystemBlobStore
 from shared.errors import FailedPrecondition, IntegrityError, NotFound, SpkError, StoreError
 from shared.hashing import READ_CHUNK
 

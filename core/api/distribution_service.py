@@ -12,12 +12,18 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from core import fleet, lockfiles
-from core.auth import current_identity
-from core.blobstore import BlobStore
-from core.db import Database, database_proxy
-from core.hub import Hub
-from shared.errors import InvalidArgument, NotFound, ResourceExhausted
+from core.api.auth import current_identity
+from core.fanout.hub import Hub
+from core.state import fleet, lockfiles
+from core.state.db import Database, database_proxy
+from core.storage.blobstore import BlobStore
+from shared.errors import (
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
 from shared.names import check_lockfile_hash, check_sha256
 from shared.proto.scriptpkgs.v1 import common_pb2, distribution_pb2_grpc
 from shared.proto.scriptpkgs.v1 import distribution_pb2 as pb
@@ -163,9 +169,9 @@ class DistributionService(distribution_pb2_grpc.PackageDistributionServicer):
             finally:
                 log.info("satellite %s unsubscribed", name)
         if subscription.revoked:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "satellite token revoked")
+            raise Unauthenticated("satellite token revoked")
         if subscription.closed:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "core shutting down; reconnect")
+            raise Unavailable("core shutting down; reconnect")
 
     async def GetManifest(
         self, request: pb.GetManifestRequest, context: Ctx

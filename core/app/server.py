@@ -16,16 +16,17 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_reflection.v1alpha import reflection_pb2 as refl_pb2
 
-from core import auth, lockfiles, notify
-from core.admin_service import AdminService
-from core.auth import AuthInterceptor, TransportPolicy
-from core.db import Database, open_database
-from core.distribution_service import DistributionService
-from core.gc import GcPolicy
-from core.hub import Hub
-from core.installer import Installer, recover_stale_install, remove_stale_work
-from core.secrets import SecretBox, load_or_create_key
-from core.storage.runtime import StorageRuntime
+from core.api.admin_service import AdminService
+from core.api.auth import AuthInterceptor, TransportPolicy
+from core.api.distribution_service import DistributionService
+from core.app.storage_runtime import StorageRuntime
+from core.fanout import notify
+from core.fanout.hub import Hub
+from core.install.installer import Installer, recover_stale_install, remove_stale_work
+from core.state import lockfiles, tokens
+from core.state.db import Database, open_database
+from core.state.keys import SecretBox, load_or_create_key
+from core.storage.gc import GcPolicy
 from shared.errors import StoreError
 from shared.proto.scriptpkgs.v1 import (
     admin_pb2,
@@ -124,7 +125,7 @@ class CoreServer:
             await asyncio.to_thread(open_database, cfg.data_dir, cfg.database_url)
         )
         if cfg.bootstrap_admin_token:
-            await db.run(auth.ensure_bootstrap_token, cfg.bootstrap_admin_token)
+            await db.run(tokens.ensure_bootstrap_token, cfg.bootstrap_admin_token)
         self.storage = storage = await StorageRuntime.open(db, cfg.data_dir, os.environ)
         # Under the installer lock: with Postgres, another instance may be installing right now.
         if await storage.when_idle(recover_stale_install):

@@ -21,16 +21,17 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from core import allowlist, lockfiles, settings
-from core.blobstore import BlobStore
-from core.db import BlobRecord, Database, InstallStateRow, database_proxy, now
-from core.early_checks import EarlyChecks
-from core.hub import Hub
-from core.index_client import check_published
-from core.locks import Activity, InstallerLock, Lease
-from core.pip_downloads import HeldWheel, ResolvedWheel
-from core.registry import RegistrySettings, resolve
-from core.secrets import SecretBox
+from core.fanout.hub import Hub
+from core.install.early_checks import EarlyChecks
+from core.install.index_client import check_published
+from core.install.pip_downloads import HeldWheel, ResolvedWheel
+from core.install.pip_resolver import resolve
+from core.state import allowlist, lockfiles, settings
+from core.state.db import BlobRecord, Database, InstallStateRow, database_proxy, now
+from core.state.index_config import RegistrySettings
+from core.state.keys import SecretBox
+from core.state.locks import Activity, InstallerLock, Lease
+from core.storage.blobstore import BlobStore
 from shared.errors import FailedPrecondition, SpkError
 from shared.manifest import Manifest, ManifestEntry
 from shared.wheels import inspect_wheel

@@ -32,7 +32,7 @@ from packaging.utils import (
     parse_wheel_filename,
 )
 
-from core.pip_failures import SDIST_REFUSAL
+from core.install.pip_failures import SDIST_REFUSAL
 from shared.errors import ResolveError
 
 _REPORTED = re.compile(r"Successfully downloaded (?P<names>.*)$", re.MULTILINE)

@@ -9,9 +9,9 @@ import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from core.db import Setting, database_proxy, upsert
-from core.registry import RegistrySettings
-from core.secrets import SecretBox
+from core.state.db import Setting, database_proxy, upsert
+from core.state.index_config import RegistrySettings
+from core.state.keys import SecretBox
 from shared.errors import InvalidArgument
 from shared.manifest import TargetEnvironment
 

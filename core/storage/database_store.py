@@ -19,7 +19,7 @@ from typing import BinaryIO
 
 import peewee as pw
 
-from core.db import BlobChunk, StoredBlob, database_proxy
+from core.state.db import BlobChunk, StoredBlob, database_proxy
 from shared.errors import IntegrityError, InvalidArgument, NotFound, StoreError
 from shared.names import check_sha256
 
@@ -28,7 +28,7 @@ CHUNK_SIZE = 1024 * 1024
 
 
 class DatabaseBlobStore:
-    """BlobStore over the StoredBlob / BlobChunk tables (see core/db.py, schema migration 2)."""
+    """BlobStore over the StoredBlob / BlobChunk tables (core/state/db.py, schema migration 2)."""
 
     name = "database"
 

@@ -9,8 +9,8 @@ import json
 import peewee as pw
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from core.db import InstallStateRow, Lockfile, Setting, database_proxy, now, upsert
-from core.secrets import SecretBox, new_signing_key, signing_key_from_bytes, signing_key_to_bytes
+from core.state.db import InstallStateRow, Lockfile, Setting, database_proxy, now, upsert
+from core.state.keys import SecretBox, new_signing_key, signing_key_from_bytes, signing_key_to_bytes
 from shared.errors import NotFound
 from shared.manifest import Manifest
 from shared.signing import sign_manifest

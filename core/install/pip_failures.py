@@ -27,7 +27,7 @@ from shared.errors import IntegrityError, RegistryError, ResolveError, SpkError
 from shared.manifest import TargetEnvironment
 
 if TYPE_CHECKING:
-    from core.registry import RegistrySettings
+    from core.state.index_config import RegistrySettings
 
 SDIST_REFUSAL = "source distributions (sdists) are not installed because building them runs code"
 MAX_EXCERPT_LINES = 5

@@ -4,13 +4,13 @@
       build_pip_argv()        pure: the exact pip command line (never carries a secret)
       build_child_env()       pure: the minimal environment pip runs in
       render_netrc()          pure: the only place the token is written down
-      collect()               see core/pip_downloads.py: which files pip left are the set
+      collect()               see core/install/pip_downloads.py: which files pip left are the set
       classify_failure()      pure: pip's output (+ debug log) -> ResolveError / RegistryError
 
 `pip download` rather than `pip install --dry-run --report`: an index without PEP 658 metadata
 (pypiserver, many private ones) makes pip fetch every wheel to read its dependencies, and the
 report throws those bytes away, so every wheel crossed the network twice. pip checks each file
-against the sha256 its index link publishes; core/index_client.py re-checks that the index
+against the sha256 its index link publishes; core/install/index_client.py re-checks that the index
 published one at all (`check_published`) before a wheel is stored.
 
 pip runs at its default verbosity (its INFO lines are read) and without `--log`: its debug log
@@ -34,80 +34,21 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from core.pip_downloads import HeldWheel, ResolvedWheel, collect, seed
-from core.pip_failures import classify_failure, needs_debug_log
-from shared.errors import InvalidArgument, RegistryError
+from core.install.pip_downloads import HeldWheel, ResolvedWheel, collect, seed
+from core.install.pip_failures import classify_failure, needs_debug_log
+from core.state.index_config import RegistrySettings, validate_settings
+from shared.errors import RegistryError
 from shared.manifest import TargetEnvironment
 from shared.names import exact_version, normalize_name
 
-TOKEN_LOGIN = "__token__"  # noqa: S105 - a well-known username, not a secret
 # Network plumbing a host may need to reach its index at all; none of these name package sources.
 _PASSTHROUGH_ENV = (
     "http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
     "SSL_CERT_FILE", "SSL_CERT_DIR",
 )  # fmt: skip
-
-
-@dataclass(frozen=True)
-class RegistrySettings:
-    """Where and how pip reaches the package index. Parsed once at the edge, passed in."""
-
-    index_url: str = "https://pypi.org/simple"
-    extra_index_urls: tuple[str, ...] = ()
-    username: str = ""  # empty means the "__token__" convention (PyPI, devpi, Artifactory)
-    token: str = field(default="", repr=False)  # secret: never in repr, logs, errors, argv
-    wheels_only: bool = True  # our ignore-scripts: a wheel install runs no code
-    timeout_seconds: int = 30  # per socket operation, passed to pip --timeout
-    retries: int = 2  # pip's default of 5 with back-off turns "index down" into an 8 s wait
-
-    @property
-    def index_urls(self) -> tuple[str, ...]:
-        return (self.index_url, *self.extra_index_urls)
-
-    @property
-    def login(self) -> str:
-        return self.username or TOKEN_LOGIN
-
-    def describe_index(self) -> str:
-        extra = f" (+{len(self.extra_index_urls)} extra)" if self.extra_index_urls else ""
-        return f"{self.index_url}{extra}"
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def _check_url(url: str, field_name: str) -> None:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InvalidArgument(field_name, "must be an http(s) URL such as https://pypi.org/simple")
-    if parts.username is not None or parts.password is not None:
-        # A URL is logged and shown everywhere; credentials belong in username/token.
-        raise InvalidArgument(field_name, "must not contain credentials; set username and token")
-    if any(ch.isspace() for ch in url):
-        raise InvalidArgument(field_name, "must not contain whitespace")
-
-
-def _check_secretish(value: str, field_name: str) -> None:
-    # Spaces and quotes survive netrc quoting; control characters (newlines) would not.
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
-        raise InvalidArgument(field_name, "must not contain control characters")
-
-
-def validate_settings(settings: RegistrySettings) -> None:
-    """Raise InvalidArgument naming the field; messages never echo the token."""
-    _check_url(settings.index_url, "registry.index_url")
-    for i, url in enumerate(settings.extra_index_urls):
-        _check_url(url, f"registry.extra_index_urls[{i}]")
-    _check_secretish(settings.username, "registry.username")
-    _check_secretish(settings.token, "registry.token")
-    if not 1 <= settings.timeout_seconds <= 600:
-        raise InvalidArgument("registry.timeout_seconds", "must be between 1 and 600")
-    if not 0 <= settings.retries <= 10:
-        raise InvalidArgument("registry.retries", "must be between 0 and 10")
 
 
 # --------------------------------------------------------------------------- pure builders

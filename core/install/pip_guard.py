@@ -1,11 +1,11 @@
-"""`python -I core/pip_guard.py PARENT_PID pip ARGS...`: run pip, and die when the core dies.
+"""`python -I core/install/pip_guard.py PARENT_PID pip ARGS...`: run pip, die with the core.
 
 The resolver starts pip through this module so that the kernel SIGKILLs pip when the core
 process ends (prctl PR_SET_PDEATHSIG): a SIGKILLed core otherwise left pip resolving on its own
 for up to its network timeouts (docs/reliability.md, fault 3). It runs in the child's own
 interpreter, after exec; a preexec_fn would run Python between fork and exec, which is unsafe
-with grpc's threads. Run by path (core/registry.py), it imports only the standard library and
-pip, never the core.
+with grpc's threads. Run by path (core/install/pip_resolver.py), it imports only the standard
+library and pip, never the core.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from core.db import SatelliteRow, now
-from core.secrets import hash_token, new_token
+from core.state.db import SatelliteRow, now
+from core.state.keys import hash_token, new_token
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")

@@ -17,10 +17,10 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from core import lockfiles
-from core.blobstore import BlobStore
-from core.db import BlobRecord, Database, Lockfile, Setting, database_proxy, upsert
-from core.locks import Activity, InstallerLock
+from core.state import lockfiles
+from core.state.db import BlobRecord, Database, Lockfile, Setting, database_proxy, upsert
+from core.state.locks import Activity, InstallerLock
+from core.storage.blobstore import BlobStore
 from shared.errors import FailedPrecondition
 from shared.manifest import Manifest
 

@@ -1,0 +1,1 @@
+"""Telling satellites about changes: the in-process hub and Postgres NOTIFY between instances."""

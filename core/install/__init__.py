@@ -1,0 +1,1 @@
+"""The install pipeline: allowlist -> resolution -> checked wheels -> a signed, published set."""
