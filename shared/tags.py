@@ -6,9 +6,10 @@ import functools
 import platform
 from collections.abc import Iterable
 
-from packaging.tags import Tag, sys_tags
+from packaging.tags import Tag, interpreter_name, interpreter_version, sys_tags
 from packaging.utils import parse_wheel_filename
 
+from shared.environments import HostEnvironment
 from shared.errors import InvalidArgument
 
 _POLICY_PREFIXES = ("manylinux", "musllinux")
@@ -51,3 +52,28 @@ def describe_interpreter() -> str:
     policy = next((t.platform for t in tags if t.platform.startswith(_POLICY_PREFIXES)), None)
     implementation = f"{platform.python_implementation()} {platform.python_version()}"
     return f"{best.interpreter} / {policy or best.platform} ({implementation})"
+
+
+@functools.cache
+def describe_host() -> HostEnvironment:
+    """This interpreter as the core matches it against its environments (sent on subscribe)."""
+    platforms: list[str] = []
+    for tag in _ordered_tags():
+        if tag.platform not in platforms and tag.platform != "any":
+            platforms.append(tag.platform)
+    return HostEnvironment(
+        python_version=platform.python_version(),
+        implementation=interpreter_name(),
+        abi=f"{interpreter_name()}{interpreter_version()}",
+        platforms=tuple(platforms),
+    )
+
+
+def native_platform() -> str:
+    """The most specific policy platform tag of this interpreter, e.g. manylinux_2_36_x86_64."""
+    return describe_host().best_platform
+
+
+@functools.cache
+def _ordered_tags() -> tuple[Tag, ...]:
+    return tuple(sys_tags())

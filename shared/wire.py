@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from shared.environments import Environment, HostEnvironment
+from shared.errors import InvalidArgument
 from shared.manifest import Manifest, ManifestEntry, TargetEnvironment
 from shared.proto.scriptpkgs.v1 import common_pb2
 
@@ -66,4 +68,41 @@ def manifest_from_pb(pb: common_pb2.Manifest) -> Manifest:
         created_at_unix=pb.created_at_unix,
         signature=pb.signature,
         signing_key_id=pb.signing_key_id,
+    )
+
+
+MAX_HOST_PLATFORMS = 256  # a real host lists ~40; more is a broken or hostile agent
+MAX_TAG = 64
+
+
+def host_to_pb(host: HostEnvironment) -> common_pb2.HostEnvironment:
+    return common_pb2.HostEnvironment(
+        python_version=host.python_version,
+        implementation=host.implementation,
+        abi=host.abi,
+        platforms=list(host.platforms),
+    )
+
+
+def host_from_pb(pb: common_pb2.HostEnvironment) -> HostEnvironment | None:
+    """None for an empty message (an agent that does not describe itself); InvalidArgument
+    for one that is too big to be a real host."""
+    if not pb.python_version:
+        return None
+    if len(pb.platforms) > MAX_HOST_PLATFORMS:
+        raise InvalidArgument("host.platforms", f"at most {MAX_HOST_PLATFORMS} tags")
+    for name, value in (
+        ("host.python_version", pb.python_version),
+        ("host.implementation", pb.implementation),
+        ("host.abi", pb.abi),
+        *(("host.platforms", p) for p in pb.platforms),
+    ):
+        if len(value) > MAX_TAG or not value.isascii() or not value.isprintable():
+            raise InvalidArgument(name, f"must be a printable tag of at most {MAX_TAG} characters")
+    return HostEnvironment(pb.python_version, pb.implementation, pb.abi, tuple(pb.platforms))
+
+
+def environment_entry_to_pb(env: Environment, is_default: bool) -> common_pb2.Environment:
+    return common_pb2.Environment(
+        name=env.name, target=environment_to_pb(env.target), is_default=is_default
     )

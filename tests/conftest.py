@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.core_process import CoreProcess
+from tests.http_servers import Handler, Scripted
 from tests.index_server import PackageIndex, StaticIndex
 from tests.satellite_process import SatelliteProcess
 from tests.storage_servers import FreshPostgres, MotoS3
@@ -82,3 +83,20 @@ def satellites() -> Iterator[list[SatelliteProcess]]:
     yield started
     for sat in started:
         sat.stop()
+
+
+# --------------------------------------------------------------------------- scripted HTTP
+# Loopback servers whose GET answers are plain functions (tests/http_servers.py).
+
+
+@pytest.fixture
+def scripted() -> Iterator[Callable[[Handler], Scripted]]:
+    servers: list[Scripted] = []
+
+    def start(answer: Handler) -> Scripted:
+        servers.append(Scripted(answer))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.close()

@@ -11,10 +11,10 @@ import hashlib
 import shutil
 from pathlib import Path
 
-from core.state import lockfiles
+from core.state import lockfiles, releases
 from core.state.db import InstallStateRow, Lockfile, open_database
+from core.state.environments import native_target
 from core.state.keys import SecretBox, load_or_create_key
-from core.state.settings import native_environment
 from shared.manifest import Manifest, ManifestEntry
 from shared.signing import sign_manifest
 
@@ -39,9 +39,9 @@ def publish_signed(data_dir: Path, entries: list[ManifestEntry]) -> str:
     """A manifest signed with the core's real key (as if the attacker had it) made desired."""
     box = _open(data_dir)
     key = lockfiles.load_or_create_signing_key(box)
-    published = lockfiles.publish(Manifest.build(entries, native_environment()), key)
-    InstallStateRow.update(lockfile_hash=published.lockfile_hash).execute()
-    return published.lockfile_hash
+    manifest = Manifest.build(entries, native_target())
+    _, signed = releases.publish_release({"default": manifest}, key, ["default"])
+    return signed["default"].lockfile_hash
 
 
 def rewrite_desired(data_dir: Path, change: object) -> str:
@@ -58,9 +58,10 @@ def rewrite_desired(data_dir: Path, change: object) -> str:
 
 
 def make_desired(data_dir: Path, lockfile_hash: str) -> None:
-    """Point the desired hash at an existing (older) lockfile without re-publishing: a replay."""
+    """Point the desired release at an existing (older) one without re-publishing: a replay."""
     _open(data_dir)
-    InstallStateRow.update(lockfile_hash=lockfile_hash).execute()
+    sequence = releases.release_for_hash(lockfile_hash)
+    InstallStateRow.update(lockfile_hash=lockfile_hash, desired_sequence=sequence).execute()
 
 
 def sign_with(manifest: Manifest, key: object) -> Manifest:

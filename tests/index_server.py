@@ -65,6 +65,10 @@ class PackageIndex:
             self.port = free_port()
             argv = [sys.executable, "-m", "pypiserver", "run", "-p", str(self.port)]
             argv += ["-i", "127.0.0.1", "--disable-fallback", "--backend", "simple-dir", *auth]
+            argv += [
+                "--server",
+                "gunicorn",
+            ]  # wsgiref's 5-slot listen backlog stalls 1 s under load
             argv.append(str(self.packages))
             with self._log.open("ab") as log:
                 self._proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)

@@ -3,7 +3,7 @@ or Postgres), real filesystem and database stores, real lockfile history; no gRP
 
     env = StorageEnv(tmp_path)                    # or StorageEnv(tmp_path, postgres_url)
     sha = env.add_blob(b"...", created_at=1000)   # stored + indexed (BlobRecord)
-    h = env.publish([sha1, sha2])                 # signed lockfile, made desired
+    h = env.publish([sha1, sha2])                 # a one-environment release, made desired
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import peewee as pw
 
-from core.state import lockfiles
+from core.state import releases
 from core.state.db import BlobRecord, Database, InstallStateRow, database_proxy, open_database
 from core.state.keys import new_signing_key
 from core.state.locks import InstallerLock
@@ -54,16 +54,21 @@ class StorageEnv:
             for i, sha in enumerate(shas)
         ]
         with database_proxy.atomic():
-            published = lockfiles.publish(Manifest.build(entries, ENV), self.key)
-            if desired:
-                self.set_desired(published.lockfile_hash)
-        return published.lockfile_hash
+            before = InstallStateRow.get_by_id(1)
+            _, signed = releases.publish_release(
+                {"default": Manifest.build(entries, ENV)}, self.key, ["default"]
+            )
+            if not desired:  # recorded in the history only, the way an older release is
+                InstallStateRow.update(
+                    lockfile_hash=before.lockfile_hash, desired_sequence=before.desired_sequence
+                ).where(InstallStateRow._meta.primary_key == 1).execute()
+        return signed["default"].lockfile_hash
 
     @staticmethod
     def set_desired(lockfile_hash: str) -> None:
-        InstallStateRow.update(lockfile_hash=lockfile_hash).where(
-            InstallStateRow._meta.primary_key == 1
-        ).execute()
+        InstallStateRow.update(
+            lockfile_hash=lockfile_hash, desired_sequence=releases.release_for_hash(lockfile_hash)
+        ).where(InstallStateRow._meta.primary_key == 1).execute()
 
     @staticmethod
     def indexed() -> dict[str, str]:

@@ -14,7 +14,7 @@ from core.state.db import BlobRecord, Lockfile
 from core.state.locks import Activity
 from core.storage.backends import StoreRegistry
 from core.storage.blobstore import FilesystemBlobStore
-from core.storage.gc import RETRY_SECONDS, BlobAge, BlobGc, GcPolicy, LockfileBlobs, plan_gc
+from core.storage.gc import RETRY_SECONDS, BlobAge, BlobGc, GcPolicy, ReleaseBlobs, plan_gc
 from shared.errors import FailedPrecondition, StoreError
 from tests.storage_env import StorageEnv
 
@@ -23,8 +23,9 @@ DAY = 24 * H
 T0 = 1_800_000_000
 
 
-def lf(h: str, seq: int, *blobs: str) -> LockfileBlobs:
-    return LockfileBlobs(h, seq, frozenset(blobs))
+def rel(seq: int, hashes: str, *blobs: str) -> ReleaseBlobs:
+    """A release: its sequence, its manifests (comma-separated names) and all their blobs."""
+    return ReleaseBlobs(seq, tuple(hashes.split(",")), frozenset(blobs))
 
 
 def blob(sha: str, age: int, now: int = T0, size: int = 10) -> BlobAge:
@@ -35,7 +36,7 @@ def blob(sha: str, age: int, now: int = T0, size: int = 10) -> BlobAge:
 
 
 def test_plan_keeps_desired_and_newest_previous_and_honours_grace() -> None:
-    history = [lf("L1", 1, "a", "s"), lf("L2", 2, "b", "s"), lf("L3", 3, "c", "s")]
+    history = [rel(1, "L1", "a", "s"), rel(2, "L2", "b", "s"), rel(3, "L3,M3", "c", "s")]
     blobs = [
         blob("a", 2 * DAY),
         blob("b", 2 * DAY),
@@ -45,33 +46,34 @@ def test_plan_keeps_desired_and_newest_previous_and_honours_grace() -> None:
         blob("young-orphan", H),
         blob("just-at-grace", DAY),
     ]
-    plan = plan_gc("L3", history, blobs, GcPolicy(keep_previous=1), T0)
-    assert plan.kept_lockfiles == ("L3", "L2") and plan.pruned_lockfiles == ("L1",)
+    plan = plan_gc(3, history, blobs, GcPolicy(keep_previous=1), T0)
+    assert plan.kept_releases == (3, 2) and plan.pruned_releases == (1,)
+    assert plan.kept_lockfiles == ("L3", "M3", "L2")
     assert [b.sha256 for b in plan.delete] == ["a", "just-at-grace", "old-orphan"]
     assert [b.sha256 for b in plan.within_grace] == ["young-orphan"]
     assert plan.candidates == 4
 
 
 def test_plan_after_a_rollback_keeps_by_sequence_and_never_the_desired_twice() -> None:
-    # A rollback re-publishes L1 under the highest sequence: L1 desired, L3 the newest other.
-    history = [lf("L1", 4, "a"), lf("L2", 2, "b"), lf("L3", 3, "c")]
+    # A rollback re-publishes release 1 as release 4: 4 desired, 3 the newest other.
+    history = [rel(1, "L1", "a"), rel(2, "L2", "b"), rel(3, "L3", "c"), rel(4, "L1", "a")]
     blobs = [blob(x, 2 * DAY) for x in "abc"]
-    plan = plan_gc("L1", history, blobs, GcPolicy(keep_previous=1), T0)
-    assert plan.kept_lockfiles == ("L1", "L3")
+    plan = plan_gc(4, history, blobs, GcPolicy(keep_previous=1), T0)
+    assert plan.kept_releases == (4, 3) and plan.kept_lockfiles == ("L1", "L3")
     assert [b.sha256 for b in plan.delete] == ["b"]
-    everything = plan_gc("L1", history, blobs, GcPolicy(keep_previous=5), T0)
-    assert everything.delete == () and everything.pruned_lockfiles == ()
-    only_desired = plan_gc("L1", history, blobs, GcPolicy(keep_previous=0), T0)
+    everything = plan_gc(4, history, blobs, GcPolicy(keep_previous=5), T0)
+    assert everything.delete == () and everything.pruned_releases == ()
+    only_desired = plan_gc(4, history, blobs, GcPolicy(keep_previous=0), T0)
     assert [b.sha256 for b in only_desired.delete] == ["b", "c"]
 
 
 def test_plan_edge_cases() -> None:
     # Nothing installed yet: nothing is protected except by N, and grace still applies.
-    plan = plan_gc("", [], [blob("x", 2 * DAY), blob("y", 0)], GcPolicy(), T0)
-    assert [b.sha256 for b in plan.delete] == ["x"] and plan.kept_lockfiles == ()
-    # The desired manifest is missing: refuse instead of deleting what it may need.
+    plan = plan_gc(0, [], [blob("x", 2 * DAY), blob("y", 0)], GcPolicy(), T0)
+    assert [b.sha256 for b in plan.delete] == ["x"] and plan.kept_releases == ()
+    # The desired release is missing: refuse instead of deleting what it may need.
     with pytest.raises(FailedPrecondition, match="missing from the history"):
-        plan_gc("L9", [lf("L1", 1, "a")], [blob("a", 2 * DAY)], GcPolicy(), T0)
+        plan_gc(9, [rel(1, "L1", "a")], [blob("a", 2 * DAY)], GcPolicy(), T0)
     with pytest.raises(ValueError):
         GcPolicy(keep_previous=-1)
 

@@ -1,13 +1,9 @@
-"""core/install/index_client.py: published-hash checks and version listing (real loopback
-servers)."""
+"""core/install/index_client.py: credentials and version listing (real loopback servers)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import threading
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,120 +11,18 @@ import pytest
 from core.install.index_client import (
     IndexFile,
     basic_auth_header,
-    check_published,
     package_versions,
     project_files,
     sort_versions,
     versions_from_filenames,
 )
-from core.install.pip_downloads import ResolvedWheel
 from core.state.index_config import RegistrySettings
-from shared.errors import IntegrityError, NotFound, RegistryError, ResolveError
+from shared.errors import NotFound, RegistryError
+from tests.http_servers import Handler, Scripted, send
 from tests.index_server import PackageIndex
 from tests.wheelfactory import WheelSpec, build_sdist, build_wheel
 
-
-def downloaded(wheel: Path) -> ResolvedWheel:
-    """`wheel` as if pip had just downloaded it."""
-    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
-    return ResolvedWheel("c", "3.0", wheel.name, wheel, digest, wheel.stat().st_size, True)
-
-
-# --------------------------------------------------------------------------- tiny scripted servers
-
-Handler = Callable[[BaseHTTPRequestHandler], None]
-
-
-class Scripted:
-    """A loopback HTTP server whose GET answer is a plain function; it records request headers."""
-
-    def __init__(self, answer: Handler) -> None:
-        self.requests: list[tuple[str, dict[str, str]]] = []
-        outer = self
-
-        class _H(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                outer.requests.append((self.path, dict(self.headers.items())))
-                answer(self)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _H)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def scripted() -> Iterator[Callable[[Handler], Scripted]]:
-    servers: list[Scripted] = []
-
-    def start(answer: Handler) -> Scripted:
-        servers.append(Scripted(answer))
-        return servers[-1]
-
-    yield start
-    for s in servers:
-        s.close()
-
-
-def send(h: BaseHTTPRequestHandler, status: int, body: bytes = b"", **headers: str) -> None:
-    h.send_response(status)
-    for k, v in {"Content-Length": str(len(body)), **headers}.items():
-        h.send_header(k.replace("_", "-"), v)
-    h.end_headers()
-    h.wfile.write(body)
-
-
-# --------------------------------------------------------------------------- published hashes
-
-
-async def test_published_hash_accepts_the_index_file(
-    package_index: PackageIndex, wheel_dir: Path
-) -> None:
-    wheel = build_wheel(WheelSpec("c", "3.0"), wheel_dir)
-    await check_published(downloaded(wheel), RegistrySettings(index_url=package_index.url))
-
-
-async def test_a_file_the_index_does_not_publish_is_an_integrity_error(
-    package_index: PackageIndex, wheel_dir: Path, tmp_path: Path
-) -> None:
-    wheel = build_wheel(WheelSpec("c", "3.0"), wheel_dir)
-    other = tmp_path / wheel.name
-    other.write_bytes(wheel.read_bytes() + b"evil")  # same name, other bytes
-    with pytest.raises(IntegrityError, match="not the one the index publishes") as err:
-        await check_published(downloaded(other), RegistrySettings(index_url=package_index.url))
-    assert "'c' 3.0" in str(err.value) and wheel.name in str(err.value)
-
-
-async def test_an_index_without_hashes_is_refused(
-    scripted: Callable[[Handler], Scripted], wheel_dir: Path
-) -> None:
-    wheel = build_wheel(WheelSpec("c", "3.0"), wheel_dir)
-    page = f'<a href="/packages/{wheel.name}">{wheel.name}</a>'.encode()
-    index = scripted(lambda h: send(h, 200, page, Content_Type="text/html"))
-    with pytest.raises(ResolveError, match="the index gave no sha256 for 'c'"):
-        await check_published(downloaded(wheel), RegistrySettings(index_url=f"{index.url}/simple"))
-
-
-async def test_published_hash_on_an_auth_index(
-    auth_package_index: PackageIndex, wheel_dir: Path
-) -> None:
-    token = auth_package_index.token
-    assert token
-    item = downloaded(build_wheel(WheelSpec("c", "3.0"), wheel_dir))
-    await check_published(item, RegistrySettings(index_url=auth_package_index.url, token=token))
-
-    with pytest.raises(RegistryError, match=r"rejected the credentials \(HTTP 401\)"):
-        await check_published(item, RegistrySettings(index_url=auth_package_index.url))
-    wrong = RegistrySettings(index_url=auth_package_index.url, token="nope-" + token)
-    with pytest.raises(RegistryError, match=r"rejected the credentials \(HTTP 40[13]\)") as err:
-        await check_published(item, wrong)
-    assert token not in str(err.value)
+# --------------------------------------------------------------------------- credentials
 
 
 def test_auth_header_only_for_index_origins() -> None:
@@ -142,20 +36,6 @@ def test_auth_header_only_for_index_origins() -> None:
         basic_auth_header("https://idx.example/x.whl", RegistrySettings(index_url=s.index_url))
         is None
     )
-
-
-async def test_credentials_never_follow_a_redirect_to_another_host(
-    scripted: Callable[[Handler], Scripted], wheel_dir: Path
-) -> None:
-    wheel = build_wheel(WheelSpec("c", "3.0"), wheel_dir)
-    item = downloaded(wheel)
-    page = f'<a href="/p/{wheel.name}#sha256={item.sha256}">x</a>'.encode()
-    mirror = scripted(lambda h: send(h, 200, page, Content_Type="text/html"))
-    index = scripted(lambda h: send(h, 302, Location=f"{mirror.url}/simple/c/"))
-    settings = RegistrySettings(index_url=f"{index.url}/simple/", token="tok-SECRET")
-    await check_published(item, settings)
-    assert "Authorization" in index.requests[0][1]
-    assert "Authorization" not in mirror.requests[0][1]
 
 
 # --------------------------------------------------------------------------- versions

@@ -2,8 +2,8 @@
 
 Each test pins one fix at unit level, so it fails fast and says what broke:
 - fault 3: the install state becomes `ready` in the transaction that makes a new hash desired;
-  a killed install's scratch (registry token in its netrc) is removed at startup; pip dies
-  with the core.
+  a killed install's scratch (registry token in its netrc) is removed at startup; the
+  resolver dies with the core.
 - fault 4: a failed sync is retried without a new hash; a full disk reads as such.
 - fault 5: drift repair swaps a tree atomically and keeps the displaced one while it is pinned.
 """
@@ -19,10 +19,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from core.install import installer
-from core.install import pip_resolver as registry
-from core.install.installer import Installer, read_state, recover_stale_install, remove_stale_work
-from core.state import lockfiles, settings
+from core.install import uv_resolver
+from core.install.install_state import (
+    read_state,
+    recover_stale_install,
+    remove_stale_work,
+    update_state,
+)
+from core.install.installer import Installer, _Built
+from core.state import environments, lockfiles
 from core.state.db import open_database
 from core.state.keys import new_signing_key
 from satellite.agent import Agent, AgentConfig
@@ -42,14 +47,14 @@ def test_publish_makes_the_state_ready_in_the_same_transaction(tmp_path: Path) -
     db = open_database(tmp_path)
     try:
         inst = Installer(None, None, new_signing_key(), None, None, tmp_path)  # type: ignore[arg-type]
-        installer._update_state(status="installing")
-        manifest = Manifest.build([], settings.native_environment())
-        published = inst._publish(manifest)
+        update_state(status="installing")
+        manifest = Manifest.build([], environments.native_target())
+        published = inst._publish(_Built(["default"], {"default": manifest}, {"default": []}))
         # The core dies here, before _run's own update: the restart must find it finished.
         assert not recover_stale_install()
         state = read_state()
-        assert state.status == "ready"
-        assert state.lockfile_hash == lockfiles.desired_hash() == published.lockfile_hash
+        assert state.status == "ready" and state.release_sequence == published.release_sequence
+        assert state.lockfile_hash == lockfiles.desired_hash() == manifest.lockfile_hash
     finally:
         db.close()
 
@@ -66,20 +71,15 @@ def test_stale_install_work_is_removed_and_other_work_kept(tmp_path: Path) -> No
     assert remove_stale_work(tmp_path / "missing") == []
 
 
-def test_pip_is_started_through_the_guard() -> None:
-    guarded = registry._dies_with_core(["/py", "-m", "pip", "download", "--dest"])
-    guard, pid = str(registry.PIP_GUARD), str(os.getpid())
-    assert guarded == ["/py", "-I", guard, pid, "pip", "download", "--dest"]
-
-
 def test_guarded_child_dies_with_its_parent(tmp_path: Path) -> None:
-    # A parent starts core/install/pip_guard.py around a module that blocks (the `code` REPL reading
-    # a pipe nobody writes), reports the child's pid, and is SIGKILLed: the child must follow.
+    # A parent starts core/install/child_guard.py around a program that blocks (python reading a
+    # pipe nobody writes), reports the child's pid, and is SIGKILLed: the child must follow,
+    # although the guard exec'ed the program (the death signal survives exec).
     parent_code = (
         "import os, subprocess, sys, time\n"
-        f"child = subprocess.Popen([sys.executable, '-I', {str(registry.PIP_GUARD)!r},"
-        " str(os.getpid()), 'code'], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,"
-        " stderr=subprocess.DEVNULL)\n"
+        f"child = subprocess.Popen([sys.executable, '-I', {str(uv_resolver.CHILD_GUARD)!r},"
+        " str(os.getpid()), sys.executable, '-c', 'import sys; sys.stdin.read()'],"
+        " stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
         "print(child.pid, flush=True)\n"
         "time.sleep(600)\n"
     )

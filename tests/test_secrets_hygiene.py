@@ -95,7 +95,7 @@ def test_canaries_never_leak(tmp_path: Path, wheel_dir: Path) -> None:
             core.stop()
 
     canaries = [REGISTRY_CANARY, ADMIN_CANARY, sat_token]
-    assert any("--dest" in argv for argv in watcher.seen), "pip never ran while watched"
+    assert any("--python-platform" in argv for argv in watcher.seen), "uv never ran while watched"
     leaks = [f"argv: {a[:120]}" for a in watcher.seen for c in canaries if c in a]
     leaks += [f"error: {e[:120]}" for e in errors for c in canaries if c in e]
     leaks += [f"core log: {c}" for c in canaries if c in core.log()]

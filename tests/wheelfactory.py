@@ -96,8 +96,9 @@ def build_wheel(spec: WheelSpec, out_dir: Path) -> Path:
     return target
 
 
-def build_sdist(name: str, version: str, out_dir: Path) -> Path:
-    """A minimal sdist (tar.gz). The core must refuse to build it."""
+def build_sdist(name: str, version: str, out_dir: Path, setup_marker: Path | None = None) -> Path:
+    """A minimal sdist (tar.gz). The core must refuse to build it: with `setup_marker`, its
+    setup.py (and its build backend hook) writes that file when run, which proves it ran."""
     import io
     import tarfile
 
@@ -109,7 +110,8 @@ def build_sdist(name: str, version: str, out_dir: Path) -> Path:
         info = tarfile.TarInfo(f"{base}/PKG-INFO")
         info.size = len(pkg_info)
         tf.addfile(info, io.BytesIO(pkg_info))
-        setup = b"from setuptools import setup\nsetup()\n"
+        touch = f"open({str(setup_marker)!r}, 'w').close()\n" if setup_marker else ""
+        setup = f"{touch}from setuptools import setup\nsetup()\n".encode()
         info = tarfile.TarInfo(f"{base}/setup.py")
         info.size = len(setup)
         tf.addfile(info, io.BytesIO(setup))

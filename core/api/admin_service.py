@@ -10,18 +10,28 @@ from collections.abc import AsyncIterator
 
 from core.api.auth import current_identity
 from core.api.storage_service import StorageAdminMixin, StorageOps
+from core.fanout.desired import load_desired
 from core.fanout.hub import Hub
 from core.install.index_search import IndexCatalog
+from core.install.install_state import EnvProgress
 from core.install.installer import Installer, InstallState
-from core.state import allowlist, fleet, lockfiles, settings
+from core.install.uv_resolver import resolution_target, uv_platform
+from core.state import allowlist, environments, fleet, lockfiles, releases, settings
 from core.state.db import Database
 from core.state.keys import SecretBox
+from shared.environments import validate_environment
 from shared.errors import InvalidArgument, NotFound
 from shared.manifest import TargetEnvironment
 from shared.names import check_lockfile_hash, normalize_name
 from shared.proto.scriptpkgs.v1 import admin_pb2 as pb
 from shared.proto.scriptpkgs.v1 import admin_pb2_grpc, common_pb2
-from shared.wire import environment_from_pb, environment_to_pb, manifest_to_pb
+from shared.wire import (
+    environment_entry_to_pb,
+    environment_from_pb,
+    environment_to_pb,
+    host_to_pb,
+    manifest_to_pb,
+)
 
 _STATUS = {
     "idle": pb.INSTALL_STATUS_IDLE,
@@ -42,6 +52,18 @@ def _package_pb(p: allowlist.Package) -> pb.Package:
     )
 
 
+def _env_install_pb(e: EnvProgress) -> pb.EnvironmentInstall:
+    return pb.EnvironmentInstall(
+        name=e.name,
+        status=e.status,
+        lockfile_hash=e.lockfile_hash,
+        wheels=e.wheels,
+        total_bytes=e.total_bytes,
+        error=e.error,
+        warnings=e.warnings,
+    )
+
+
 def _install_pb(s: InstallState) -> pb.InstallState:
     return pb.InstallState(
         status=_STATUS.get(s.status, pb.INSTALL_STATUS_UNSPECIFIED),
@@ -55,20 +77,56 @@ def _install_pb(s: InstallState) -> pb.InstallState:
         phase=s.phase,
         wheels_done=s.wheels_done,
         wheels_total=s.wheels_total,
+        environments=[_env_install_pb(e) for e in s.environments],
+        release_sequence=s.release_sequence,
     )
 
 
-def _registry_pb(c: settings.RegistryConfig) -> pb.RegistryConfig:
-    target = c.target or settings.native_environment()
+def _registry_pb(c: settings.RegistryConfig, default: TargetEnvironment) -> pb.RegistryConfig:
     return pb.RegistryConfig(
         index_url=c.settings.index_url,
         extra_index_urls=list(c.settings.extra_index_urls),
         username=c.settings.username,
         has_auth_token=bool(c.settings.token),
-        wheels_only=c.settings.wheels_only,
-        target=environment_to_pb(target),
+        wheels_only=True,
+        target=environment_to_pb(default),
         timeout_seconds=c.settings.timeout_seconds,
     )
+
+
+def _load_registry_view(box: SecretBox) -> tuple[settings.RegistryConfig, TargetEnvironment]:
+    return settings.load_registry(box), environments.ensure_default()[0].target
+
+
+def _update_registry_view(
+    box: SecretBox, update: settings.RegistryUpdate
+) -> tuple[settings.RegistryConfig, TargetEnvironment]:
+    return settings.update_registry(box, update), environments.ensure_default()[0].target
+
+
+def _release_rows() -> list[tuple[releases.ReleaseView, dict[str, tuple[int, int]]]]:
+    sizes = {r.lockfile_hash: (r.entry_count, r.total_size) for r, _ in lockfiles.list_lockfiles()}
+    return [(r, sizes) for r in releases.list_releases()]
+
+
+def fleet_summary(satellites: list[pb.Satellite]) -> list[pb.FleetSummary]:
+    """Counts per environment ("" for unserved hosts): converged, syncing, error, unserved."""
+    by_env: dict[str, pb.FleetSummary] = {}
+    for s in satellites:
+        if s.revoked:
+            continue
+        row = by_env.setdefault(s.environment, pb.FleetSummary(environment=s.environment))
+        if s.unserved:
+            row.unserved += 1
+        elif s.status == "ready" and s.current_hash == s.desired_hash:
+            row.converged += 1
+        elif s.status == "syncing":
+            row.syncing += 1
+        elif s.status == "error":
+            row.error += 1
+        else:
+            row.other += 1
+    return [by_env[k] for k in sorted(by_env)]
 
 
 class AdminService(StorageAdminMixin, admin_pb2_grpc.PackageAdminServicer):
@@ -122,7 +180,7 @@ class AdminService(StorageAdminMixin, admin_pb2_grpc.PackageAdminServicer):
     async def GetRegistryConfig(
         self, request: pb.GetRegistryConfigRequest, context: object
     ) -> pb.RegistryConfig:
-        return _registry_pb(await self._db.run(settings.load_registry, self._box))
+        return _registry_pb(*await self._db.run(_load_registry_view, self._box))
 
     async def SetRegistryConfig(
         self, request: pb.SetRegistryConfigRequest, context: object
@@ -152,7 +210,7 @@ class AdminService(StorageAdminMixin, admin_pb2_grpc.PackageAdminServicer):
             if request.HasField("timeout_seconds")
             else None,
         )
-        return _registry_pb(await self._db.run(settings.update_registry, self._box, update))
+        return _registry_pb(*await self._db.run(_update_registry_view, self._box, update))
 
     async def SearchPackages(
         self, request: pb.SearchPackagesRequest, context: object
@@ -190,15 +248,21 @@ class AdminService(StorageAdminMixin, admin_pb2_grpc.PackageAdminServicer):
         if wanted:
             wanted = check_lockfile_hash(wanted)
         else:
-            wanted = await self._db.run(lockfiles.desired_hash)
-            if not wanted:
+            desired = self._hub.desired
+            if not desired.manifests:
                 raise NotFound("nothing has been installed yet; run InstallNow")
+            name = request.environment or desired.manifests[0][0]
+            wanted = desired.hash_for(name)
+            if not wanted:
+                known = ", ".join(n for n, _, _ in desired.manifests)
+                raise NotFound(f"the desired release has no environment {name!r}; it has {known}")
         return manifest_to_pb(await self._db.run(lockfiles.get_manifest, wanted))
 
     async def ListLockfiles(
         self, request: pb.ListLockfilesRequest, context: object
     ) -> pb.ListLockfilesResponse:
         rows = await self._db.run(lockfiles.list_lockfiles)
+        current = set(self._hub.desired_hashes())
         return pb.ListLockfilesResponse(
             lockfiles=[
                 pb.LockfileSummary(
@@ -207,15 +271,75 @@ class AdminService(StorageAdminMixin, admin_pb2_grpc.PackageAdminServicer):
                     created_at_unix=r.created_at,
                     entry_count=r.entry_count,
                     total_size=r.total_size,
-                    current=current,
+                    current=r.lockfile_hash in current,
+                    environment=r.environment,
                 )
-                for r, current in rows
+                for r, _ in rows
+            ]
+        )
+
+    async def ListReleases(
+        self, request: pb.ListReleasesRequest, context: object
+    ) -> pb.ListReleasesResponse:
+        rows = await self._db.run(_release_rows)
+        desired = self._hub.desired.sequence
+        return pb.ListReleasesResponse(
+            releases=[
+                pb.Release(
+                    sequence=r.sequence,
+                    created_at_unix=r.created_at,
+                    current=r.sequence == desired,
+                    manifests=[
+                        pb.ReleaseManifest(
+                            environment=name,
+                            lockfile_hash=h,
+                            entry_count=sizes.get(h, (0, 0))[0],
+                            total_size=sizes.get(h, (0, 0))[1],
+                        )
+                        for name, h in r.manifests
+                    ],
+                )
+                for r, sizes in rows
             ]
         )
 
     async def Rollback(self, request: pb.RollbackRequest, context: object) -> pb.InstallState:
-        await self._ops.rollback(request.lockfile_hash)
+        await self._ops.rollback(request.lockfile_hash, sequence=request.release_sequence)
         return _install_pb(await self._installer.state())
+
+    # ---- environments ----
+    async def ListEnvironments(
+        self, request: pb.ListEnvironmentsRequest, context: object
+    ) -> pb.ListEnvironmentsResponse:
+        envs = await self._db.run(environments.ensure_default)
+        return pb.ListEnvironmentsResponse(
+            environments=[environment_entry_to_pb(e, i == 0) for i, e in enumerate(envs)]
+        )
+
+    async def AddEnvironment(
+        self, request: pb.AddEnvironmentRequest, context: object
+    ) -> common_pb2.Environment:
+        if not request.HasField("environment"):
+            raise InvalidArgument("environment", "is required")
+        spec = request.environment
+        target = environment_from_pb(spec.target)
+        # Refused now rather than at the next install: a platform the resolver cannot target.
+        uv_platform(resolution_target(validate_environment(spec.name, target), ""))
+        env = await self._db.run(environments.add_environment, spec.name, target)
+        envs = await self._db.run(environments.list_environments)
+        await self._refresh_configured()
+        return environment_entry_to_pb(env, envs[0].name == env.name)
+
+    async def RemoveEnvironment(
+        self, request: pb.RemoveEnvironmentRequest, context: object
+    ) -> pb.RemoveEnvironmentResponse:
+        removed = await self._db.run(environments.remove_environment, request.name)
+        await self._refresh_configured()
+        return pb.RemoveEnvironmentResponse(removed=removed)
+
+    async def _refresh_configured(self) -> None:
+        # Unserved satellites are told which environments exist; the release itself is unchanged.
+        self._hub.publish(await self._db.run(load_desired))
 
     # ---- limits ----
     async def GetSizeCap(self, request: pb.GetSizeCapRequest, context: object) -> pb.SizeCap:
@@ -232,17 +356,20 @@ class AdminService(StorageAdminMixin, admin_pb2_grpc.PackageAdminServicer):
         self, request: pb.ListSatellitesRequest, context: object
     ) -> pb.ListSatellitesResponse:
         rows = await self._db.run(fleet.list_all)
-        desired = await self._db.run(lockfiles.desired_hash)
-        return pb.ListSatellitesResponse(
-            satellites=[
+        satellites: list[pb.Satellite] = []
+        for r in rows:
+            host = fleet.host_of(r)
+            offer = self._hub.offer_for(host)
+            status = "unserved" if offer.unserved else r.status
+            satellites.append(
                 pb.Satellite(
                     name=r.name,
                     connected=self._hub.is_connected(r.name),
                     last_seen_unix=r.last_seen,
-                    desired_hash=desired,
+                    desired_hash=offer.lockfile_hash,
                     current_hash=r.current_hash,
-                    status=r.status,
-                    error=r.error,
+                    status=status,
+                    error=offer.unserved or r.error,
                     last_pull_bytes=r.last_pull_bytes,
                     last_pull_blobs=r.last_pull_blobs,
                     last_duration_ms=r.last_duration_ms,
@@ -251,10 +378,12 @@ class AdminService(StorageAdminMixin, admin_pb2_grpc.PackageAdminServicer):
                     platform=r.platform,
                     revoked=r.revoked,
                     created_at_unix=r.created_at,
+                    environment=offer.environment,
+                    host=host_to_pb(host) if host is not None else None,
+                    unserved=bool(offer.unserved),
                 )
-                for r in rows
-            ]
-        )
+            )
+        return pb.ListSatellitesResponse(satellites=satellites, summary=fleet_summary(satellites))
 
     async def CreateSatellite(
         self, request: pb.CreateSatelliteRequest, context: object

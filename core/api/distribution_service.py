@@ -28,7 +28,7 @@ from shared.names import check_lockfile_hash, check_sha256
 from shared.proto.scriptpkgs.v1 import common_pb2, distribution_pb2_grpc
 from shared.proto.scriptpkgs.v1 import distribution_pb2 as pb
 from shared.signing import key_id, public_key_pem
-from shared.wire import manifest_to_pb
+from shared.wire import host_from_pb, manifest_to_pb
 
 log = logging.getLogger(__name__)
 if TYPE_CHECKING:  # the stubs are generic, the runtime class is not
@@ -152,6 +152,7 @@ class DistributionService(distribution_pb2_grpc.PackageDistributionServicer):
         self, request: pb.SubscribeRequest, context: Ctx
     ) -> AsyncIterator[pb.Refresh]:
         name = current_identity().name
+        host = host_from_pb(request.host)
         await self._db.run(
             fleet.touch,
             name,
@@ -159,13 +160,21 @@ class DistributionService(distribution_pb2_grpc.PackageDistributionServicer):
             request.python_version,
             request.platform,
             request.current_hash,
+            host,
         )
         with self._subscriptions.enter(name):
-            subscription = self._hub.subscribe(name)
+            subscription = self._hub.subscribe(name, host)
             log.info("satellite %s subscribed", name)
             try:
-                async for value in subscription.values():
-                    yield pb.Refresh(lockfile_hash=value)
+                async for offer in subscription.values():
+                    if offer.unserved:
+                        log.warning("satellite %s is unserved: %s", name, offer.unserved)
+                    yield pb.Refresh(
+                        lockfile_hash=offer.lockfile_hash,
+                        environment=offer.environment,
+                        release_sequence=offer.sequence,
+                        unserved_reason=offer.unserved,
+                    )
             finally:
                 log.info("satellite %s unsubscribed", name)
         if subscription.revoked:

@@ -9,10 +9,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from core.state.db import Database
+from core.state.releases import ReleaseView
 from core.storage.backends import StoreRegistry, backend_stats, load_active_name
 from core.storage.gc import BlobGc, GcRun
 from core.storage.migration import MigrationState, Migrator
-from shared.manifest import Manifest
 from shared.proto.scriptpkgs.v1 import admin_pb2 as pb
 
 
@@ -24,7 +24,7 @@ class StorageOps:
     registry: StoreRegistry
     migrator: Migrator
     gc: BlobGc
-    rollback: Callable[[str], Awaitable[Manifest]]
+    rollback: Callable[..., Awaitable[ReleaseView]]  # (lockfile_hash, sequence=...)
 
 
 def _migration_pb(s: MigrationState) -> pb.StorageMigrationState:

@@ -20,7 +20,7 @@ from google.protobuf.message import Message
 
 from shared.errors import InvalidArgument, SpkError
 from shared.proto.scriptpkgs.v1 import admin_pb2 as pb
-from shared.proto.scriptpkgs.v1 import admin_pb2_grpc
+from shared.proto.scriptpkgs.v1 import admin_pb2_grpc, common_pb2
 
 DEADLINE = 30.0
 _STATUS = {v: k.removeprefix("INSTALL_STATUS_").lower() for k, v in pb.InstallStatus.items()}
@@ -50,9 +50,32 @@ def add_parser(sub: Any) -> None:
     install = cmd.add_parser("install", help="InstallNow, then follow it until it settles")
     install.add_argument("--no-wait", action="store_true")
     cmd.add_parser("state")
-    cmd.add_parser("manifest").add_argument("hash", nargs="?", default="")
-    cmd.add_parser("lockfiles")
-    cmd.add_parser("rollback").add_argument("hash")
+    man = cmd.add_parser("manifest", help="a manifest by hash, or an environment's desired one")
+    man.add_argument("hash", nargs="?", default="")
+    man.add_argument("--environment", default="", help="default: the default environment")
+    cmd.add_parser("lockfiles", help="every manifest in the history, newest first")
+    cmd.add_parser("releases", help="every release (a manifest per environment), newest first")
+    rb = cmd.add_parser("rollback", help="make a kept release desired again")
+    rb.add_argument("hash", nargs="?", default="", help="any lockfile hash of the release")
+    rb.add_argument("--release", type=int, default=0, help="the release's sequence number")
+
+    envs = cmd.add_parser("envs", help="target environments (one manifest each per release)")
+    env_ops = envs.add_subparsers(dest="op", required=True)
+    env_ops.add_parser("list")
+    env_add = env_ops.add_parser(
+        "add", help="upsert by name; paste what `spk-satellite env` prints on a host"
+    )
+    env_add.add_argument("name")
+    env_add.add_argument("--python", required=True, help="CPython X.Y, e.g. 3.12")
+    env_add.add_argument("--abi", default="", help="default: cpXY")
+    env_add.add_argument("--implementation", default="cp")
+    env_add.add_argument(
+        "--platform",
+        action="append",
+        required=True,
+        help="the oldest platform the hosts run, e.g. manylinux_2_28_x86_64 (repeatable)",
+    )
+    env_ops.add_parser("remove").add_argument("name")
 
     reg = cmd.add_parser("registry").add_subparsers(dest="op", required=True)
     reg.add_parser("show")
@@ -148,14 +171,31 @@ class _Admin:
 def _install_line(s: pb.InstallState) -> str:
     status = _STATUS.get(s.status, "?")
     parts = [f"status={status}", f"hash={s.lockfile_hash or '-'}"]
+    if s.release_sequence:
+        parts.append(f"release={s.release_sequence}")
     if s.phase:
         parts.append(f"phase={s.phase} {s.wheels_done}/{s.wheels_total}")
     if s.total_bytes:
         parts.append(f"bytes={s.total_bytes}")
+    if len(s.environments) > 1 or (s.environments and s.status != pb.INSTALL_STATUS_READY):
+        parts.append(
+            "envs: "
+            + ", ".join(
+                f"{e.name}={e.status}" + (f" {e.lockfile_hash[:12]}" if e.lockfile_hash else "")
+                for e in s.environments
+            )
+        )
     parts += [f"warning: {w}" for w in s.warnings]
     if s.error:
         parts.append(f"error: {s.error}")
     return "  ".join(parts)
+
+
+def _env_line(e: common_pb2.Environment) -> str:
+    t = e.target
+    plats = t.platform or "(the core's own platform)"
+    default = "  (default)" if e.is_default else ""
+    return f"{e.name:<16} python {t.python_version:<5} {t.abi or '-':<6} {plats}{default}"
 
 
 def _summary(reply: Message) -> str:
@@ -167,14 +207,24 @@ def _summary(reply: Message) -> str:
         )
     if isinstance(reply, pb.ListSatellitesResponse):
         return "\n".join(
-            f"{s.name:<20} {'up' if s.connected else 'down':<5} {s.status:<8} "
-            f"{(s.current_hash or '-')[:12]:<12} {s.error}"
+            f"{s.name:<20} {'up' if s.connected else 'down':<5} {s.environment or '-':<12} "
+            f"{s.status:<8} {(s.current_hash or '-')[:12]:<12} {s.error}"
             for s in reply.satellites
+        )
+    if isinstance(reply, pb.ListEnvironmentsResponse):
+        return "\n".join(_env_line(e) for e in reply.environments)
+    if isinstance(reply, common_pb2.Environment):
+        return _env_line(reply)
+    if isinstance(reply, pb.ListReleasesResponse):
+        return "\n".join(
+            f"{'*' if r.current else ' '} release {r.sequence}  "
+            + ", ".join(f"{m.environment}={m.lockfile_hash[:12]}" for m in r.manifests)
+            for r in reply.releases
         )
     if isinstance(reply, pb.ListLockfilesResponse):
         return "\n".join(
             f"{'*' if lf.current else ' '} {lf.lockfile_hash}  seq={lf.sequence}  "
-            f"{lf.entry_count} wheels  {lf.total_size} bytes"
+            f"{lf.environment or '-'}  {lf.entry_count} wheels  {lf.total_size} bytes"
             for lf in reply.lockfiles
         )
     return json_format.MessageToJson(reply, preserving_proto_field_name=True).strip()
@@ -196,10 +246,33 @@ def _request(args: argparse.Namespace) -> tuple[str, Message]:
         ("state", None): lambda: ("GetInstallState", pb.GetInstallStateRequest()),
         ("manifest", None): lambda: (
             "GetManifest",
-            pb.AdminGetManifestRequest(lockfile_hash=args.hash),
+            pb.AdminGetManifestRequest(lockfile_hash=args.hash, environment=args.environment),
         ),
         ("lockfiles", None): lambda: ("ListLockfiles", pb.ListLockfilesRequest()),
-        ("rollback", None): lambda: ("Rollback", pb.RollbackRequest(lockfile_hash=args.hash)),
+        ("releases", None): lambda: ("ListReleases", pb.ListReleasesRequest()),
+        ("rollback", None): lambda: (
+            "Rollback",
+            pb.RollbackRequest(lockfile_hash=args.hash, release_sequence=args.release),
+        ),
+        ("envs", "list"): lambda: ("ListEnvironments", pb.ListEnvironmentsRequest()),
+        ("envs", "remove"): lambda: (
+            "RemoveEnvironment",
+            pb.RemoveEnvironmentRequest(name=args.name),
+        ),
+        ("envs", "add"): lambda: (
+            "AddEnvironment",
+            pb.AddEnvironmentRequest(
+                environment=common_pb2.Environment(
+                    name=args.name,
+                    target=common_pb2.TargetEnvironment(
+                        python_version=args.python,
+                        implementation=args.implementation,
+                        abi=args.abi,
+                        platform=",".join(args.platform),
+                    ),
+                )
+            ),
+        ),
         ("registry", "show"): lambda: ("GetRegistryConfig", pb.GetRegistryConfigRequest()),
         ("size-cap", "show"): lambda: ("GetSizeCap", pb.GetSizeCapRequest()),
         ("satellites", "list"): lambda: ("ListSatellites", pb.ListSatellitesRequest()),

@@ -21,9 +21,11 @@ from core.api.auth import AuthInterceptor, TransportPolicy
 from core.api.distribution_service import DistributionService
 from core.app.storage_runtime import StorageRuntime
 from core.fanout import notify
-from core.fanout.hub import Hub
-from core.install.installer import Installer, recover_stale_install, remove_stale_work
-from core.state import lockfiles, tokens
+from core.fanout.desired import load_desired
+from core.fanout.hub import Desired, Hub
+from core.install.install_state import recover_stale_install, remove_stale_work
+from core.install.installer import Installer
+from core.state import environments, lockfiles, tokens
 from core.state.db import Database, open_database
 from core.state.keys import SecretBox, load_or_create_key
 from core.storage.gc import GcPolicy
@@ -133,7 +135,8 @@ class CoreServer:
         if stale := await asyncio.to_thread(remove_stale_work, cfg.data_dir / "work"):
             log.warning("removed %d leftovers of an interrupted install", len(stale))
         key = await db.run(lockfiles.load_or_create_signing_key, box)
-        self.hub.publish(await db.run(lockfiles.desired_hash))
+        await db.run(environments.ensure_default)
+        self.hub.publish(await db.run(load_desired))
         store = storage.registry  # writes to the active backend, reads fall back across all
         self.installer = Installer(
             db, box, key, store, self.hub, cfg.data_dir / "work", storage.lock
@@ -213,7 +216,7 @@ class CoreServer:
             if not task.cancelled() and (exc := task.exception()) is not None:
                 log.warning("NOTIFY to other core instances failed (they poll anyway): %s", exc)
 
-        def send(_value: str) -> None:
+        def send(_value: Desired) -> None:
             asyncio.ensure_future(db.run(notify.send, db.db)).add_done_callback(logged)
 
         self.hub.on_local_change = send
@@ -229,7 +232,7 @@ class CoreServer:
                 await asyncio.wait_for(self._poke.wait(), self.config.desired_poll_seconds)
             self._poke.clear()
             try:
-                self.hub.publish(await self._db.run(lockfiles.desired_hash), local=False)
+                self.hub.publish(await self._db.run(load_desired), local=False)
             except Exception:  # keep polling; the next round may succeed
                 log.exception("reading the desired hash failed")
 

@@ -1,14 +1,13 @@
-"""Talk to the package index directly: check a downloaded wheel's published hash, list versions.
+"""Talk to the package index directly: project pages (PEP 691 JSON or PEP 503 HTML).
 
-pip decides WHAT to install and downloads it (core/install/pip_resolver.py); this module reads
-the index's project pages (PEP 691 JSON or PEP 503 HTML) to confirm that the index published
-a sha256 for each file and that it is the one on disk. urllib is blocking, so every request
-runs in a worker thread (asyncio.to_thread). Errors are translated in one place (`_translate`):
+The resolver decides WHAT to install (core/install/uv_resolver.py); this module reads project
+pages to list versions for the admin and to explain a failed resolution in terms of what the
+index really has (core/install/diagnosis.py). urllib is blocking, so every request runs in a
+worker thread (asyncio.to_thread). Errors are translated in one place (`_translate`):
 
     HTTP 401/403              -> RegistryError ("the index rejected the credentials ...")
     HTTP 404                  -> NotFound
     other HTTP / socket error -> RegistryError
-    no published sha256       -> ResolveError; a different one -> IntegrityError
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ import base64
 import json
 import urllib.error
 import urllib.request
-from collections.abc import Collection, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from http.client import HTTPException, HTTPResponse
@@ -33,9 +32,8 @@ from packaging.utils import (
 )
 from packaging.version import InvalidVersion, Version
 
-from core.install.pip_downloads import ResolvedWheel
 from core.state.index_config import RegistrySettings, validate_settings
-from shared.errors import IntegrityError, NotFound, RegistryError, ResolveError, SpkError
+from shared.errors import NotFound, RegistryError, SpkError
 from shared.names import normalize_name
 
 VERSIONS_TIMEOUT_SECONDS = 5.0  # an admin is waiting on this one
@@ -232,42 +230,9 @@ def _project_files_sync(name: str, settings: RegistrySettings, timeout: float) -
     return files
 
 
-def verify_published(wheel: ResolvedWheel, published: Collection[str]) -> None:
-    """The file must carry a sha256 its index published for that file name."""
-    if wheel.sha256 in published:
-        return
-    if not published:
-        raise ResolveError(
-            f"the index gave no sha256 for '{wheel.name}' ({wheel.filename});"
-            " refusing an unverifiable wheel"
-        )
-    raise IntegrityError(
-        f"'{wheel.name}' {wheel.version}: {wheel.filename} has sha256 {wheel.sha256}, which is"
-        " not the one the index publishes for it"
-    )
-
-
-def published_hashes_sync(name: str, filename: str, settings: RegistrySettings) -> frozenset[str]:
-    """The sha256s the configured indexes publish for `filename` of project `name`."""
-    try:
-        files = _project_files_sync(name, settings, settings.timeout_seconds)
-    except NotFound:
-        return frozenset()  # pip found it a moment ago: treat as "nothing published"
-    return frozenset(f.sha256 for f in files if f.filename == filename and f.sha256)
-
-
-def check_published_sync(wheel: ResolvedWheel, settings: RegistrySettings) -> None:
-    verify_published(wheel, published_hashes_sync(wheel.name, wheel.filename, settings))
-
-
-async def check_published(wheel: ResolvedWheel, settings: RegistrySettings) -> None:
-    """Confirm against the index that `wheel` (pip's download) is the file it publishes.
-
-    pip already refused a file whose hash differed from its link's; this also refuses a link
-    without one. Raises ResolveError (no sha256 published), IntegrityError (another sha256),
-    RegistryError (index unreachable, credentials rejected).
-    """
-    await asyncio.to_thread(check_published_sync, wheel, settings)
+def project_files_sync(name: str, settings: RegistrySettings, timeout: float) -> list[IndexFile]:
+    """(Worker thread) Every file of project `name` on the configured indexes; NotFound if none."""
+    return _project_files_sync(name, settings, timeout)
 
 
 def _versions_sync(name: str, settings: RegistrySettings) -> list[str]:

@@ -1,128 +1,57 @@
-"""The install pipeline: allowlist -> pip resolution -> verified wheels -> signed manifest.
+"""The install pipeline: allowlist -> a resolution per environment -> checked wheels -> a release.
 
-One install at a time. Any failure leaves the previous desired hash and manifest in place, so the
-fleet stays on the last good set. Every wheel crosses the network once: pip's own download is the
-one that is checked (published sha256, RECORD, no hostile members) and stored; blobs the store
-already holds are only recorded.
+One install at a time (the installer lock). Every environment is resolved concurrently (one uv
+run each); the wheels of all of them are deduplicated by sha256, so a pure-Python wheel several
+environments share is downloaded, checked and stored once, and a wheel the blob store already
+holds is not downloaded at all. The release (one signed manifest per environment under one
+sequence) is published in one transaction, or nothing is: any failure leaves the previous
+release desired everywhere, so the fleet stays on the last good set.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from packaging.utils import parse_wheel_filename
 
+from core.fanout.desired import load_desired
 from core.fanout.hub import Hub
-from core.install.early_checks import EarlyChecks
-from core.install.index_client import check_published
-from core.install.pip_downloads import HeldWheel, ResolvedWheel
-from core.install.pip_resolver import resolve
-from core.state import allowlist, lockfiles, settings
-from core.state.db import BlobRecord, Database, InstallStateRow, database_proxy, now
+from core.install.diagnosis import resolve_or_explain
+from core.install.fetch import FetchedWheel, Fetcher
+from core.install.install_state import EnvProgress, InstallState, read_state, update_state
+from core.install.uv_resolver import LockedWheel, clean_pins
+from core.state import allowlist, environments, releases, settings
+from core.state.db import BlobRecord, Database, database_proxy, now
 from core.state.index_config import RegistrySettings
 from core.state.keys import SecretBox
 from core.state.locks import Activity, InstallerLock, Lease
 from core.storage.blobstore import BlobStore
-from shared.errors import FailedPrecondition, SpkError
+from shared.environments import Environment, supported_tags
+from shared.errors import FailedPrecondition, IntegrityError, SpkError
 from shared.manifest import Manifest, ManifestEntry
+from shared.tags import native_platform
 from shared.wheels import inspect_wheel
 
 log = logging.getLogger(__name__)
-# Wheels checked and stored at once: index page fetches overlap RECORD checks (zlib and hashlib
-# release the GIL); more than 4 gained nothing on 2 cores.
-VERIFY_CONCURRENCY = 4
+FETCH_CONCURRENCY = 8  # downloads in flight: the index is the limit, not our CPU
+# Wheels checked at once: zlib and hashlib release the GIL, so two threads use both cores;
+# more only queue behind them.
+CHECK_CONCURRENCY = 2
 # Seconds between progress rows: each is a commit on the one DB thread, and a watcher reading
 # "17/31" ten times a second learns nothing more from 31 rows in 80 ms.
 PROGRESS_INTERVAL = 0.1
 BLOB_ROWS_PER_INSERT = 200  # well under SQLite's bound-variable limit
 
-
-@dataclass(frozen=True)
-class InstallState:
-    status: str
-    lockfile_hash: str
-    attempted_hash: str
-    started_at: int
-    finished_at: int
-    total_bytes: int
-    warnings: tuple[str, ...]
-    error: str
-    phase: str
-    wheels_done: int
-    wheels_total: int
-
-
-def _state_from_row(row: InstallStateRow) -> InstallState:
-    return InstallState(
-        row.status,
-        row.lockfile_hash,
-        row.attempted_hash,
-        row.started_at,
-        row.finished_at,
-        row.total_bytes,
-        tuple(json.loads(row.warnings_json)),
-        row.error,
-        row.phase,
-        row.wheels_done,
-        row.wheels_total,
-    )
-
-
-def read_state() -> InstallState:
-    return _state_from_row(InstallStateRow.get_by_id(1))
-
-
-def _update_state(**fields: object) -> InstallState:
-    if "warnings" in fields:
-        fields["warnings_json"] = json.dumps(list(fields.pop("warnings")))  # type: ignore[call-overload]
-    InstallStateRow.update(**fields).where(InstallStateRow._meta.primary_key == 1).execute()
-    return read_state()
-
-
-def recover_stale_install() -> bool:
-    """At startup: an install left `installing` by a crashed core is marked failed."""
-    row = InstallStateRow.get_by_id(1)
-    if row.status != "installing":
-        return False
-    _update_state(
-        status="error",
-        finished_at=now(),
-        phase="",
-        error="the core stopped during this install; the previous desired hash stays."
-        " Run InstallNow again.",
-    )
-    return True
-
-
-def remove_stale_work(work_dir: Path) -> list[str]:
-    """At startup: delete what a killed install left in its work dir (not this process's).
-
-    `resolve-*` is the resolver's scratch, whose netrc holds the registry token in plaintext;
-    `dl-*` hold pip's downloads while they are checked. Their `finally` cleanups never ran
-    under SIGKILL.
-    """
-    removed: list[str] = []
-    for path in [*work_dir.glob("resolve-*"), *work_dir.glob("dl-*")]:
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-        removed.append(path.name)
-    return removed
-
-
-def _desired_entries() -> list[ManifestEntry]:
-    desired = lockfiles.desired_hash()
-    return list(lockfiles.get_manifest(desired).entries) if desired else []
+__all__ = ["InstallState", "Installer", "read_state"]
 
 
 @dataclass
@@ -130,6 +59,26 @@ class _Progress:
     done: int = 0
     total: int = 0
     reported_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Built:
+    """What an install produced, before it is published."""
+
+    order: list[str]  # environment names, the default first
+    manifests: dict[str, Manifest]
+    warnings: dict[str, list[str]]
+
+
+def check_fits(env: Environment, native: str, wheels: Sequence[LockedWheel]) -> None:
+    """Defence in depth: every wheel chosen for `env` must carry a tag `env` runs."""
+    accepted = supported_tags(env, native)
+    wrong = [w.filename for w in wheels if accepted.isdisjoint(parse_wheel_filename(w.filename)[3])]
+    if wrong:
+        raise IntegrityError(
+            f"environment {env.name}: the resolver chose {', '.join(wrong)}, which"
+            f" {env.describe(native)} cannot run; refusing the install"
+        )
 
 
 class Installer:
@@ -151,6 +100,7 @@ class Installer:
         self._store = store
         self._hub = hub
         self._work_dir = work_dir
+        self._uv_cache = work_dir.parent / "uv-cache"
         self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
 
@@ -181,6 +131,7 @@ class Installer:
                 phase="starting",
                 wheels_done=0,
                 wheels_total=0,
+                environments=[],
             )
         except BaseException:
             await lease.release()
@@ -200,7 +151,7 @@ class Installer:
                 await self._task
 
     async def cancel(self) -> None:
-        """Shutdown: stop a running install; it is recorded as failed, the desired hash stays."""
+        """Shutdown: stop a running install; it is recorded as failed, the release stays."""
         if self._task is not None and not self._task.done():
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -217,176 +168,243 @@ class Installer:
             await event.wait()
 
     async def _set(self, **fields: object) -> InstallState:
-        state = await self._db.run(lambda: _update_state(**fields))
+        state = await self._db.run(lambda: update_state(**fields))
         event, self._changed = self._changed, asyncio.Event()
         event.set()
         return state
 
     async def _run(self) -> None:
+        progress: list[EnvProgress] = []
         try:
-            manifest, warnings = await self._build_manifest()
-            published = await self._db.run(self._publish, manifest)
-            await self._set(
-                status="ready",
-                lockfile_hash=published.lockfile_hash,
-                attempted_hash=published.lockfile_hash,
-                finished_at=now(),
-                total_bytes=published.total_size,
-                warnings=warnings,
-                phase="",
-            )
-            self._hub.publish(published.lockfile_hash)
+            built = await self._build(progress)
+            state = await self._db.run(self._publish, built)
+            self._hub.publish(await self._db.run(load_desired))
+            event, self._changed = self._changed, asyncio.Event()
+            event.set()
             log.info(
-                "install ready: %s (%d wheels, %d bytes)",
-                published.lockfile_hash,
-                len(published.entries),
-                published.total_size,
+                "install ready: release %d, %s",
+                state.release_sequence,
+                ", ".join(
+                    f"{e.name} {e.lockfile_hash[:12]} ({e.wheels} wheels)"
+                    for e in state.environments
+                ),
             )
         except asyncio.CancelledError:
-            await self._set(
-                status="error",
-                error="the core stopped during this install; the previous desired hash stays",
-                finished_at=now(),
-                phase="",
+            await self._fail(
+                progress, "the core stopped during this install; the previous release stays"
             )
             raise
         except SpkError as exc:
             log.warning("install failed: %s", exc.message)
-            await self._set(status="error", error=exc.message, finished_at=now(), phase="")
+            await self._fail(progress, exc.message)
         except Exception as exc:
             log.exception("install failed unexpectedly")
-            await self._set(
-                status="error",
-                error=f"internal error: {type(exc).__name__}; see the core log",
-                finished_at=now(),
-                phase="",
-            )
+            await self._fail(progress, f"internal error: {type(exc).__name__}; see the core log")
 
-    async def _build_manifest(self) -> tuple[Manifest, list[str]]:
+    async def _fail(self, progress: list[EnvProgress], message: str) -> None:
+        for p in progress:
+            if p.status != "ready":
+                p.status, p.error = "error", p.error or message
+        await self._set(
+            status="error", error=message, finished_at=now(), phase="", environments=progress
+        )
+
+    # ---- building ----
+
+    async def _build(self, progress: list[EnvProgress]) -> _Built:
         reqs = await self._db.run(allowlist.enabled_requirements)
         config = await self._db.run(settings.load_registry, self._box)
         cap = await self._db.run(settings.load_size_cap)
-        environment = config.target or settings.native_environment()
-        # An empty allowlist needs no pip run and no scratch dir.
-        entries = await self._fetch_set(reqs, config) if reqs else []
-        manifest = Manifest.build(entries, environment)
-        await self._set(attempted_hash=manifest.lockfile_hash, total_bytes=manifest.total_size)
-        warnings, blocked = settings.check_size(manifest.total_size, cap)
+        envs = await self._db.run(environments.ensure_default)
+        native = native_platform()
+        progress[:] = [EnvProgress(e.name, "pending") for e in envs]
+        await self._set(phase="resolving", environments=progress)
+        locks = await self._resolve_all(reqs, config.settings, envs, native, progress)
+        for env, wheels in zip(envs, locks, strict=True):
+            check_fits(env, native, wheels)
+        unique = {w.sha256: w for wheels in locks for w in wheels}
+        sizes = await self._obtain_all(list(unique.values()), config.settings)
+        built = _Built([e.name for e in envs], {}, {})
+        blocked: list[str] = []
+        for env, wheels, p in zip(envs, locks, progress, strict=True):
+            entries = [
+                ManifestEntry(w.name, w.version, w.filename, w.sha256, sizes[w.sha256], w.requested)
+                for w in wheels
+            ]
+            manifest = Manifest.build(entries, env.target)
+            warnings, block = settings.check_size(manifest.total_size, cap)
+            built.manifests[env.name] = manifest
+            built.warnings[env.name] = [f"environment {env.name}: {w}" for w in warnings]
+            p.lockfile_hash, p.wheels, p.total_bytes = (
+                manifest.lockfile_hash,
+                len(entries),
+                manifest.total_size,
+            )
+            p.warnings = built.warnings[env.name]
+            if block:
+                p.status, p.error = "error", block
+                blocked.append(f"environment {env.name}: {block}")
+        default = built.manifests[built.order[0]]
+        await self._set(
+            attempted_hash=default.lockfile_hash,
+            total_bytes=default.total_size,
+            environments=progress,
+        )
         if blocked:
-            raise FailedPrecondition(blocked)
-        return manifest, warnings
+            raise FailedPrecondition("; ".join(blocked))
+        return built
 
-    async def _fetch_set(
-        self, reqs: list[tuple[str, str]], config: settings.RegistryConfig
-    ) -> list[ManifestEntry]:
-        """Resolve and download with pip, check every wheel, store the new ones."""
-        await self._set(phase="resolving")
+    async def _resolve_all(
+        self,
+        reqs: list[tuple[str, str]],
+        registry: RegistrySettings,
+        envs: list[Environment],
+        native: str,
+        progress: list[EnvProgress],
+    ) -> list[list[LockedWheel]]:
+        """Every environment at once; the first failure (in list order) fails the install."""
+        if not reqs:  # an empty allowlist needs no resolver and no scratch dir
+            clean_pins(reqs)
+            return [[] for _ in envs]
+
+        async def one(env: Environment, p: EnvProgress) -> list[LockedWheel]:
+            p.status = "resolving"
+            wheels = await resolve_or_explain(
+                reqs, registry, env, native, self._work_dir, cache_dir=self._uv_cache
+            )
+            p.status = "fetching"
+            return wheels
+
+        tasks = [asyncio.create_task(one(e, p)) for e, p in zip(envs, progress, strict=True)]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        finally:
+            for task in tasks:
+                task.cancel()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+        for p, result in zip(progress, results, strict=True):
+            if isinstance(result, SpkError):
+                p.status, p.error = "error", result.message
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+                raise result
+        return [r for r in results if isinstance(r, list)]
+
+    async def _obtain_all(
+        self, wheels: list[LockedWheel], registry: RegistrySettings
+    ) -> dict[str, int]:
+        """Make every wheel a blob (downloaded and checked unless the store has it); sizes."""
+        await self._set(phase="fetching", wheels_total=len(wheels), wheels_done=0)
         self._work_dir.mkdir(parents=True, exist_ok=True)
         downloads = Path(tempfile.mkdtemp(prefix="dl-", dir=self._work_dir))
-        early = EarlyChecks(downloads / "early", config.settings)
+        fetches = asyncio.Semaphore(FETCH_CONCURRENCY)
+        checks = asyncio.Semaphore(CHECK_CONCURRENCY)
+        counter = _Progress(total=len(wheels))
+        stored: dict[str, tuple[int, str]] = {}
         try:
-            held = await self._held_wheels()
-            early.expect(held)
-            wheels = await resolve(
-                reqs,
-                config.settings,
-                config.target,
-                self._work_dir,
-                downloads,
-                watch=early.watching,
-                held=held,
-            )
-            await self._set(phase="verifying", wheels_total=len(wheels))
-            return await self._store_all(wheels, config.settings, early)
+            with Fetcher(registry, downloads, FETCH_CONCURRENCY) as fetcher:
+
+                async def one(wheel: LockedWheel) -> None:
+                    held = await asyncio.to_thread(self._held, wheel.sha256)
+                    if held is None:
+                        async with fetches:
+                            fetched = await asyncio.to_thread(fetcher.fetch, wheel)
+                        async with checks:
+                            held = await asyncio.to_thread(self._check_and_store, fetched)
+                    stored[wheel.sha256] = held
+                    await self._count(counter)
+
+                # Biggest first: the largest wheel's download and check are the longest single
+                # steps, so they should not start last.
+                ordered = sorted(wheels, key=lambda w: w.size or 0, reverse=True)
+                await _gather_all(one(w) for w in ordered)
         finally:
-            early.close()
-            # Synchronous, like the resolver's cleanup: it must also run under cancellation.
-            shutil.rmtree(downloads, ignore_errors=True)
-
-    async def _held_wheels(self) -> dict[str, HeldWheel]:
-        """The desired set's wheels that the store keeps as local files.
-
-        Offered to pip as already downloaded, so an install that changes one pin fetches one
-        wheel.
-        """
-        entries = await self._db.run(_desired_entries)
-
-        def locate() -> dict[str, HeldWheel]:
-            paths = ((e, self._store.local_path(e.sha256)) for e in entries)
-            return {e.filename: HeldWheel(e.sha256, p) for e, p in paths if p is not None}
-
-        return await asyncio.to_thread(locate)
-
-    async def _store_all(
-        self, wheels: list[ResolvedWheel], registry: RegistrySettings, early: EarlyChecks
-    ) -> list[ManifestEntry]:
-        limit = asyncio.Semaphore(VERIFY_CONCURRENCY)
-        progress = _Progress(total=len(wheels))
-
-        async def one(wheel: ResolvedWheel) -> tuple[ManifestEntry, str]:
-            async with limit:
-                backend = await self._check_and_store(wheel, registry, early)
-            progress.done += 1
-            clock = time.monotonic()
-            if progress.done == progress.total or clock - progress.reported_at >= PROGRESS_INTERVAL:
-                progress.reported_at = clock
-                await self._set(wheels_done=progress.done)
-            entry = ManifestEntry(
-                wheel.name, wheel.version, wheel.filename, wheel.sha256, wheel.size, wheel.requested
-            )
-            return entry, backend
-
-        # Biggest first: the largest wheel's RECORD check is the longest single step, so it
-        # should not start last (the manifest sorts its entries anyway).
-        by_size = sorted(wheels, key=lambda w: w.size, reverse=True)
-        stored = await asyncio.gather(*(one(w) for w in by_size))
+            await asyncio.shield(asyncio.to_thread(shutil.rmtree, downloads, True))
         # Every blob gets its index row, also one the store already held (restored by hand, say):
         # without it GC and migration would not see the blob.
-        await self._db.run(self._record_blobs, [(e.sha256, e.size, b) for e, b in stored])
-        return [entry for entry, _ in stored]
+        rows = [(sha, size, backend) for sha, (size, backend) in stored.items()]
+        await self._db.run(_record_blobs, rows)
+        return {sha: size for sha, (size, _) in stored.items()}
 
-    async def _check_and_store(
-        self, wheel: ResolvedWheel, registry: RegistrySettings, early: EarlyChecks
-    ) -> str:
-        """Check the wheel unless its early check passed, store it if new; its backend's name."""
-        checked = await early.inspected(wheel)  # the same bytes, already inspected
-        if not await early.published(wheel):
-            await check_published(wheel, registry)
-        return await asyncio.to_thread(self._store_checked, wheel, checked)
+    async def _count(self, counter: _Progress) -> None:
+        counter.done += 1
+        clock = time.monotonic()
+        if counter.done == counter.total or clock - counter.reported_at >= PROGRESS_INTERVAL:
+            counter.reported_at = clock
+            await self._set(wheels_done=counter.done)
 
-    def _store_checked(self, wheel: ResolvedWheel, checked: Path | None) -> str:
-        """(Worker thread) Store a blob the store lacks; one thread hop for the whole step."""
-        if (backend := self._store.locate(wheel.sha256)) is not None:
-            return backend
-        if checked is None:
-            # pip does not check RECORD or refuse symlinks; we do, before anything is published.
-            inspect_wheel(wheel.path, filename=wheel.filename)
-        self._store.put_file(wheel.sha256, checked or wheel.path)
-        return self._store.name
+    def _held(self, sha256: str) -> tuple[int, str] | None:
+        """(Worker thread) (size, backend) of a blob the store already has."""
+        backend = self._store.locate(sha256)
+        if backend is None:
+            return None
+        size = self._store.size(sha256)
+        return (size, backend) if size is not None else None
 
-    @staticmethod
-    def _record_blobs(blobs: list[tuple[str, int, str]]) -> None:
-        fields = [BlobRecord.sha256, BlobRecord.size, BlobRecord.backend]
-        with database_proxy.atomic():
-            for i in range(0, len(blobs), BLOB_ROWS_PER_INSERT):
-                rows = blobs[i : i + BLOB_ROWS_PER_INSERT]
-                BlobRecord.insert_many(rows, fields=fields).on_conflict_ignore().execute()
-
-    def _publish(self, manifest: Manifest) -> Manifest:
-        """Record and make desired in one transaction; re-installing the desired set is a no-op."""
-        with database_proxy.atomic():
-            if lockfiles.desired_hash() == manifest.lockfile_hash:
-                return lockfiles.get_manifest(manifest.lockfile_hash)
-            published = lockfiles.publish(manifest, self._key)
-            # `ready` in the same transaction as the new desired hash: a core killed right after
-            # this commit must not restart into "installing" (which recovery marks failed with
-            # "the previous desired hash stays") while the new hash is in fact desired.
-            _update_state(
-                status="ready",
-                lockfile_hash=published.lockfile_hash,
-                attempted_hash=published.lockfile_hash,
-                finished_at=now(),
-                total_bytes=published.total_size,
-                phase="",
+    def _check_and_store(self, fetched: FetchedWheel) -> tuple[int, str]:
+        """(Worker thread) Check a downloaded wheel completely, then store it; (size, backend)."""
+        wheel = fetched.wheel
+        # The index's sha256 was checked while downloading; pip would check no more than that.
+        info = inspect_wheel(fetched.path, filename=wheel.filename)
+        if info.name != wheel.name or info.version != wheel.version:
+            raise IntegrityError(
+                f"{wheel.filename}: the wheel is {info.name} {info.version}, the resolution"
+                f" says {wheel.name} {wheel.version}; refusing it"
             )
-            return published
+        self._store.put_file(wheel.sha256, fetched.path)
+        return fetched.size, self._store.name
+
+    # ---- publishing ----
+
+    def _publish(self, built: _Built) -> InstallState:
+        """Record the release and make it desired in one transaction; a repeat is a no-op."""
+        hashes = {name: m.lockfile_hash for name, m in built.manifests.items()}
+        with database_proxy.atomic():
+            if releases.same_as_desired(hashes):
+                release = releases.desired_release()
+                assert release is not None
+            else:
+                release, _ = releases.publish_release(built.manifests, self._key, built.order)
+            default = built.manifests[built.order[0]]
+            progress = [
+                EnvProgress(
+                    name,
+                    "ready",
+                    m.lockfile_hash,
+                    len(m.entries),
+                    m.total_size,
+                    warnings=built.warnings[name],
+                )
+                for name, m in ((n, built.manifests[n]) for n in built.order)
+            ]
+            # `ready` in the same transaction as the new desired release: a core killed right
+            # after this commit must not restart into "installing" (which recovery marks
+            # failed with "the previous release stays") while the new one is in fact desired.
+            return update_state(
+                status="ready",
+                lockfile_hash=default.lockfile_hash,
+                attempted_hash=default.lockfile_hash,
+                finished_at=now(),
+                total_bytes=default.total_size,
+                warnings=[w for name in built.order for w in built.warnings[name]],
+                phase="",
+                environments=progress,
+                desired_sequence=release.sequence,
+            )
+
+
+async def _gather_all(coros: object) -> None:
+    """Run every coroutine to its end; then raise the first failure (none is cancelled midway,
+    so no worker thread keeps running unobserved)."""
+    results = await asyncio.gather(*coros, return_exceptions=True)  # type: ignore[misc]
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+
+
+def _record_blobs(blobs: list[tuple[str, int, str]]) -> None:
+    fields = [BlobRecord.sha256, BlobRecord.size, BlobRecord.backend]
+    with database_proxy.atomic():
+        for i in range(0, len(blobs), BLOB_ROWS_PER_INSERT):
+            rows = blobs[i : i + BLOB_ROWS_PER_INSERT]
+            BlobRecord.insert_many(rows, fields=fields).on_conflict_ignore().execute()

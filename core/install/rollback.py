@@ -1,24 +1,27 @@
-"""Rollback: make a lockfile from the history the desired one again, and push it to the fleet.
+"""Rollback: make a release from the history desired again (all its environments), and push it.
 
-The manifest is re-signed under a new, higher sequence (satellites refuse lower sequences as
-replays), so a rollback is indistinguishable from a fresh publish of that exact set. It holds the
-installer lock, so GC cannot delete a blob between the check that all blobs exist and the push.
+Its manifests are re-signed under a new, higher sequence (satellites refuse lower sequences as
+replays), so a rollback is indistinguishable from a fresh publish of that exact release. It holds
+the installer lock, so GC cannot delete a blob between the check that all blobs exist and the
+push.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from core.fanout.desired import load_desired
 from core.fanout.hub import Hub
-from core.state import lockfiles
-from core.state.db import Database, InstallStateRow, database_proxy, now
+from core.install.install_state import EnvProgress, update_state
+from core.state import releases
+from core.state.db import Database, database_proxy, now
+from core.state.lockfiles import get_manifest
 from core.state.locks import Activity, InstallerLock
 from core.storage.blobstore import BlobStore
-from shared.errors import FailedPrecondition
+from shared.errors import FailedPrecondition, InvalidArgument
 from shared.manifest import Manifest, ManifestEntry
 from shared.names import check_lockfile_hash
 
@@ -30,21 +33,39 @@ def missing_blobs(manifest: Manifest, store: BlobStore) -> list[ManifestEntry]:
     return [e for e in manifest.entries if not store.has(e.sha256)]
 
 
-def make_desired(manifest: Manifest, key: Ed25519PrivateKey) -> Manifest:
-    """Re-publish under the next sequence and make it desired, in one transaction."""
+def _target_sequence(lockfile_hash: str, sequence: int) -> int:
+    if sequence:
+        releases.get_release(sequence)  # NotFound for an unknown one
+        return sequence
+    if not lockfile_hash:
+        raise InvalidArgument("release_sequence", "name the release, or a lockfile_hash in it")
+    return releases.release_for_hash(check_lockfile_hash(lockfile_hash))
+
+
+def make_desired(sequence: int, key: Ed25519PrivateKey) -> releases.ReleaseView:
+    """Re-publish the release under the next sequence and make it desired, in one transaction.
+
+    The install state says `ready` with no error: the last install's error (or warnings) are
+    about a set that is no longer desired.
+    """
     with database_proxy.atomic():
-        published = lockfiles.publish(manifest, key)
-        InstallStateRow.update(
+        release, signed = releases.republish(sequence, key)
+        default = signed[release.manifests[0][0]]
+        update_state(
             status="ready",
-            lockfile_hash=published.lockfile_hash,
-            attempted_hash=published.lockfile_hash,
+            lockfile_hash=default.lockfile_hash,
+            attempted_hash=default.lockfile_hash,
             finished_at=now(),
-            total_bytes=published.total_size,
-            warnings_json=json.dumps([]),
+            total_bytes=default.total_size,
+            warnings=[],
             error="",
             phase="",
-        ).where(InstallStateRow._meta.primary_key == 1).execute()
-    return published
+            environments=[
+                EnvProgress(name, "ready", m.lockfile_hash, len(m.entries), m.total_size)
+                for name, m in signed.items()
+            ],
+        )
+    return release
 
 
 async def rollback(
@@ -54,25 +75,31 @@ async def rollback(
     store: BlobStore,
     key: Ed25519PrivateKey,
     hub: Hub,
-) -> Manifest:
-    """NotFound for an unknown hash; FailedPrecondition when blobs are gone or the lock is busy."""
-    wanted = check_lockfile_hash(lockfile_hash)
+    sequence: int = 0,
+) -> releases.ReleaseView:
+    """NotFound for an unknown release; FailedPrecondition when blobs are gone or the lock is
+    busy. A release that is already desired is left as it is (no new sequence)."""
     lease = await lock.acquire(Activity.ROLLBACK)
     try:
-        manifest = await db.run(lockfiles.get_manifest, wanted)
-        if await db.run(lockfiles.desired_hash) == wanted:
-            return manifest  # already desired: nothing to push, no new sequence
-        missing = await asyncio.to_thread(missing_blobs, manifest, store)
+        wanted = await db.run(_target_sequence, lockfile_hash, sequence)
+        old = await db.run(releases.get_release, wanted)
+        current = await db.run(releases.desired_release)
+        if current is not None and dict(current.manifests) == dict(old.manifests):
+            return current  # already desired: nothing to push, no new sequence
+        manifests = [await db.run(get_manifest, h) for h in old.hashes]
+        missing = [
+            (m, e) for m in manifests for e in await asyncio.to_thread(missing_blobs, m, store)
+        ]
         if missing:
-            named = ", ".join(f"{e.name}=={e.version} ({e.sha256})" for e in missing[:MAX_NAMED])
+            named = ", ".join(f"{e.name}=={e.version} ({e.sha256})" for _, e in missing[:MAX_NAMED])
             more = f" and {len(missing) - MAX_NAMED} more" if len(missing) > MAX_NAMED else ""
             raise FailedPrecondition(
-                f"cannot roll back to {wanted}: {len(missing)} of its blobs are gone"
+                f"cannot roll back to release {wanted}: {len(missing)} of its blobs are gone"
                 f" (garbage-collected?): {named}{more}; add those pins and run InstallNow instead"
             )
-        published = await db.run(make_desired, manifest, key)
+        release = await db.run(make_desired, wanted, key)
     finally:
         await lease.release()
-    hub.publish(published.lockfile_hash)
-    log.info("rolled back to %s (sequence %d)", published.lockfile_hash, published.sequence)
-    return published
+    hub.publish(await db.run(load_desired))
+    log.info("rolled back to release %d as release %d", wanted, release.sequence)
+    return release

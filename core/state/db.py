@@ -58,7 +58,8 @@ class AdminToken(BaseModel):
 
 
 class Lockfile(BaseModel):
-    """Published manifests (history). `sequence` increases on every publish, rollbacks included."""
+    """Published manifests (history), one per environment and release. `sequence` is the newest
+    release that (re-)signed it; it increases on every publish, rollbacks included."""
 
     lockfile_hash = pw.CharField(primary_key=True, max_length=64)
     sequence = pw.BigIntegerField(index=True)
@@ -66,6 +67,39 @@ class Lockfile(BaseModel):
     entry_count = pw.IntegerField()
     total_size = pw.BigIntegerField()
     created_at = pw.BigIntegerField(default=now)
+    environment = pw.CharField(max_length=64, default="")  # name at publish time
+
+
+class EnvironmentRow(BaseModel):
+    """The admin's target environments; `position` orders them (the first is the default)."""
+
+    name = pw.CharField(primary_key=True, max_length=64)
+    python_version = pw.CharField(max_length=16)
+    implementation = pw.CharField(max_length=8, default="cp")
+    abi = pw.CharField(max_length=16, default="")
+    platform = pw.CharField(max_length=512, default="")  # comma-separated; "" = the core's own
+    position = pw.IntegerField(index=True)
+    created_at = pw.BigIntegerField(default=now)
+
+    class Meta:
+        table_name = "environment"
+
+
+class Release(BaseModel):
+    """One install's result: a manifest per environment, all signed under this sequence."""
+
+    sequence = pw.BigIntegerField(primary_key=True)
+    created_at = pw.BigIntegerField(default=now)
+
+
+class ReleaseManifest(BaseModel):
+    sequence = pw.BigIntegerField(index=True)
+    environment = pw.CharField(max_length=64)
+    lockfile_hash = pw.CharField(max_length=64, index=True)
+    position = pw.IntegerField(default=0)  # the environment's place at publish; 0 = default
+
+    class Meta:
+        primary_key = pw.CompositeKey("sequence", "environment")
 
 
 class BlobRecord(BaseModel):
@@ -90,6 +124,8 @@ class InstallStateRow(BaseModel):
     wheels_done = pw.IntegerField(default=0)
     wheels_total = pw.IntegerField(default=0)
     owner = pw.CharField(max_length=64, default="")
+    desired_sequence = pw.BigIntegerField(default=0)  # the desired release (0: none yet)
+    environments_json = pw.TextField(default="[]")  # per-environment progress and results
 
 
 class SatelliteRow(BaseModel):
@@ -108,6 +144,8 @@ class SatelliteRow(BaseModel):
     agent_version = pw.CharField(max_length=64, default="")
     python_version = pw.CharField(max_length=64, default="")
     platform = pw.CharField(max_length=128, default="")
+    environment = pw.CharField(max_length=64, default="")  # serving it; "" while unserved
+    host_json = pw.TextField(default="")  # its HostEnvironment as reported on subscribe
 
 
 class StoredBlob(BaseModel):
@@ -140,7 +178,7 @@ ALL_MODELS: list[type[BaseModel]] = [
     BlobRecord,
     InstallStateRow,
     SatelliteRow,
-]
+]  # as of migration 1; later tables are created by their own migration
 
 
 def upsert(model: type[BaseModel], **fields: Any) -> None:
@@ -160,8 +198,36 @@ def _migration_2(db: pw.Database) -> None:
     db.create_tables([StoredBlob, BlobChunk])
 
 
+def _migration_3(db: pw.Database) -> None:
+    """Environments and releases. A core upgraded in place keeps serving its history: the
+    target it resolved for becomes the first environment, each published lockfile a release."""
+    from playhouse.migrate import PostgresqlMigrator, SqliteMigrator, migrate
+
+    migrator = (
+        PostgresqlMigrator(db) if isinstance(db, pw.PostgresqlDatabase) else SqliteMigrator(db)
+    )
+    new_columns: list[pw.Field] = [
+        Lockfile.environment,
+        InstallStateRow.desired_sequence,
+        InstallStateRow.environments_json,
+        SatelliteRow.environment,
+        SatelliteRow.host_json,
+    ]
+    # A fresh database got these columns from migration 1 (which creates today's models).
+    operations = [
+        migrator.add_column(field.model._meta.table_name, field.column_name, field)
+        for field in new_columns
+        if field.column_name not in {c.name for c in db.get_columns(field.model._meta.table_name)}
+    ]
+    migrate(*operations)
+    db.create_tables([EnvironmentRow, Release, ReleaseManifest])
+    from core.state.upgrade import first_environment_from_history
+
+    first_environment_from_history()
+
+
 # Append-only: each entry brings the schema from version i to i + 1.
-MIGRATIONS: list[Callable[[pw.Database], None]] = [_migration_1, _migration_2]
+MIGRATIONS: list[Callable[[pw.Database], None]] = [_migration_1, _migration_2, _migration_3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import re
 from dataclasses import dataclass
 
 from core.state.db import SatelliteRow, now
 from core.state.keys import hash_token, new_token
+from shared.environments import HostEnvironment
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
@@ -69,14 +72,32 @@ def authenticate(token: str) -> str | None:
 _AUTH_SQL: dict[str, str] = {}  # database class -> rendered lookup query
 
 
-def touch(name: str, agent_version: str, python_version: str, platform: str, current: str) -> None:
+def touch(
+    name: str,
+    agent_version: str,
+    python_version: str,
+    platform: str,
+    current: str,
+    host: HostEnvironment | None = None,
+) -> None:
     SatelliteRow.update(
         last_seen=now(),
         agent_version=agent_version[:64],
         python_version=python_version[:64],
         platform=platform[:128],
         current_hash=current[:64],
+        host_json=json.dumps(dataclasses.asdict(host)) if host is not None else "",
     ).where(SatelliteRow.name == name).execute()
+
+
+def host_of(row: SatelliteRow) -> HostEnvironment | None:
+    """The host a satellite last described (None: an older agent, or it never subscribed)."""
+    if not row.host_json:
+        return None
+    raw = json.loads(row.host_json)
+    return HostEnvironment(
+        raw["python_version"], raw["implementation"], raw["abi"], tuple(raw["platforms"])
+    )
 
 
 def record_report(name: str, report: SyncReportIn) -> None:

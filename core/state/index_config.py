@@ -5,6 +5,7 @@ Pure: no I/O. The resolver, the index client and the stored registry config all 
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -21,7 +22,6 @@ class RegistrySettings:
     extra_index_urls: tuple[str, ...] = ()
     username: str = ""  # empty means the "__token__" convention (PyPI, devpi, Artifactory)
     token: str = field(default="", repr=False)  # secret: never in repr, logs, errors, argv
-    wheels_only: bool = True  # our ignore-scripts: a wheel install runs no code
     timeout_seconds: int = 30  # per socket operation, passed to pip --timeout
     retries: int = 2  # pip's default of 5 with back-off turns "index down" into an 8 s wait
 
@@ -50,6 +50,24 @@ def _check_url(url: str, field_name: str) -> None:
         raise InvalidArgument(field_name, "must not contain credentials; set username and token")
     if any(ch.isspace() for ch in url):
         raise InvalidArgument(field_name, "must not contain whitespace")
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
+        # The wheels' sha256s come from the index's pages: over plain http anyone on the path
+        # could swap a wheel together with its hash, and a token would travel in clear text.
+        raise InvalidArgument(
+            field_name,
+            f"plain http is only allowed for localhost (loopback), not {parts.hostname}; use"
+            " https (the index's pages carry the hashes every wheel is checked against, and"
+            " the token would travel in clear text)",
+        )
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _check_secretish(value: str, field_name: str) -> None:

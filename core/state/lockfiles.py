@@ -73,6 +73,7 @@ def publish(manifest: Manifest, key: Ed25519PrivateKey) -> Manifest:
 
 
 def list_lockfiles() -> list[tuple[Lockfile, bool]]:
+    """Every manifest in the history, newest first; the flag: the default environment's desired."""
     current = desired_hash()
-    rows = Lockfile.select().order_by(Lockfile.sequence.desc())
+    rows = Lockfile.select().order_by(Lockfile.sequence.desc(), Lockfile.environment)
     return [(r, r.lockfile_hash == current) for r in rows]

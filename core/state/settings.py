@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import base64
 import json
-import sys
 import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from core.state import environments
 from core.state.db import Setting, database_proxy, upsert
-from core.state.index_config import RegistrySettings
+from core.state.index_config import RegistrySettings, validate_settings
 from core.state.keys import SecretBox
 from shared.errors import InvalidArgument
 from shared.manifest import TargetEnvironment
@@ -21,6 +21,7 @@ MiB = 1024 * 1024
 DEFAULT_WARN = 150 * MiB
 DEFAULT_BLOCK = 300 * MiB
 MAX_URL_LENGTH = 2048
+MAX_CAP = 1 << 40  # 1 TiB: far above any install, far below what a sign error gives
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,6 @@ class RegistryConfig:
     """What is stored; `settings.token` is the decrypted secret and never leaves the core."""
 
     settings: RegistrySettings
-    target: TargetEnvironment | None  # None: the core's own interpreter and platform
 
 
 @dataclass(frozen=True)
@@ -45,16 +45,10 @@ class RegistryUpdate:
     extra_index_urls: Sequence[str] | None = None
     username: str | None = None
     token: str | None = None
-    wheels_only: bool | None = None
-    target: TargetEnvironment | None = None
+    wheels_only: bool | None = None  # only True is accepted (older clients send it)
+    target: TargetEnvironment | None = None  # the default environment's (older clients)
     clear_target: bool = False
     timeout_seconds: int | None = None
-
-
-def native_environment() -> TargetEnvironment:
-    """The core's own interpreter; platform empty = pip's native platform tags."""
-    major, minor = sys.version_info[:2]
-    return TargetEnvironment(f"{major}.{minor}", "cp", f"cp{major}{minor}", "")
 
 
 def validate_index_url(url: str, field: str) -> str:
@@ -74,50 +68,34 @@ def validate_index_url(url: str, field: str) -> str:
     return text
 
 
-def validate_target(env: TargetEnvironment) -> TargetEnvironment:
-    import re
-
-    if not re.fullmatch(r"3\.\d{1,2}", env.python_version):
-        raise InvalidArgument("target.python_version", "must look like 3.11")
-    if env.implementation not in ("cp", "pp", "py"):
-        raise InvalidArgument("target.implementation", "must be one of cp, pp, py")
-    for field_name, value in (("target.abi", env.abi), ("target.platform", env.platform)):
-        if value and not re.fullmatch(r"[a-z0-9_.]{1,64}", value):
-            raise InvalidArgument(
-                field_name, "must be a wheel tag such as cp311 or manylinux_2_17_x86_64"
-            )
-    if not env.platform:
-        raise InvalidArgument(
-            "target.platform", "is required when a target is set (e.g. manylinux_2_17_x86_64)"
-        )
-    return env
-
-
 def load_registry(box: SecretBox) -> RegistryConfig:
     row = Setting.get_or_none(Setting.key == REGISTRY_KEY)
     if row is None:
-        return RegistryConfig(RegistrySettings(), None)
+        return RegistryConfig(RegistrySettings())
     raw = json.loads(row.value)
     token = ""
     if raw.get("token_ct"):
         token = box.decrypt(base64.b64decode(raw["token_ct"]), "registry token").decode()
-    target = TargetEnvironment(**raw["target"]) if raw.get("target") else None
     settings = RegistrySettings(
         index_url=raw["index_url"],
         extra_index_urls=tuple(raw.get("extra_index_urls", ())),
         username=raw.get("username", ""),
         token=token,
-        wheels_only=raw.get("wheels_only", True),
         timeout_seconds=raw.get("timeout_seconds", 30),
     )
-    return RegistryConfig(settings, target)
+    return RegistryConfig(settings)
 
 
 def update_registry(box: SecretBox, update: RegistryUpdate) -> RegistryConfig:
-    """Validate everything first, then write one row; nothing changes on a bad field."""
+    """Validate everything first, then write; nothing changes on a bad field."""
+    if update.wheels_only is False:
+        raise InvalidArgument(
+            "wheels_only",
+            "must be true: installing from a source distribution runs its build backend, i.e."
+            " code from the index, on the core; the core installs wheels only",
+        )
     with database_proxy.atomic():
-        cur = load_registry(box)
-        s = cur.settings
+        s = load_registry(box).settings
         if update.index_url is not None:
             s = replace(s, index_url=validate_index_url(update.index_url, "index_url"))
         if update.extra_index_urls is not None:
@@ -134,17 +112,15 @@ def update_registry(box: SecretBox, update: RegistryUpdate) -> RegistryConfig:
             if len(update.token) > 4096 or any(ord(c) < 0x20 for c in update.token):
                 raise InvalidArgument("auth_token", "at most 4096 printable characters")
             s = replace(s, token=update.token)
-        if update.wheels_only is not None:
-            s = replace(s, wheels_only=update.wheels_only)
         if update.timeout_seconds is not None:
             if not 1 <= update.timeout_seconds <= 600:
                 raise InvalidArgument("timeout_seconds", "must be between 1 and 600")
             s = replace(s, timeout_seconds=update.timeout_seconds)
-        target = cur.target
+        validate_settings(s)  # the whole result: e.g. plain http to a remote host
         if update.clear_target:
-            target = None
+            environments.set_default_target(None)
         elif update.target is not None:
-            target = validate_target(update.target)
+            environments.set_default_target(update.target)
         doc = {
             "index_url": s.index_url,
             "extra_index_urls": list(s.extra_index_urls),
@@ -152,12 +128,10 @@ def update_registry(box: SecretBox, update: RegistryUpdate) -> RegistryConfig:
             "token_ct": base64.b64encode(box.encrypt(s.token.encode(), "registry token")).decode()
             if s.token
             else "",
-            "wheels_only": s.wheels_only,
             "timeout_seconds": s.timeout_seconds,
-            "target": target.as_dict() if target else None,
         }
         upsert(Setting, key=REGISTRY_KEY, value=json.dumps(doc))
-    return RegistryConfig(s, target)
+    return RegistryConfig(s)
 
 
 def load_size_cap() -> SizeCap:
@@ -169,10 +143,13 @@ def load_size_cap() -> SizeCap:
 
 
 def save_size_cap(cap: SizeCap) -> SizeCap:
-    if cap.warn_bytes <= 0:
-        raise InvalidArgument("warn_bytes", "must be a positive number of bytes")
-    if cap.block_bytes <= 0:
-        raise InvalidArgument("block_bytes", "must be a positive number of bytes")
+    for field, value in (("warn_bytes", cap.warn_bytes), ("block_bytes", cap.block_bytes)):
+        if value <= 0:
+            raise InvalidArgument(field, "must be a positive number of bytes")
+        if value > MAX_CAP:
+            # A negative number from a careless client arrives as ~2^64 and would turn the cap
+            # off without a word.
+            raise InvalidArgument(field, f"must be at most {MAX_CAP} bytes (1 TiB), got {value}")
     if cap.warn_bytes > cap.block_bytes:
         raise InvalidArgument(
             "warn_bytes", f"must be <= block_bytes ({cap.warn_bytes} > {cap.block_bytes})"

@@ -1,10 +1,11 @@
 """Blob GC: keep what the fleet may still need, delete the rest once it is old enough.
 
-Policy: every blob of the desired manifest and of the newest `keep_previous` other lockfiles is
-kept (so Rollback to them stays possible); any other blob is deleted once older than the grace
-period (a blob an install just fetched is not garbage yet), and lockfile history is pruned to the
-kept ones. `plan_gc` is that policy as a pure function; `BlobGc` does the I/O under the installer
-lock, on demand (GcBlobs) and on a schedule.
+Policy: every blob of the desired release (all its environments) and of the newest
+`keep_previous` other releases is kept (so Rollback to them stays possible); any other blob is
+deleted once older than the grace period (a blob an install just fetched is not garbage yet), and
+the history is pruned to the kept releases (a manifest goes with the last release holding it).
+`plan_gc` is that policy as a pure function; `BlobGc` does the I/O under the installer lock, on
+demand (GcBlobs) and on a schedule.
 """
 
 from __future__ import annotations
@@ -17,8 +18,17 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from core.state import lockfiles
-from core.state.db import BlobRecord, Database, Lockfile, Setting, database_proxy, upsert
+from core.state import releases
+from core.state.db import (
+    BlobRecord,
+    Database,
+    Lockfile,
+    Release,
+    ReleaseManifest,
+    Setting,
+    database_proxy,
+    upsert,
+)
 from core.state.locks import Activity, InstallerLock
 from core.storage.blobstore import BlobStore
 from shared.errors import FailedPrecondition
@@ -33,7 +43,7 @@ RETRY_SECONDS = 600  # a scheduled pass refused (install running) tries again af
 
 @dataclass(frozen=True)
 class GcPolicy:
-    keep_previous: int = 1  # lockfiles kept besides the desired one
+    keep_previous: int = 1  # releases kept besides the desired one
     grace_seconds: int = 24 * HOUR
     interval_seconds: int = 24 * HOUR  # 0: no scheduled pass
 
@@ -43,10 +53,10 @@ class GcPolicy:
 
 
 @dataclass(frozen=True)
-class LockfileBlobs:
-    lockfile_hash: str
+class ReleaseBlobs:
     sequence: int
-    blobs: frozenset[str]
+    lockfiles: tuple[str, ...]  # its manifests, default environment first
+    blobs: frozenset[str]  # every blob of every one of them
 
 
 @dataclass(frozen=True)
@@ -58,10 +68,11 @@ class BlobAge:
 
 @dataclass(frozen=True)
 class GcPlan:
-    kept_lockfiles: tuple[str, ...]  # desired first, then newest first
-    pruned_lockfiles: tuple[str, ...]
+    kept_releases: tuple[int, ...]  # desired first, then newest first
+    pruned_releases: tuple[int, ...]
     delete: tuple[BlobAge, ...]
     within_grace: tuple[BlobAge, ...]
+    kept_lockfiles: tuple[str, ...]  # the manifests of the kept releases, in that order
 
     @property
     def candidates(self) -> int:
@@ -69,24 +80,25 @@ class GcPlan:
 
 
 def plan_gc(
-    desired: str,
-    history: Sequence[LockfileBlobs],
+    desired: int,
+    history: Sequence[ReleaseBlobs],
     blobs: Sequence[BlobAge],
     policy: GcPolicy,
     now: int,
 ) -> GcPlan:
-    """Which lockfiles and blobs stay, which go. Pure: no I/O, no clock."""
-    by_hash = {lf.lockfile_hash: lf for lf in history}
-    if desired and desired not in by_hash:
-        # Without the desired manifest we cannot know what to keep: refuse rather than guess.
+    """Which releases and blobs stay, which go. Pure: no I/O, no clock. `desired` is the desired
+    release's sequence (0: nothing installed yet)."""
+    by_sequence = {r.sequence: r for r in history}
+    if desired and desired not in by_sequence:
+        # Without the desired release we cannot know what to keep: refuse rather than guess.
         raise FailedPrecondition(
-            f"the desired lockfile {desired} is missing from the history; blob GC refused"
+            f"the desired release {desired} is missing from the history; blob GC refused"
         )
-    newest = sorted(history, key=lambda lf: lf.sequence, reverse=True)
-    previous = [lf for lf in newest if lf.lockfile_hash != desired][: policy.keep_previous]
-    kept = ([by_hash[desired]] if desired else []) + previous
-    kept_hashes = {lf.lockfile_hash for lf in kept}
-    protected = frozenset().union(*(lf.blobs for lf in kept))
+    newest = sorted(history, key=lambda r: r.sequence, reverse=True)
+    previous = [r for r in newest if r.sequence != desired][: policy.keep_previous]
+    kept = ([by_sequence[desired]] if desired else []) + previous
+    kept_sequences = {r.sequence for r in kept}
+    protected = frozenset().union(*(r.blobs for r in kept))
     delete: list[BlobAge] = []
     within_grace: list[BlobAge] = []
     for blob in sorted(blobs, key=lambda b: b.sha256):
@@ -97,12 +109,11 @@ def plan_gc(
         else:
             within_grace.append(blob)
     return GcPlan(
-        kept_lockfiles=tuple(lf.lockfile_hash for lf in kept),
-        pruned_lockfiles=tuple(
-            lf.lockfile_hash for lf in newest if lf.lockfile_hash not in kept_hashes
-        ),
+        kept_releases=tuple(r.sequence for r in kept),
+        pruned_releases=tuple(r.sequence for r in newest if r.sequence not in kept_sequences),
         delete=tuple(delete),
         within_grace=tuple(within_grace),
+        kept_lockfiles=tuple(dict.fromkeys(h for r in kept for h in r.lockfiles)),
     )
 
 
@@ -129,34 +140,46 @@ class GcState:
 # ---- database side (sync; run through Database.run) ----
 
 
-def load_inputs() -> tuple[str, list[LockfileBlobs], list[BlobAge]]:
-    history = [
-        LockfileBlobs(
-            row.lockfile_hash,
-            int(row.sequence),
-            frozenset(e.sha256 for e in Manifest.from_json(row.manifest_json).entries),
+def load_inputs() -> tuple[int, list[ReleaseBlobs], list[BlobAge]]:
+    manifest_blobs = {
+        row.lockfile_hash: frozenset(
+            e.sha256 for e in Manifest.from_json(row.manifest_json).entries
         )
         for row in Lockfile.select()
+    }
+    history = [
+        ReleaseBlobs(
+            r.sequence,
+            r.hashes,
+            frozenset().union(*(manifest_blobs.get(h, frozenset()) for h in r.hashes)),
+        )
+        for r in releases.list_releases()
     ]
     blobs = [
         BlobAge(str(r.sha256), int(r.size), int(r.created_at))
         for r in BlobRecord.select(BlobRecord.sha256, BlobRecord.size, BlobRecord.created_at)
     ]
-    return lockfiles.desired_hash(), history, blobs
+    return releases.desired_sequence(), history, blobs
 
 
 def delete_record(sha256: str) -> None:
     BlobRecord.delete().where(BlobRecord.sha256 == sha256).execute()
 
 
-def prune_history(hashes: Sequence[str]) -> int:
-    if not hashes:
+def prune_history(sequences: Sequence[int]) -> int:
+    """Drop the given releases (never the desired one) and every manifest no release still
+    holds; returns how many manifests went."""
+    if not sequences:
         return 0
     with database_proxy.atomic():
-        # Re-read inside the transaction: the desired lockfile is never pruned, whatever the plan.
-        keep = lockfiles.desired_hash()
-        doomed = [h for h in hashes if h != keep]
-        return int(Lockfile.delete().where(Lockfile.lockfile_hash.in_(doomed)).execute())
+        # Re-read inside the transaction: the desired release is never pruned, whatever the plan.
+        keep = releases.desired_sequence()
+        doomed = [s for s in sequences if s != keep]
+        if doomed:
+            ReleaseManifest.delete().where(ReleaseManifest.sequence.in_(doomed)).execute()
+            Release.delete().where(Release.sequence.in_(doomed)).execute()
+        held = ReleaseManifest.select(ReleaseManifest.lockfile_hash)
+        return int(Lockfile.delete().where(Lockfile.lockfile_hash.not_in(held)).execute())
 
 
 def load_state() -> GcState:
@@ -243,7 +266,7 @@ class BlobGc:
                     continue
                 deleted.append(blob)
         finally:
-            pruned = await self._db.run(prune_history, plan.pruned_lockfiles)
+            pruned = await self._db.run(prune_history, plan.pruned_releases)
         run = self._report(plan, False, deleted, failed, pruned)
         await self._db.run(record_run, run)
         log.info(

@@ -267,11 +267,14 @@ class RegistryConfig(_message.Message):
     has_auth_token: _builtins.bool
     """the token itself is write-only"""
     wheels_only: _builtins.bool
+    """always true: sdists are never built on the core"""
     timeout_seconds: _builtins.int
     @_builtins.property
     def extra_index_urls(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
-    def target(self) -> _common_pb2.TargetEnvironment: ...
+    def target(self) -> _common_pb2.TargetEnvironment:
+        """the default environment's target (see ListEnvironments)"""
+
     def __init__(
         self,
         *,
@@ -326,12 +329,15 @@ class SetRegistryConfigRequest(_message.Message):
     auth_token: _builtins.str
     """absent: keep; empty: clear"""
     wheels_only: _builtins.bool
+    """false is refused: building an sdist runs its code"""
     timeout_seconds: _builtins.int
     @_builtins.property
     def extra_index_urls(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def target(self) -> _common_pb2.TargetEnvironment:
-        """empty fields: the core's own interpreter"""
+        """Sets the default environment's target (AddEnvironment is the general form); empty fields:
+        the core's own interpreter.
+        """
 
     def __init__(
         self,
@@ -475,6 +481,8 @@ class InstallState(_message.Message):
     WHEELS_DONE_FIELD_NUMBER: _builtins.int
     WHEELS_TOTAL_FIELD_NUMBER: _builtins.int
     ATTEMPTED_HASH_FIELD_NUMBER: _builtins.int
+    ENVIRONMENTS_FIELD_NUMBER: _builtins.int
+    RELEASE_SEQUENCE_FIELD_NUMBER: _builtins.int
     status: Global___InstallStatus.ValueType
     lockfile_hash: _builtins.str
     """the desired (last good) hash; empty before any install"""
@@ -488,8 +496,16 @@ class InstallState(_message.Message):
     wheels_total: _builtins.int
     attempted_hash: _builtins.str
     """the hash of the last attempt (differs from lockfile_hash on error)"""
+    release_sequence: _builtins.int
+    """the desired release"""
     @_builtins.property
     def warnings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def environments(self) -> _containers.RepeatedCompositeFieldContainer[Global___EnvironmentInstall]:
+        """Per environment: progress while installing, then each one's result. lockfile_hash above is
+        the default environment's.
+        """
+
     def __init__(
         self,
         *,
@@ -504,14 +520,56 @@ class InstallState(_message.Message):
         wheels_done: _builtins.int = ...,
         wheels_total: _builtins.int = ...,
         attempted_hash: _builtins.str = ...,
+        environments: _abc.Iterable[Global___EnvironmentInstall] | None = ...,
+        release_sequence: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempted_hash", b"attempted_hash", "error", b"error", "finished_at_unix", b"finished_at_unix", "lockfile_hash", b"lockfile_hash", "phase", b"phase", "started_at_unix", b"started_at_unix", "status", b"status", "total_bytes", b"total_bytes", "warnings", b"warnings", "wheels_done", b"wheels_done", "wheels_total", b"wheels_total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempted_hash", b"attempted_hash", "environments", b"environments", "error", b"error", "finished_at_unix", b"finished_at_unix", "lockfile_hash", b"lockfile_hash", "phase", b"phase", "release_sequence", b"release_sequence", "started_at_unix", b"started_at_unix", "status", b"status", "total_bytes", b"total_bytes", "warnings", b"warnings", "wheels_done", b"wheels_done", "wheels_total", b"wheels_total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___InstallState: _TypeAlias = InstallState  # noqa: Y015
+
+@_typing.final
+class EnvironmentInstall(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    LOCKFILE_HASH_FIELD_NUMBER: _builtins.int
+    WHEELS_FIELD_NUMBER: _builtins.int
+    TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    WARNINGS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    status: _builtins.str
+    """pending | resolving | fetching | ready | error"""
+    lockfile_hash: _builtins.str
+    """attempted, then published"""
+    wheels: _builtins.int
+    total_bytes: _builtins.int
+    error: _builtins.str
+    @_builtins.property
+    def warnings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        status: _builtins.str = ...,
+        lockfile_hash: _builtins.str = ...,
+        wheels: _builtins.int = ...,
+        total_bytes: _builtins.int = ...,
+        error: _builtins.str = ...,
+        warnings: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "lockfile_hash", b"lockfile_hash", "name", b"name", "status", b"status", "total_bytes", b"total_bytes", "warnings", b"warnings", "wheels", b"wheels"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnvironmentInstall: _TypeAlias = EnvironmentInstall  # noqa: Y015
 
 @_typing.final
 class InstallNowRequest(_message.Message):
@@ -563,15 +621,20 @@ class AdminGetManifestRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     LOCKFILE_HASH_FIELD_NUMBER: _builtins.int
+    ENVIRONMENT_FIELD_NUMBER: _builtins.int
     lockfile_hash: _builtins.str
+    """empty: the desired one of `environment`"""
+    environment: _builtins.str
+    """empty: the default environment"""
     def __init__(
         self,
         *,
         lockfile_hash: _builtins.str = ...,
+        environment: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lockfile_hash", b"lockfile_hash"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["environment", b"environment", "lockfile_hash", b"lockfile_hash"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -587,12 +650,15 @@ class LockfileSummary(_message.Message):
     ENTRY_COUNT_FIELD_NUMBER: _builtins.int
     TOTAL_SIZE_FIELD_NUMBER: _builtins.int
     CURRENT_FIELD_NUMBER: _builtins.int
+    ENVIRONMENT_FIELD_NUMBER: _builtins.int
     lockfile_hash: _builtins.str
     sequence: _builtins.int
     created_at_unix: _builtins.int
     entry_count: _builtins.int
     total_size: _builtins.int
     current: _builtins.bool
+    environment: _builtins.str
+    """the environment it was resolved for"""
     def __init__(
         self,
         *,
@@ -602,10 +668,11 @@ class LockfileSummary(_message.Message):
         entry_count: _builtins.int = ...,
         total_size: _builtins.int = ...,
         current: _builtins.bool = ...,
+        environment: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at_unix", b"created_at_unix", "current", b"current", "entry_count", b"entry_count", "lockfile_hash", b"lockfile_hash", "sequence", b"sequence", "total_size", b"total_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at_unix", b"created_at_unix", "current", b"current", "entry_count", b"entry_count", "environment", b"environment", "lockfile_hash", b"lockfile_hash", "sequence", b"sequence", "total_size", b"total_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -648,24 +715,216 @@ Global___ListLockfilesResponse: _TypeAlias = ListLockfilesResponse  # noqa: Y015
 
 @_typing.final
 class RollbackRequest(_message.Message):
-    """Makes a kept lockfile desired again: re-signed under a new, higher sequence and pushed."""
+    """Makes a kept release desired again (all its environments): re-signed under a new, higher
+    sequence and pushed. Name it by its sequence, or by the hash of any of its manifests.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     LOCKFILE_HASH_FIELD_NUMBER: _builtins.int
+    RELEASE_SEQUENCE_FIELD_NUMBER: _builtins.int
     lockfile_hash: _builtins.str
+    release_sequence: _builtins.int
     def __init__(
         self,
         *,
         lockfile_hash: _builtins.str = ...,
+        release_sequence: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lockfile_hash", b"lockfile_hash"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lockfile_hash", b"lockfile_hash", "release_sequence", b"release_sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RollbackRequest: _TypeAlias = RollbackRequest  # noqa: Y015
+
+@_typing.final
+class ReleaseManifest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENVIRONMENT_FIELD_NUMBER: _builtins.int
+    LOCKFILE_HASH_FIELD_NUMBER: _builtins.int
+    ENTRY_COUNT_FIELD_NUMBER: _builtins.int
+    TOTAL_SIZE_FIELD_NUMBER: _builtins.int
+    environment: _builtins.str
+    lockfile_hash: _builtins.str
+    entry_count: _builtins.int
+    total_size: _builtins.int
+    def __init__(
+        self,
+        *,
+        environment: _builtins.str = ...,
+        lockfile_hash: _builtins.str = ...,
+        entry_count: _builtins.int = ...,
+        total_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry_count", b"entry_count", "environment", b"environment", "lockfile_hash", b"lockfile_hash", "total_size", b"total_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseManifest: _TypeAlias = ReleaseManifest  # noqa: Y015
+
+@_typing.final
+class Release(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    CREATED_AT_UNIX_FIELD_NUMBER: _builtins.int
+    MANIFESTS_FIELD_NUMBER: _builtins.int
+    CURRENT_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    created_at_unix: _builtins.int
+    current: _builtins.bool
+    @_builtins.property
+    def manifests(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReleaseManifest]: ...
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        created_at_unix: _builtins.int = ...,
+        manifests: _abc.Iterable[Global___ReleaseManifest] | None = ...,
+        current: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at_unix", b"created_at_unix", "current", b"current", "manifests", b"manifests", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Release: _TypeAlias = Release  # noqa: Y015
+
+@_typing.final
+class ListReleasesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListReleasesRequest: _TypeAlias = ListReleasesRequest  # noqa: Y015
+
+@_typing.final
+class ListReleasesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELEASES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def releases(self) -> _containers.RepeatedCompositeFieldContainer[Global___Release]: ...
+    def __init__(
+        self,
+        *,
+        releases: _abc.Iterable[Global___Release] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["releases", b"releases"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListReleasesResponse: _TypeAlias = ListReleasesResponse  # noqa: Y015
+
+@_typing.final
+class ListEnvironmentsRequest(_message.Message):
+    """---- environments ----"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListEnvironmentsRequest: _TypeAlias = ListEnvironmentsRequest  # noqa: Y015
+
+@_typing.final
+class ListEnvironmentsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENVIRONMENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def environments(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Environment]: ...
+    def __init__(
+        self,
+        *,
+        environments: _abc.Iterable[_common_pb2.Environment] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["environments", b"environments"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListEnvironmentsResponse: _TypeAlias = ListEnvironmentsResponse  # noqa: Y015
+
+@_typing.final
+class AddEnvironmentRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENVIRONMENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def environment(self) -> _common_pb2.Environment: ...
+    def __init__(
+        self,
+        *,
+        environment: _common_pb2.Environment | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["environment", b"environment"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["environment", b"environment"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AddEnvironmentRequest: _TypeAlias = AddEnvironmentRequest  # noqa: Y015
+
+@_typing.final
+class RemoveEnvironmentRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveEnvironmentRequest: _TypeAlias = RemoveEnvironmentRequest  # noqa: Y015
+
+@_typing.final
+class RemoveEnvironmentResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REMOVED_FIELD_NUMBER: _builtins.int
+    removed: _builtins.bool
+    def __init__(
+        self,
+        *,
+        removed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["removed", b"removed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveEnvironmentResponse: _TypeAlias = RemoveEnvironmentResponse  # noqa: Y015
 
 @_typing.final
 class GetSizeCapRequest(_message.Message):
@@ -727,6 +986,9 @@ class Satellite(_message.Message):
     PLATFORM_FIELD_NUMBER: _builtins.int
     REVOKED_FIELD_NUMBER: _builtins.int
     CREATED_AT_UNIX_FIELD_NUMBER: _builtins.int
+    ENVIRONMENT_FIELD_NUMBER: _builtins.int
+    HOST_FIELD_NUMBER: _builtins.int
+    UNSERVED_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     connected: _builtins.bool
     last_seen_unix: _builtins.int
@@ -743,6 +1005,14 @@ class Satellite(_message.Message):
     platform: _builtins.str
     revoked: _builtins.bool
     created_at_unix: _builtins.int
+    environment: _builtins.str
+    """the environment serving it; empty while unserved"""
+    unserved: _builtins.bool
+    """no environment fits its host (status says "unserved")"""
+    @_builtins.property
+    def host(self) -> _common_pb2.HostEnvironment:
+        """what its agent reported on subscribe"""
+
     def __init__(
         self,
         *,
@@ -761,10 +1031,13 @@ class Satellite(_message.Message):
         platform: _builtins.str = ...,
         revoked: _builtins.bool = ...,
         created_at_unix: _builtins.int = ...,
+        environment: _builtins.str = ...,
+        host: _common_pb2.HostEnvironment | None = ...,
+        unserved: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["host", b"host"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "connected", b"connected", "created_at_unix", b"created_at_unix", "current_hash", b"current_hash", "desired_hash", b"desired_hash", "error", b"error", "last_duration_ms", b"last_duration_ms", "last_pull_blobs", b"last_pull_blobs", "last_pull_bytes", b"last_pull_bytes", "last_seen_unix", b"last_seen_unix", "name", b"name", "platform", b"platform", "python_version", b"python_version", "revoked", b"revoked", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "connected", b"connected", "created_at_unix", b"created_at_unix", "current_hash", b"current_hash", "desired_hash", b"desired_hash", "environment", b"environment", "error", b"error", "host", b"host", "last_duration_ms", b"last_duration_ms", "last_pull_blobs", b"last_pull_blobs", "last_pull_bytes", b"last_pull_bytes", "last_seen_unix", b"last_seen_unix", "name", b"name", "platform", b"platform", "python_version", b"python_version", "revoked", b"revoked", "status", b"status", "unserved", b"unserved"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -786,20 +1059,61 @@ class ListSatellitesRequest(_message.Message):
 Global___ListSatellitesRequest: _TypeAlias = ListSatellitesRequest  # noqa: Y015
 
 @_typing.final
+class FleetSummary(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENVIRONMENT_FIELD_NUMBER: _builtins.int
+    CONVERGED_FIELD_NUMBER: _builtins.int
+    SYNCING_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    UNSERVED_FIELD_NUMBER: _builtins.int
+    OTHER_FIELD_NUMBER: _builtins.int
+    environment: _builtins.str
+    """empty: satellites no environment serves"""
+    converged: _builtins.int
+    """ready on the environment's desired hash"""
+    syncing: _builtins.int
+    error: _builtins.int
+    unserved: _builtins.int
+    other: _builtins.int
+    """never reported, or reported an older release"""
+    def __init__(
+        self,
+        *,
+        environment: _builtins.str = ...,
+        converged: _builtins.int = ...,
+        syncing: _builtins.int = ...,
+        error: _builtins.int = ...,
+        unserved: _builtins.int = ...,
+        other: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["converged", b"converged", "environment", b"environment", "error", b"error", "other", b"other", "syncing", b"syncing", "unserved", b"unserved"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetSummary: _TypeAlias = FleetSummary  # noqa: Y015
+
+@_typing.final
 class ListSatellitesResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SATELLITES_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def satellites(self) -> _containers.RepeatedCompositeFieldContainer[Global___Satellite]: ...
+    @_builtins.property
+    def summary(self) -> _containers.RepeatedCompositeFieldContainer[Global___FleetSummary]: ...
     def __init__(
         self,
         *,
         satellites: _abc.Iterable[Global___Satellite] | None = ...,
+        summary: _abc.Iterable[Global___FleetSummary] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["satellites", b"satellites"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["satellites", b"satellites", "summary", b"summary"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -112,6 +112,26 @@ class PackageAdminStub:
                 request_serializer=scriptpkgs_dot_v1_dot_admin__pb2.RollbackRequest.SerializeToString,
                 response_deserializer=scriptpkgs_dot_v1_dot_admin__pb2.InstallState.FromString,
                 _registered_method=True)
+        self.ListReleases = channel.unary_unary(
+                '/scriptpkgs.v1.PackageAdmin/ListReleases',
+                request_serializer=scriptpkgs_dot_v1_dot_admin__pb2.ListReleasesRequest.SerializeToString,
+                response_deserializer=scriptpkgs_dot_v1_dot_admin__pb2.ListReleasesResponse.FromString,
+                _registered_method=True)
+        self.ListEnvironments = channel.unary_unary(
+                '/scriptpkgs.v1.PackageAdmin/ListEnvironments',
+                request_serializer=scriptpkgs_dot_v1_dot_admin__pb2.ListEnvironmentsRequest.SerializeToString,
+                response_deserializer=scriptpkgs_dot_v1_dot_admin__pb2.ListEnvironmentsResponse.FromString,
+                _registered_method=True)
+        self.AddEnvironment = channel.unary_unary(
+                '/scriptpkgs.v1.PackageAdmin/AddEnvironment',
+                request_serializer=scriptpkgs_dot_v1_dot_admin__pb2.AddEnvironmentRequest.SerializeToString,
+                response_deserializer=scriptpkgs_dot_v1_dot_common__pb2.Environment.FromString,
+                _registered_method=True)
+        self.RemoveEnvironment = channel.unary_unary(
+                '/scriptpkgs.v1.PackageAdmin/RemoveEnvironment',
+                request_serializer=scriptpkgs_dot_v1_dot_admin__pb2.RemoveEnvironmentRequest.SerializeToString,
+                response_deserializer=scriptpkgs_dot_v1_dot_admin__pb2.RemoveEnvironmentResponse.FromString,
+                _registered_method=True)
         self.GetSizeCap = channel.unary_unary(
                 '/scriptpkgs.v1.PackageAdmin/GetSizeCap',
                 request_serializer=scriptpkgs_dot_v1_dot_admin__pb2.GetSizeCapRequest.SerializeToString,
@@ -274,6 +294,33 @@ class PackageAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListReleases(self, request, context):
+        """Limits
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListEnvironments(self, request, context):
+        """Target environments: every install resolves the allowlist for each of them
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddEnvironment(self, request, context):
+        """upsert by name
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveEnvironment(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetSizeCap(self, request, context):
         """Limits
         """
@@ -427,6 +474,26 @@ def add_PackageAdminServicer_to_server(servicer, server):
                     servicer.Rollback,
                     request_deserializer=scriptpkgs_dot_v1_dot_admin__pb2.RollbackRequest.FromString,
                     response_serializer=scriptpkgs_dot_v1_dot_admin__pb2.InstallState.SerializeToString,
+            ),
+            'ListReleases': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListReleases,
+                    request_deserializer=scriptpkgs_dot_v1_dot_admin__pb2.ListReleasesRequest.FromString,
+                    response_serializer=scriptpkgs_dot_v1_dot_admin__pb2.ListReleasesResponse.SerializeToString,
+            ),
+            'ListEnvironments': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListEnvironments,
+                    request_deserializer=scriptpkgs_dot_v1_dot_admin__pb2.ListEnvironmentsRequest.FromString,
+                    response_serializer=scriptpkgs_dot_v1_dot_admin__pb2.ListEnvironmentsResponse.SerializeToString,
+            ),
+            'AddEnvironment': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddEnvironment,
+                    request_deserializer=scriptpkgs_dot_v1_dot_admin__pb2.AddEnvironmentRequest.FromString,
+                    response_serializer=scriptpkgs_dot_v1_dot_common__pb2.Environment.SerializeToString,
+            ),
+            'RemoveEnvironment': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveEnvironment,
+                    request_deserializer=scriptpkgs_dot_v1_dot_admin__pb2.RemoveEnvironmentRequest.FromString,
+                    response_serializer=scriptpkgs_dot_v1_dot_admin__pb2.RemoveEnvironmentResponse.SerializeToString,
             ),
             'GetSizeCap': grpc.unary_unary_rpc_method_handler(
                     servicer.GetSizeCap,
@@ -896,6 +963,114 @@ class PackageAdmin:
             '/scriptpkgs.v1.PackageAdmin/Rollback',
             scriptpkgs_dot_v1_dot_admin__pb2.RollbackRequest.SerializeToString,
             scriptpkgs_dot_v1_dot_admin__pb2.InstallState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListReleases(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/scriptpkgs.v1.PackageAdmin/ListReleases',
+            scriptpkgs_dot_v1_dot_admin__pb2.ListReleasesRequest.SerializeToString,
+            scriptpkgs_dot_v1_dot_admin__pb2.ListReleasesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListEnvironments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/scriptpkgs.v1.PackageAdmin/ListEnvironments',
+            scriptpkgs_dot_v1_dot_admin__pb2.ListEnvironmentsRequest.SerializeToString,
+            scriptpkgs_dot_v1_dot_admin__pb2.ListEnvironmentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddEnvironment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/scriptpkgs.v1.PackageAdmin/AddEnvironment',
+            scriptpkgs_dot_v1_dot_admin__pb2.AddEnvironmentRequest.SerializeToString,
+            scriptpkgs_dot_v1_dot_common__pb2.Environment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveEnvironment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/scriptpkgs.v1.PackageAdmin/RemoveEnvironment',
+            scriptpkgs_dot_v1_dot_admin__pb2.RemoveEnvironmentRequest.SerializeToString,
+            scriptpkgs_dot_v1_dot_admin__pb2.RemoveEnvironmentResponse.FromString,
             options,
             channel_credentials,
             insecure,

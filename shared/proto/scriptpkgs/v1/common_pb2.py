@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ascriptpkgs/v1/common.proto\x12\rscriptpkgs.v1\"b\n\x11TargetEnvironment\x12\x16\n\x0epython_version\x18\x01 \x01(\t\x12\x16\n\x0eimplementation\x18\x02 \x01(\t\x12\x0b\n\x03\x61\x62i\x18\x03 \x01(\t\x12\x10\n\x08platform\x18\x04 \x01(\t\"q\n\rManifestEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08\x66ilename\x18\x03 \x01(\t\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x0c\n\x04size\x18\x05 \x01(\x04\x12\x11\n\trequested\x18\x06 \x01(\x08\"\xf1\x01\n\x08Manifest\x12\x15\n\rlockfile_hash\x18\x01 \x01(\t\x12-\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x1c.scriptpkgs.v1.ManifestEntry\x12\x35\n\x0b\x65nvironment\x18\x03 \x01(\x0b\x32 .scriptpkgs.v1.TargetEnvironment\x12\x10\n\x08sequence\x18\x04 \x01(\x04\x12\x17\n\x0f\x63reated_at_unix\x18\x05 \x01(\x03\x12\x11\n\tsignature\x18\x06 \x01(\x0c\x12\x16\n\x0esigning_key_id\x18\x07 \x01(\t\x12\x12\n\ntotal_size\x18\x08 \x01(\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ascriptpkgs/v1/common.proto\x12\rscriptpkgs.v1\"b\n\x11TargetEnvironment\x12\x16\n\x0epython_version\x18\x01 \x01(\t\x12\x16\n\x0eimplementation\x18\x02 \x01(\t\x12\x0b\n\x03\x61\x62i\x18\x03 \x01(\t\x12\x10\n\x08platform\x18\x04 \x01(\t\"a\n\x0b\x45nvironment\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x30\n\x06target\x18\x02 \x01(\x0b\x32 .scriptpkgs.v1.TargetEnvironment\x12\x12\n\nis_default\x18\x03 \x01(\x08\"a\n\x0fHostEnvironment\x12\x16\n\x0epython_version\x18\x01 \x01(\t\x12\x16\n\x0eimplementation\x18\x02 \x01(\t\x12\x0b\n\x03\x61\x62i\x18\x03 \x01(\t\x12\x11\n\tplatforms\x18\x04 \x03(\t\"q\n\rManifestEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08\x66ilename\x18\x03 \x01(\t\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x0c\n\x04size\x18\x05 \x01(\x04\x12\x11\n\trequested\x18\x06 \x01(\x08\"\xf1\x01\n\x08Manifest\x12\x15\n\rlockfile_hash\x18\x01 \x01(\t\x12-\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x1c.scriptpkgs.v1.ManifestEntry\x12\x35\n\x0b\x65nvironment\x18\x03 \x01(\x0b\x32 .scriptpkgs.v1.TargetEnvironment\x12\x10\n\x08sequence\x18\x04 \x01(\x04\x12\x17\n\x0f\x63reated_at_unix\x18\x05 \x01(\x03\x12\x11\n\tsignature\x18\x06 \x01(\x0c\x12\x16\n\x0esigning_key_id\x18\x07 \x01(\t\x12\x12\n\ntotal_size\x18\x08 \x01(\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TARGETENVIRONMENT']._serialized_start=45
   _globals['_TARGETENVIRONMENT']._serialized_end=143
-  _globals['_MANIFESTENTRY']._serialized_start=145
-  _globals['_MANIFESTENTRY']._serialized_end=258
-  _globals['_MANIFEST']._serialized_start=261
-  _globals['_MANIFEST']._serialized_end=502
+  _globals['_ENVIRONMENT']._serialized_start=145
+  _globals['_ENVIRONMENT']._serialized_end=242
+  _globals['_HOSTENVIRONMENT']._serialized_start=244
+  _globals['_HOSTENVIRONMENT']._serialized_end=341
+  _globals['_MANIFESTENTRY']._serialized_start=343
+  _globals['_MANIFESTENTRY']._serialized_end=456
+  _globals['_MANIFEST']._serialized_start=459
+  _globals['_MANIFEST']._serialized_end=700
 # @@protoc_insertion_point(module_scope)

@@ -35,7 +35,7 @@ class TargetEnvironment(_message.Message):
     abi: _builtins.str
     """"cp311" """
     platform: _builtins.str
-    """"manylinux_2_17_x86_64"; empty = the core's own (native) platforms"""
+    """"manylinux_2_17_x86_64" (several: comma-separated);"""
     def __init__(
         self,
         *,
@@ -51,6 +51,73 @@ class TargetEnvironment(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TargetEnvironment: _TypeAlias = TargetEnvironment  # noqa: Y015
+
+@_typing.final
+class Environment(_message.Message):
+    """One of the admin's target environments: each release has one manifest per environment."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    IS_DEFAULT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    is_default: _builtins.bool
+    """serves agents that do not describe their host (the first one)"""
+    @_builtins.property
+    def target(self) -> Global___TargetEnvironment: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        target: Global___TargetEnvironment | None = ...,
+        is_default: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["is_default", b"is_default", "name", b"name", "target", b"target"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Environment: _TypeAlias = Environment  # noqa: Y015
+
+@_typing.final
+class HostEnvironment(_message.Message):
+    """What a satellite's interpreter runs (packaging.tags), sent on subscribe so the core can pick
+    the environment that fits it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PYTHON_VERSION_FIELD_NUMBER: _builtins.int
+    IMPLEMENTATION_FIELD_NUMBER: _builtins.int
+    ABI_FIELD_NUMBER: _builtins.int
+    PLATFORMS_FIELD_NUMBER: _builtins.int
+    python_version: _builtins.str
+    """"3.11.7" """
+    implementation: _builtins.str
+    """"cp" """
+    abi: _builtins.str
+    """"cp311" """
+    @_builtins.property
+    def platforms(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """every supported platform tag, most specific first"""
+
+    def __init__(
+        self,
+        *,
+        python_version: _builtins.str = ...,
+        implementation: _builtins.str = ...,
+        abi: _builtins.str = ...,
+        platforms: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abi", b"abi", "implementation", b"implementation", "platforms", b"platforms", "python_version", b"python_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HostEnvironment: _TypeAlias = HostEnvironment  # noqa: Y015
 
 @_typing.final
 class ManifestEntry(_message.Message):

@@ -6,6 +6,7 @@ isort:skip_file
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from shared.proto.scriptpkgs.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -81,12 +82,19 @@ class SubscribeRequest(_message.Message):
     PYTHON_VERSION_FIELD_NUMBER: _builtins.int
     PLATFORM_FIELD_NUMBER: _builtins.int
     CURRENT_HASH_FIELD_NUMBER: _builtins.int
+    HOST_FIELD_NUMBER: _builtins.int
     agent_version: _builtins.str
     python_version: _builtins.str
     """the satellite's interpreter, for the fleet view"""
     platform: _builtins.str
     current_hash: _builtins.str
     """what the satellite has materialised now"""
+    @_builtins.property
+    def host(self) -> _common_pb2.HostEnvironment:
+        """The host's interpreter and tags. Absent (an agent older than environments): the default
+        environment serves it, as before.
+        """
+
     def __init__(
         self,
         *,
@@ -94,10 +102,11 @@ class SubscribeRequest(_message.Message):
         python_version: _builtins.str = ...,
         platform: _builtins.str = ...,
         current_hash: _builtins.str = ...,
+        host: _common_pb2.HostEnvironment | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["host", b"host"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "current_hash", b"current_hash", "platform", b"platform", "python_version", b"python_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "current_hash", b"current_hash", "host", b"host", "platform", b"platform", "python_version", b"python_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -108,16 +117,31 @@ class Refresh(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     LOCKFILE_HASH_FIELD_NUMBER: _builtins.int
+    ENVIRONMENT_FIELD_NUMBER: _builtins.int
+    RELEASE_SEQUENCE_FIELD_NUMBER: _builtins.int
+    UNSERVED_REASON_FIELD_NUMBER: _builtins.int
     lockfile_hash: _builtins.str
-    """empty: nothing desired"""
+    """empty: nothing desired (unless unserved_reason is set)"""
+    environment: _builtins.str
+    """the environment serving this satellite"""
+    release_sequence: _builtins.int
+    """the release lockfile_hash belongs to"""
+    unserved_reason: _builtins.str
+    """Non-empty: no environment fits this host. lockfile_hash is empty and means nothing; the
+    satellite keeps its current tree. A later Refresh (an environment added, then installed)
+    serves it.
+    """
     def __init__(
         self,
         *,
         lockfile_hash: _builtins.str = ...,
+        environment: _builtins.str = ...,
+        release_sequence: _builtins.int = ...,
+        unserved_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lockfile_hash", b"lockfile_hash"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["environment", b"environment", "lockfile_hash", b"lockfile_hash", "release_sequence", b"release_sequence", "unserved_reason", b"unserved_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
