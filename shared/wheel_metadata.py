@@ -9,6 +9,7 @@ header format, first value wins), so a wheel is refused here only for what pip o
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -18,6 +19,7 @@ from packaging.version import InvalidVersion, Version
 _MAX_FIELD = 64 << 10  # one field we keep (a name, a version, a specifier); far above any real one
 # email.feedparser.headerRE: what still counts as a header line (or the "From " envelope).
 _FIELD_LINE = re.compile(rb"From |[\041-\071\073-\176]*:|[\t ]")
+_LONE_CR = re.compile(rb"(?<=\r)(?!\n)")  # the end of a line that ends in CR alone
 # pip reads Wheel-Version as dot-separated ints; ASCII digits only (int() also takes " 1" and
 # the digits of other scripts).
 _WHEEL_VERSION = re.compile(r"[0-9]+(\.[0-9]+)*")
@@ -52,19 +54,20 @@ def read_fields(f: Lines, wanted: set[str]) -> dict[str, list[str]]:
     kept: dict[str, list[bytearray]] = {}
     current: bytearray | None = None  # the value being read; None while skipping a field
     whole_line = True  # readline() stops at its limit, so a long line arrives in pieces
-    while line := f.readline(_MAX_FIELD):
+    for line in _lines(f):
+        value = line
         if whole_line and line[:1] not in (b" ", b"\t"):  # else a continuation: same field
             if not _FIELD_LINE.match(line):
                 break
-            key, _, line = line.partition(b":")
+            key, _, value = line.partition(b":")
             current = None
             # Keys match case-insensitively but are not stripped, as in email.message.
             if (name := key.decode("latin-1").lower()) in wanted:
                 current = bytearray()
                 kept.setdefault(name, []).append(current)
-        whole_line = line.endswith(b"\n")
+        whole_line = line.endswith((b"\n", b"\r"))
         if current is not None:
-            current += line
+            current += value
             if len(current) > _MAX_FIELD:
                 raise BadFields(f"has a field over {_MAX_FIELD} bytes")
     fields: dict[str, list[str]] = {}
@@ -74,6 +77,15 @@ def read_fields(f: Lines, wanted: set[str]) -> dict[str, list[str]]:
         except UnicodeDecodeError:
             raise BadFields(f"has a {name!r} field that is not UTF-8") from None
     return fields
+
+
+def _lines(f: Lines) -> Iterator[bytes]:
+    """The lines of `f` split where email splits them (LF, CRLF or a lone CR), long ones in pieces.
+
+    A lone CR counts: otherwise "X: y<CR>Name: evil" would hide from us a Name that pip reads.
+    """
+    while chunk := f.readline(_MAX_FIELD):
+        yield from filter(None, _LONE_CR.split(chunk))
 
 
 def wheel_version(f: Lines) -> str:
