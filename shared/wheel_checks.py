@@ -80,7 +80,7 @@ class WheelInfo:
     files: tuple[str, ...]  # archive paths of regular files, in archive order
     unpacked_size: int
     # From the wheel's own .dist-info, as written there. plan() has checked that they match the
-    # filename (name canonicalised, version by PEP 440 equality); see check_identity.
+    # filename (name canonicalised, version by PEP 440 equality); see wheels.check_identity.
     metadata_name: str  # METADATA Name
     metadata_version: str  # METADATA Version
     requires_python: str | None  # METADATA Requires-Python, unchecked; None when absent
