@@ -3,14 +3,20 @@
 Kept apart from the streaming in shared.wheels so the rules a hostile archive must pass read as one
 list. Cheap checks run first, so a hostile archive is refused before anything is decompressed:
 filename and entry count; per entry name, type, method, duplicates, sizes, ratio; overlapping
-local headers; one matching .dist-info, .data categories, install-path collisions; RECORD rows
-against the zip. `plan` returns the entries to stream; shared.wheels checks them against RECORD.
+local headers; one matching .dist-info, Wheel-Version, METADATA Name and Version against the
+filename, .data categories, install-path collisions; RECORD rows against the zip. `plan` returns the
+entries to stream; shared.wheels checks them against RECORD.
+
+What is refused is what the wheel spec refuses (plus resource caps), no more: RECORD may use any
+hash at least as strong as sha256, and the spec-violating but harmless shapes real wheels ship
+(hex digests, a leading "/" or "./" on RECORD paths, identical duplicate rows) are normalised.
 """
 
 from __future__ import annotations
 
 import base64
 import csv
+import hashlib
 import io
 import os
 import re
@@ -18,25 +24,35 @@ import stat
 import struct
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import IO, BinaryIO, TypeVar
 
 from packaging.utils import canonicalize_name, parse_wheel_filename
 from packaging.version import InvalidVersion, Version
 
+from shared import wheel_metadata
 from shared.errors import UnsafeWheel
 
 # Deflate tops out near 1032:1 and real wheels get close: onnx ships 2.5 MB of test data at
 # 1016:1, scipy 0.5 MB files at 235:1 (measured on the local index). Below this size an entry is
 # left to the total cap; the ratio cap is for single outputs big enough to hurt.
 _RATIO_FLOOR = 16 << 20
-_HEX_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+_HEX = re.compile(r"[0-9a-f]+")
+# The spec allows any RECORD hash "sha256 or better" and names md5 and sha1 as refused. Accepted:
+# the fixed-length algorithms hashlib guarantees on every build whose digest has at least 256
+# bits. Guaranteed, so the core and every satellite (other Pythons, other OpenSSL builds) accept
+# exactly the same wheels; fixed-length, since shake_* needs a length that RECORD cannot carry.
+# Refused: md5, sha1, sha224, sha3_224 (too weak), and anything unknown.
+_STRONG = ("sha256", "sha384", "sha512", "sha3_256", "sha3_384", "sha3_512", "blake2b", "blake2s")
+RECORD_HASHES = {name: hashlib.new(name).digest_size for name in _STRONG}  # name -> digest bytes
 _MAX_RECORD_BYTES = 64 << 20
 _UNHASHED = frozenset({"RECORD", "RECORD.jws", "RECORD.p7s"})
 _TO_ROOT = frozenset({"purelib", "platlib"})
 _KEPT = frozenset({"scripts", "headers", "data"})
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+T = TypeVar("T")
 # Malformed archives surface from zipfile/zlib as any of these; real I/O errors (OSError) do not.
 ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError)
 
@@ -63,6 +79,12 @@ class WheelInfo:
     tags: frozenset[str]  # e.g. "py3-none-any"
     files: tuple[str, ...]  # archive paths of regular files, in archive order
     unpacked_size: int
+    # From the wheel's own .dist-info, as written there. plan() has checked that they match the
+    # filename (name canonicalised, version by PEP 440 equality); see wheels.check_identity.
+    metadata_name: str  # METADATA Name
+    metadata_version: str  # METADATA Version
+    requires_python: str | None  # METADATA Requires-Python, unchecked; None when absent
+    wheel_version: str  # WHEEL Wheel-Version, major 1
     # extract_wheel only: install path -> (sha256 hex, size) of every file written, hashed while
     # writing, so callers need not read the tree back to record it.
     hashes: dict[str, tuple[str, int]] = field(default_factory=dict, compare=False)
@@ -75,6 +97,7 @@ class PlannedEntry:
     info: zipfile.ZipInfo
     target: str  # path relative to the install root, after the .data mapping
     digest: bytes | None  # None only for RECORD and its signatures
+    algorithm: str  # of `digest`, a key of RECORD_HASHES
     size: int
     mode: int
 
@@ -146,15 +169,23 @@ def plan(
     _check_overlaps(wheel, fd, infos, zf.start_dir)
 
     dist_info = _dist_info_dir(wheel, files, name, version)
+    # Before the layout is read further: a new major version may change what it means.
+    wheel_version = _read_member(
+        zf, wheel, files[f"{dist_info}/WHEEL"], wheel_metadata.wheel_version
+    )
+    claims = _read_member(
+        zf,
+        wheel,
+        files[f"{dist_info}/METADATA"],
+        lambda f: wheel_metadata.identity(f, name, version),
+    )
     targets = _targets(wheel, files, dist_info.removesuffix(".dist-info") + ".data")
     record = _read_record(zf, wheel, files[f"{dist_info}/RECORD"], limits)
     entries: list[PlannedEntry] = []
     for raw, info in files.items():
-        digest, size = _expected(wheel, raw, info, record.pop(raw, None), dist_info)
-        executable = (info.external_attr >> 16) & 0o111
-        entries.append(
-            PlannedEntry(info, targets[raw], digest, size, 0o555 if executable else 0o444)
-        )
+        algorithm, digest, size = _expected(wheel, raw, info, record.pop(raw, None), dist_info)
+        mode = 0o555 if (info.external_attr >> 16) & 0o111 else 0o444
+        entries.append(PlannedEntry(info, targets[raw], digest, algorithm, size, mode))
     for raw in dirs:  # some writers list directories in RECORD; harmless
         record.pop(raw, None)
     if record:
@@ -162,8 +193,19 @@ def plan(
         raise UnsafeWheel(wheel, f"RECORD lists {missing!r}, which is missing from the archive")
     # Reading in archive order keeps the I/O sequential.
     entries.sort(key=lambda e: e.info.header_offset)
-    tag_names = frozenset(map(str, tags))
-    return WheelInfo(wheel, name, str(version), tag_names, tuple(files), declared), entries
+    checked = WheelInfo(
+        filename=wheel,
+        name=name,
+        version=str(version),
+        tags=frozenset(map(str, tags)),
+        files=tuple(files),
+        unpacked_size=declared,
+        metadata_name=claims.name,
+        metadata_version=claims.version,
+        requires_python=claims.requires_python,
+        wheel_version=wheel_version,
+    )
+    return checked, entries
 
 
 def _check_entry(wheel: str, info: zipfile.ZipInfo, limits: WheelLimits) -> None:
@@ -264,6 +306,19 @@ def _dist_info_dir(
     return dist_info
 
 
+def _read_member(
+    zf: zipfile.ZipFile, wheel: str, info: zipfile.ZipInfo, read: Callable[[IO[bytes]], T]
+) -> T:
+    """`read` applied to one member (WHEEL, METADATA), its refusals naming the entry."""
+    try:
+        with zf.open(info) as f:
+            return read(f)
+    except wheel_metadata.BadFields as exc:
+        raise entry_error(wheel, info.orig_filename, str(exc)) from None
+    except ZIP_ERRORS as exc:
+        raise entry_error(wheel, info.orig_filename, f"is corrupt: {exc}") from None
+
+
 def _targets(wheel: str, files: dict[str, zipfile.ZipInfo], data_dir: str) -> dict[str, str]:
     """Map archive paths to install paths; refuse two entries that land on one path."""
     targets: dict[str, str] = {}
@@ -297,7 +352,14 @@ def _targets(wheel: str, files: dict[str, zipfile.ZipInfo], data_dir: str) -> di
 def _read_record(
     zf: zipfile.ZipFile, wheel: str, info: zipfile.ZipInfo, limits: WheelLimits
 ) -> dict[str, tuple[str, str]]:
-    """RECORD rows as path -> (hash, size). Read whole (it is small) but capped."""
+    """RECORD rows as archive path -> (hash, size). Read whole (it is small) but capped.
+
+    A path written with one leading "/" or "./" (selenium 4.1.0's writer does the former) means
+    the archive path without it, and identical duplicate rows collapse: pip installs such wheels,
+    and every row must still name an archive member whose bytes match, so nothing is trusted
+    that was not before. Rows that disagree about one path, or paths that could not name a safe
+    archive member, stay refused.
+    """
     if info.file_size > _MAX_RECORD_BYTES:
         raise UnsafeWheel(wheel, f"RECORD is {info.file_size} bytes, over {_MAX_RECORD_BYTES}")
     try:
@@ -315,9 +377,16 @@ def _read_record(
                 continue
             if len(row) != 3:
                 raise UnsafeWheel(wheel, f"RECORD line {reader.line_num} has {len(row)} fields")
-            path, hash_field, size_field = row
-            if path in rows:
-                raise UnsafeWheel(wheel, f"RECORD lists {path!r} twice")
+            written, hash_field, size_field = row
+            path = _record_path(wheel, written, reader.line_num)
+            if (seen := rows.get(path)) is not None:
+                if seen != (hash_field, size_field):
+                    what = "hashes" if seen[0] != hash_field else "sizes"
+                    rule = f"{seen[0]},{seen[1]} and {hash_field},{size_field}"
+                    raise UnsafeWheel(
+                        wheel, f"RECORD lists {path!r} twice with different {what} ({rule})"
+                    )
+                continue
             if len(rows) >= limits.max_entries:
                 raise UnsafeWheel(wheel, f"RECORD has more than {limits.max_entries} rows")
             rows[path] = (hash_field, size_field)
@@ -326,21 +395,34 @@ def _read_record(
     return rows
 
 
+def _record_path(wheel: str, written: str, line: int) -> str:
+    """The archive path a RECORD row names: `written` less one leading "/" or "./"."""
+    path = written[1:] if written.startswith("/") else written.removeprefix("./")
+    # Archive members all pass these rules, so a row that breaks them could only be refused
+    # later as missing; saying why here is clearer (e.g. "/../x" is "../x", not a member).
+    if problem := _name_problem(path):
+        raise UnsafeWheel(wheel, f"RECORD line {line} path {written!r} {problem}")
+    return path
+
+
 def _expected(
     wheel: str, raw: str, info: zipfile.ZipInfo, row: tuple[str, str] | None, dist_info: str
-) -> tuple[bytes | None, int]:
-    """The sha256 digest and size RECORD promises for `raw` (checked against the zip's size)."""
+) -> tuple[str, bytes | None, int]:
+    """The hash algorithm, digest and size RECORD promises for `raw` (size checked vs the zip)."""
     top, _, base = raw.partition("/")
     unhashed = top == dist_info and base in _UNHASHED
     if row is None or (unhashed and (base == "RECORD" or not row[0])):
         if unhashed:  # RECORD cannot hash itself; signatures over RECORD may be unlisted
-            return None, info.file_size
+            return "sha256", None, info.file_size
         raise entry_error(wheel, raw, "is not listed in RECORD")
     hash_field, size_field = row
     algorithm, _, encoded = hash_field.partition("=")
-    if algorithm != "sha256":
-        raise entry_error(wheel, raw, f"has RECORD hash {hash_field!r}; need sha256=...")
-    digest = _decode_digest(encoded)
+    if algorithm not in RECORD_HASHES:
+        allowed = ", ".join(RECORD_HASHES)
+        raise entry_error(
+            wheel, raw, f"has RECORD hash {hash_field!r}; need sha256 or stronger ({allowed})"
+        )
+    digest = _decode_digest(encoded, RECORD_HASHES[algorithm])
     if digest is None:
         raise entry_error(wheel, raw, f"has a malformed RECORD hash {hash_field!r}")
     if not (size_field.isascii() and size_field.isdigit()):
@@ -348,7 +430,7 @@ def _expected(
     if int(size_field) != info.file_size:
         rule = f"RECORD says {int(size_field)} bytes, zip says {info.file_size}"
         raise entry_error(wheel, raw, f"RECORD size mismatch: {rule}")
-    return digest, info.file_size
+    return algorithm, digest, info.file_size
 
 
 def entry_error(wheel: str, raw: str, rule: str) -> UnsafeWheel:
@@ -356,15 +438,19 @@ def entry_error(wheel: str, raw: str, rule: str) -> UnsafeWheel:
     return UnsafeWheel(wheel, f"entry {raw!r} {rule}")
 
 
-def _decode_digest(encoded: str) -> bytes | None:
-    if _HEX_DIGEST.match(encoded):  # PEP 376 says base64, but some wheels (gmsh) write hex
+def _decode_digest(encoded: str, size: int) -> bytes | None:
+    """The `size`-byte digest RECORD wrote as `encoded`, or None when it is not one."""
+    # PEP 376 says base64, but some wheels (gmsh) write hex. The length tells them apart: hex
+    # is 2*size characters, base64 about 1.33*size, so a base64 text of only hex digits (as
+    # sha384's 64 characters could be) is never read as hex.
+    if len(encoded) == 2 * size and _HEX.fullmatch(encoded):
         return bytes.fromhex(encoded)
     try:
         digest = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
     except ValueError:  # binascii.Error
         return None
     # The decoder silently skips junk characters; a round trip proves the text was canonical.
-    return digest if len(digest) == 32 and b64(digest) == encoded else None
+    return digest if len(digest) == size and b64(digest) == encoded else None
 
 
 def b64(digest: bytes) -> str:

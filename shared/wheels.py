@@ -3,8 +3,9 @@
 `inspect_wheel` checks without writing; `extract_wheel` applies the same checks while it writes.
 Every refusal is `UnsafeWheel(wheel, reason)`, the reason naming the entry and the rule. The
 structural checks, made before anything is decompressed, are in shared.wheel_checks; then every
-file is streamed here (capped at its declared size) and its sha256/size compared with RECORD.
+file is streamed here (capped at its declared size) and its digest/size compared with RECORD.
 pip verifies none of this (see the design's pitfalls), so nothing here relies on it.
+`check_identity` ties a checked wheel to the name and version it was listed as.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from packaging.utils import canonicalize_name
+from packaging.version import InvalidVersion, Version
+
 from shared.errors import UnsafeWheel
 from shared.wheel_checks import (
     DEFAULT_LIMITS,
@@ -33,7 +37,7 @@ from shared.wheel_checks import (
     plan,
 )
 
-__all__ = ["WheelInfo", "WheelLimits", "extract_wheel", "inspect_wheel"]
+__all__ = ["WheelInfo", "WheelLimits", "check_identity", "extract_wheel", "inspect_wheel"]
 
 _CHUNK = 256 * 1024
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -81,10 +85,34 @@ def extract_wheel(
     return replace(info, hashes=hashes)
 
 
+def check_identity(info: WheelInfo, name: str, version: str) -> None:
+    """Refuse a checked wheel that is not project `name` at `version`, as it was listed.
+
+    inspect_wheel and extract_wheel have tied METADATA's Name and Version to the filename; this
+    ties them to the caller's entry (the resolver's report, say), so an index cannot serve one
+    project, or one release, in place of another.
+    """
+    try:
+        same = canonicalize_name(name) == info.name and Version(version) == Version(info.version)
+    except InvalidVersion:
+        same = False
+    if not same:
+        raise UnsafeWheel(
+            info.filename,
+            f"METADATA says {info.metadata_name} {info.metadata_version}, the entry says"
+            f" {name} {version}; a wheel must be the project and version it is listed as",
+        )
+
+
 def _copy_verified(zf: zipfile.ZipFile, wheel: str, entry: PlannedEntry, fd: int | None) -> str:
-    """Stream one member through sha256 (and into `fd`), compare it with RECORD; its sha256 hex."""
+    """Stream one member through sha256 (and into `fd`), compare it with RECORD; its sha256 hex.
+
+    sha256 always, since callers record it; a RECORD that uses a stronger algorithm is checked
+    with that one too (a second pass over each chunk, only for such wheels).
+    """
     raw = entry.info.orig_filename
     hasher = hashlib.sha256()
+    checker = hashlib.new(entry.algorithm) if entry.algorithm != "sha256" else hasher
     remaining = entry.size
     try:
         with zf.open(entry.info) as src:
@@ -95,6 +123,8 @@ def _copy_verified(zf: zipfile.ZipFile, wheel: str, entry: PlannedEntry, fd: int
                 if remaining < 0:
                     raise entry_error(wheel, raw, "is longer than its declared size")
                 hasher.update(chunk)
+                if checker is not hasher:
+                    checker.update(chunk)
                 if fd is not None:
                     view = memoryview(chunk)
                     while view:
@@ -103,8 +133,8 @@ def _copy_verified(zf: zipfile.ZipFile, wheel: str, entry: PlannedEntry, fd: int
         raise entry_error(wheel, raw, f"is corrupt: {exc}") from None
     if remaining:
         raise entry_error(wheel, raw, f"is shorter than its declared {entry.size} bytes")
-    if entry.digest is not None and hasher.digest() != entry.digest:
-        rule = f"RECORD says sha256={b64(entry.digest)}, content is {b64(hasher.digest())}"
+    if entry.digest is not None and (actual := checker.digest()) != entry.digest:
+        rule = f"RECORD says {entry.algorithm}={b64(entry.digest)}, content is {b64(actual)}"
         raise entry_error(wheel, raw, f"RECORD hash mismatch: {rule}")
     return hasher.hexdigest()
 

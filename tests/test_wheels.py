@@ -34,8 +34,9 @@ from tests.wheelfactory import (
 FILES = {"pkg/__init__.py": b"X = 1\n", "pkg/data.txt": b"hello"}
 
 
-def record_hash(data: bytes) -> str:
-    return "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+def record_hash(data: bytes, algorithm: str = "sha256") -> str:
+    digest = hashlib.new(algorithm, data).digest()
+    return f"{algorithm}=" + base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
 
 def spec(files: dict[str, bytes] | None = None, **knobs: Any) -> WheelSpec:
@@ -265,6 +266,90 @@ HOSTILE: list[tuple[str, Builder, str]] = [
         "record-md5",
         _built(record_overrides={"pkg/data.txt": "md5=XUFAKrxLKna5cZ2REBfFkg,5"}),
         r"'pkg/data\.txt' has RECORD hash 'md5=.*need sha256",
+    ),
+    (
+        "record-sha1",
+        _built(record_algorithm="sha1"),
+        r"'pkg/__init__\.py' has RECORD hash 'sha1=.*; need sha256 or stronger \(sha256, sha384",
+    ),
+    (
+        "record-sha224",
+        _built(record_overrides={"pkg/data.txt": f"{record_hash(b'hello', 'sha224')},5"}),
+        r"'pkg/data\.txt' has RECORD hash 'sha224=.*; need sha256 or stronger",
+    ),
+    (
+        # Not guaranteed by hashlib: a satellite on another OpenSSL build might lack it.
+        "record-sha512_256",
+        _built(record_overrides={"pkg/data.txt": f"sha512_256={'A' * 43},5"}),
+        r"'pkg/data\.txt' has RECORD hash 'sha512_256=.*; need sha256 or stronger",
+    ),
+    (
+        # The stronger algorithm is really checked, not only sha256.
+        "record-sha512-mismatch",
+        _built(
+            record_algorithm="sha512",
+            record_overrides={"pkg/data.txt": f"{record_hash(b'HELLO', 'sha512')},5"},
+        ),
+        r"'pkg/data\.txt' RECORD hash mismatch: RECORD says sha512=",
+    ),
+    (
+        "record-rows-differ-in-hash",
+        _built(extra_record_lines=[f"/pkg/data.txt,{record_hash(b'HELLO')},5"]),
+        r"RECORD lists 'pkg/data\.txt' twice with different hashes \(sha256=.*,5 and sha256=",
+    ),
+    (
+        "record-rows-differ-in-size",
+        _built(extra_record_lines=[f"pkg/data.txt,{record_hash(b'hello')},6"]),
+        r"RECORD lists 'pkg/data\.txt' twice with different sizes",
+    ),
+    (
+        "record-slash-dotdot",
+        _built(extra_record_lines=[f"/../evil.py,{record_hash(b'x')},1"]),
+        r"RECORD line 5 path '/\.\./evil\.py' escapes the target \(\.\. segment\)",
+    ),
+    (
+        "record-double-slash",  # only one leading / is dropped
+        _built(extra_record_lines=[f"//etc/passwd,{record_hash(b'x')},1"]),
+        r"RECORD line 5 path '//etc/passwd' is an absolute path",
+    ),
+    (
+        "record-dot-dot-slash",
+        _built(extra_record_lines=[f"./../evil.py,{record_hash(b'x')},1"]),
+        r"RECORD line 5 path '\./\.\./evil\.py' escapes the target",
+    ),
+    (
+        "wheel-version-2",
+        _built(wheel_version="2.0"),
+        r"entry 'demo-1\.0\.dist-info/WHEEL' says Wheel-Version 2\.0 is not supported \(this"
+        r" installer knows 1\.x\)",
+    ),
+    (
+        "wheel-version-missing",
+        _built(wheel_version=None),
+        r"entry 'demo-1\.0\.dist-info/WHEEL' has no Wheel-Version",
+    ),
+    (
+        "wheel-version-malformed",
+        _built(wheel_version="one"),
+        r"entry 'demo-1\.0\.dist-info/WHEEL' has Wheel-Version 'one'; need numbers such as 1\.0",
+    ),
+    (
+        "metadata-other-name",
+        _built(metadata_name="other"),
+        r"entry 'demo-1\.0\.dist-info/METADATA' has Name 'other', but the filename names 'demo';"
+        r" METADATA Name must match the wheel filename",
+    ),
+    (
+        "metadata-other-version",
+        _built(metadata_version="2.0"),
+        r"entry 'demo-1\.0\.dist-info/METADATA' has Version '2\.0', but the filename says '1\.0';"
+        r" METADATA Version must match the wheel filename",
+    ),
+    (
+        # pip reads the first Name, other readers the last: the two must agree.
+        "metadata-two-names",
+        _built(metadata_tail="Name: other\n"),
+        r"'demo-1\.0\.dist-info/METADATA' has 2 different Name fields \['demo', 'other'\]",
     ),
     (
         "record-names-missing-file",

@@ -14,9 +14,9 @@ from pathlib import Path
 from packaging.utils import canonicalize_name
 
 
-def _record_hash(data: bytes) -> str:
-    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-    return f"sha256={digest}"
+def _record_hash(data: bytes, algorithm: str = "sha256") -> str:
+    digest = base64.urlsafe_b64encode(hashlib.new(algorithm, data).digest()).rstrip(b"=").decode()
+    return f"{algorithm}={digest}"
 
 
 @dataclass
@@ -36,6 +36,13 @@ class WheelSpec:
     executables: Sequence[str] = ()  # paths in `files` stored with mode 0o755
     special_entries: Mapping[str, int] = field(default_factory=dict)  # path -> st_mode, empty
     extra_record_lines: Sequence[str] = ()  # raw RECORD lines, e.g. for files not in the zip
+    # Shapes the spec allows or real wheels ship (defaults are what most writers do).
+    record_algorithm: str = "sha256"  # hashlib name used for every RECORD row
+    record_paths: Mapping[str, str] = field(default_factory=dict)  # path -> as RECORD writes it
+    wheel_version: str | None = "1.0"  # WHEEL's Wheel-Version; None leaves the field out
+    metadata_name: str | None = None  # METADATA Name when not `name`
+    metadata_version: str | None = None  # METADATA Version when not `version`
+    metadata_tail: str = ""  # raw text after the generated METADATA fields (fields, body)
 
     @property
     def dist(self) -> str:
@@ -59,19 +66,23 @@ def build_wheel(spec: WheelSpec, out_dir: Path) -> Path:
     """Write the wheel into out_dir and return its path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     files = dict(spec.files) if spec.files else default_module(spec)
-    meta = ["Metadata-Version: 2.1", f"Name: {spec.name}", f"Version: {spec.version}"]
+    meta = [
+        "Metadata-Version: 2.1",
+        f"Name: {spec.name if spec.metadata_name is None else spec.metadata_name}",
+        f"Version: {spec.version if spec.metadata_version is None else spec.metadata_version}",
+    ]
     meta += [f"Requires-Dist: {r}" for r in spec.requires]
-    files[f"{spec.dist_info}/METADATA"] = ("\n".join(meta) + "\n").encode()
-    files[f"{spec.dist_info}/WHEEL"] = (
-        f"Wheel-Version: 1.0\nGenerator: wheelfactory\nRoot-Is-Purelib: true\nTag: {spec.tag}\n"
-    ).encode()
+    files[f"{spec.dist_info}/METADATA"] = ("\n".join(meta) + "\n" + spec.metadata_tail).encode()
+    wheel = [] if spec.wheel_version is None else [f"Wheel-Version: {spec.wheel_version}"]
+    wheel += ["Generator: wheelfactory", "Root-Is-Purelib: true", f"Tag: {spec.tag}"]
+    files[f"{spec.dist_info}/WHEEL"] = ("\n".join(wheel) + "\n").encode()
     record_path = f"{spec.dist_info}/RECORD"
     lines = []
     for path, data in files.items():
-        lines.append(spec.record_overrides.get(path, f"{_record_hash(data)},{len(data)}"))
-        lines[-1] = f"{path},{lines[-1]}"
+        row = f"{_record_hash(data, spec.record_algorithm)},{len(data)}"
+        lines.append(f"{spec.record_paths.get(path, path)},{spec.record_overrides.get(path, row)}")
     lines.extend(spec.extra_record_lines)
-    lines.append(f"{record_path},,")
+    lines.append(f"{spec.record_paths.get(record_path, record_path)},,")
     target = out_dir / spec.filename
     with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as zf:
         for path, data in files.items():
