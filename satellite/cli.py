@@ -104,7 +104,7 @@ async def _agent(args: argparse.Namespace) -> None:
         retry_base=args.retry_base,
         retry_cap=args.retry_cap,
     )
-    agent = Agent(config)
+    agent = Agent.from_config(config)
     loop = asyncio.get_running_loop()
     task = agent.start()
     for sig in (signal.SIGTERM, signal.SIGINT):
