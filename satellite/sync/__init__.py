@@ -1,4 +1,4 @@
-"""The satellite's sync logic, pure: no file, no thread, no socket (an import contract says so).
+"""The satellite's sync logic, pure: no file, no thread, no socket (import contract + a test).
 
     ports.py         the async Protocols it runs over (BlobSource, PackageStore, TreeStore,
                      StateStore), ReconcileDeps, and the plain data crossing them (AgentState,
