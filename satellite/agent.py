@@ -135,6 +135,8 @@ class Agent:
         self.connected = asyncio.Event()
         self.reconnects = 0
         self.last_result: ReconcileResult | None = None
+        # What the reconcile worker died of, logged with its traceback already; run() raises it.
+        self.worker_error: BaseException | None = None
         self._connect = connect
         self._watch_drift = watch_drift
         self._clock = clock
@@ -214,6 +216,7 @@ class Agent:
                 await stream  # the stream loop ends only with an error: raised here
         error = None if worker.cancelled() else worker.exception()
         if error is not None:
+            self.worker_error = error
             log.error(
                 "the reconcile worker died (%s: %s); stopping the agent rather than feeding it"
                 " hashes",

@@ -162,8 +162,9 @@ class AdminClient:
 
     def install_and_wait(self, timeout: float = 120.0) -> apb.InstallState:
         self.InstallNow(apb.InstallNowRequest())
-        return eventually(
+        state: apb.InstallState = eventually(
             lambda: (s := self.GetInstallState()).status != apb.INSTALL_STATUS_INSTALLING and s,
             timeout=timeout,
             interval=0.2,
         )
+        return state

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from satellite import cli
 from satellite.agent import Agent, AgentConfig, Watcher
 from satellite.drift import DriftWatcher, ObserverLike
 from satellite.store import SatelliteStore
@@ -106,6 +107,36 @@ async def test_a_dead_reconcile_worker_ends_the_agent_with_its_error(
     with pytest.raises(RuntimeError, match="the store is gone"):
         await agent.shutdown()  # the error stays with the agent's task
     await agent.shutdown()  # idempotent
+
+
+class _GoneForTheWorker(MemoryStore):
+    """A store that answers the stream's first look at `current` and fails every later one."""
+
+    async def current_hash(self) -> str | None:
+        if self.calls.count("current_hash") >= 1:
+            raise RuntimeError("the store is gone")
+        return await super().current_hash()
+
+
+def test_the_cli_exits_non_zero_when_the_worker_dies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    core = FakeCore()
+    a = fake_package("alpha", "1.0")
+    manifest = core.publish(manifest_of([a[0]]), {a[0].sha256: a[1]})
+    (tmp_path / "token").write_text("t\n")
+    (tmp_path / "key.pem").write_text(core.public_pem)
+
+    def from_config(config: AgentConfig) -> Agent:
+        core.desire(manifest.lockfile_hash)
+        return Agent(config, _GoneForTheWorker(), lambda: core)
+
+    monkeypatch.setattr(Agent, "from_config", from_config)
+    argv = ["agent", "--core", "127.0.0.1:1", "--token-file", str(tmp_path / "token")]
+    argv += ["--signing-key", str(tmp_path / "key.pem"), "--no-drift-watch"]
+    assert cli.main(argv) == 1
+    traced = [r for r in caplog.records if r.exc_info]
+    assert len(traced) == 1 and "reconcile worker died" in traced[0].getMessage()
 
 
 class _RecordingWatcher:
