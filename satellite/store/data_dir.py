@@ -46,7 +46,7 @@ PINNED_KEY_FILE = "signing-key.pem"  # written on trust-on-first-use
 
 
 class SatelliteStore:
-    """The file-system adapter behind the reconciler, the runner and drift repair."""
+    """The synchronous data dir: behind AsyncStore (the agent), the runner and drift repair."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
