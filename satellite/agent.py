@@ -1,33 +1,48 @@
 """The agent's lifecycle: hold the refresh stream open, feed the reconciler, reconnect with backoff.
 
-    async with Agent(config) as agent:   # or: await Agent(config).run()
-        ...                              # agent.shutdown() is idempotent
+    async with Agent.from_config(config) as agent:   # or: await Agent.from_config(config).run()
+        ...                                          # agent.shutdown() is idempotent
 
-No module-level state: many agents can share one process (the fan-out benchmark hosts hundreds).
+An Agent is assembled from injected parts: its data dir (an AgentStore; satellite.store.AsyncStore
+for real), a way to connect to the core (a CoreConnection; satellite.client.GrpcCoreClient), an
+optional drift watcher factory (satellite.drift.DriftWatcher) and a clock. `from_config` builds the
+real ones; tests pass fakes (tests/fakes.py). No module-level state: many agents can share one
+process (the fan-out benchmark hosts hundreds).
+
+A worker that dies ends the agent: if the reconcile worker fails with an error it does not catch,
+`run()` stops the refresh stream (which would otherwise feed hashes to nobody), logs the error
+with its traceback and raises it, so the CLI exits non-zero and a supervisor restarts the agent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
-from collections.abc import Callable
+import os
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Protocol
 
 from satellite.backoff import Backoff
 from satellite.client import ClientConfig, GrpcCoreClient
 from satellite.drift import DriftWatcher
-from satellite.reconciler import (
+from satellite.retry import SyncRetry
+from satellite.store import AsyncStore, SatelliteStore
+from satellite.sync import (
     DEFAULT_TREE_GRACE_SECONDS,
-    Outcome,
+    BlobSource,
+    PackageStore,
     ReconcileDeps,
     Reconciler,
     ReconcileResult,
+    StateStore,
+    TreeStore,
 )
-from satellite.store import SatelliteStore
+from shared import tags
 from shared.errors import IntegrityError, SpkError, Unauthenticated
 from shared.manifest import Manifest
 from shared.signing import (
@@ -38,7 +53,6 @@ from shared.signing import (
 )
 
 log = logging.getLogger(__name__)
-PINNED_KEY_FILE = "signing-key.pem"  # written on trust-on-first-use
 
 
 @dataclass(frozen=True)
@@ -58,6 +72,8 @@ class AgentConfig:
     backoff_base: float = 0.5
     backoff_cap: float = 30.0
     pull_concurrency: int = 4
+    # Unpacking is CPU and disk bound (zlib, hashing and file I/O release the GIL): every core.
+    unpack_concurrency: int = field(default_factory=lambda: os.cpu_count() or 2)
     # A failed sync is retried on its own after a jittered delay that doubles up to the cap (a
     # full disk gets freed, a core comes back with the blob): without this the agent waited for
     # the next hash or reconnect (docs/reliability.md, fault 4).
@@ -65,53 +81,149 @@ class AgentConfig:
     retry_cap: float = 300.0
 
 
+class CoreConnection(BlobSource, Protocol):
+    """What the agent needs from the core: a reconcile's BlobSource, plus the refresh stream,
+    the signing key (trust on first use) and a close. The gRPC adapter: satellite/client.py."""
+
+    def subscribe(self, current_hash: str) -> AsyncIterator[str]:
+        """Desired hashes: the first at once, then one per change. Ends or raises on loss."""
+        ...
+
+    async def signing_key_pem(self) -> str: ...
+    async def close(self) -> None: ...
+
+
+class AgentStore(PackageStore, TreeStore, StateStore, Protocol):
+    """The agent's data dir: the sync logic's three stores, plus its lock, the cleanup of an
+    earlier run's leftovers and the pinned signing key (satellite.store.AsyncStore)."""
+
+    def agent_lock(self) -> contextlib.AbstractContextManager[None]:
+        """Held for the agent's whole run; a second agent on the same dir gets StoreError."""
+        ...
+
+    async def cleanup_temp(self) -> int:
+        """Remove unfinished builds of an earlier run; how many entries went."""
+        ...
+
+    async def read_pinned_key(self) -> str | None: ...
+    async def pin_key(self, pem: str) -> None: ...
+
+
+class Watcher(Protocol):
+    """A drift watcher (satellite.drift.DriftWatcher): started after the worker, stopped first."""
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
+WatcherFactory = Callable[[Reconciler], Watcher]
+
+
 class Agent:
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        store: AgentStore,
+        connect: Callable[[], CoreConnection],
+        watch_drift: WatcherFactory | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """`connect` is called once per run; `watch_drift` None runs without drift repair;
+        `clock` is the wall clock for tree retirement and GC."""
         self.config = config
-        self.store = SatelliteStore(config.data_dir.absolute())
+        self.store = store
         self.connected = asyncio.Event()
         self.reconnects = 0
         self.last_result: ReconcileResult | None = None
+        # What the reconcile worker died of, logged with its traceback already; run() raises it.
+        self.worker_error: BaseException | None = None
+        self._connect = connect
+        self._watch_drift = watch_drift
+        self._clock = clock
         self._task: asyncio.Task[None] | None = None
-        self._reconciler: Reconciler | None = None
-        self._retry = Backoff(config.retry_base, config.retry_cap)
-        self._retry_timer: asyncio.TimerHandle | None = None
+        self._retry: SyncRetry | None = None
+
+    @classmethod
+    def from_config(cls, config: AgentConfig) -> Agent:
+        """The real agent: the data dir on disk, gRPC to the core, watchdog for drift."""
+        disk = SatelliteStore(config.data_dir.absolute())
+        client_config = ClientConfig(
+            config.core, config.token, config.ca_certificates, config.client_cert, config.client_key
+        )
+
+        def connect() -> CoreConnection:
+            return GrpcCoreClient(client_config)
+
+        def watch(reconciler: Reconciler) -> Watcher:
+            return DriftWatcher(disk, reconciler)
+
+        return cls(config, AsyncStore(disk), connect, watch if config.watch_drift else None)
+
+    @property
+    def running(self) -> bool:
+        """Started and not ended (by shutdown or a fatal error)."""
+        return self._task is not None and not self._task.done()
 
     async def run(self) -> None:
-        """Runs until shutdown() or a fatal error (lock held, no trusted key)."""
+        """Runs until shutdown() or a fatal error (lock held, no trusted key, a dead worker)."""
         cfg = self.config
-        with self.store.acquire_agent_lock():
-            removed = await asyncio.to_thread(self.store.cleanup_temp)
+        with self.store.agent_lock():
+            removed = await self.store.cleanup_temp()
             if removed:
-                log.info("removed %d leftover temp entries from an earlier run", len(removed))
-            client = GrpcCoreClient(
-                ClientConfig(
-                    cfg.core, cfg.token, cfg.ca_certificates, cfg.client_cert, cfg.client_key
-                )
-            )
+                log.info("removed %d leftover temp entries from an earlier run", removed)
+            client = self._connect()
             try:
                 verify = await self._manifest_verifier(client)
                 deps = ReconcileDeps(
-                    store=self.store,
+                    pkgs=self.store,
+                    trees=self.store,
+                    state=self.store,
                     core=client,
                     verify_manifest=verify,
-                    tree_grace_seconds=cfg.tree_grace_seconds,
+                    unsupported_wheels=tags.unsupported_wheels,
+                    describe_interpreter=tags.describe_interpreter,
+                    unpack_concurrency=cfg.unpack_concurrency,
                     pull_concurrency=cfg.pull_concurrency,
+                    wall_clock=self._clock,
+                    tree_grace_seconds=cfg.tree_grace_seconds,
                 )
                 reconciler = Reconciler(deps, on_result=self._on_result)
-                self._reconciler = reconciler
+                self._retry = SyncRetry(reconciler, Backoff(cfg.retry_base, cfg.retry_cap))
+                # Leaving this block re-raises the error a dead worker died of (shutdown()).
                 async with reconciler:
-                    watcher = DriftWatcher(self.store, reconciler) if cfg.watch_drift else None
+                    watcher = self._watch_drift(reconciler) if self._watch_drift else None
                     if watcher is not None:
-                        watcher.start()
+                        await watcher.start()
                     try:
-                        await self._stream_loop(client, reconciler)
+                        await self._serve(client, reconciler, reconciler.start())
                     finally:
-                        self._cancel_retry()
+                        self._retry.cancel()
                         if watcher is not None:
-                            watcher.stop()
+                            await watcher.stop()
             finally:
                 await client.close()
+
+    async def _serve(
+        self, client: CoreConnection, reconciler: Reconciler, worker: asyncio.Task[None]
+    ) -> None:
+        """Feed the worker from the refresh stream until either of them ends."""
+        stream = asyncio.create_task(self._stream_loop(client, reconciler), name="spk-refresh")
+        try:
+            await asyncio.wait({stream, worker}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stream.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await stream  # the stream loop ends only with an error: raised here
+        error = None if worker.cancelled() else worker.exception()
+        if error is not None:
+            self.worker_error = error
+            log.error(
+                "the reconcile worker died (%s: %s); stopping the agent rather than feeding it"
+                " hashes",
+                type(error).__name__,
+                error,
+                exc_info=error,
+            )
 
     def _on_result(self, result: ReconcileResult) -> None:
         self.last_result = result
@@ -126,37 +238,13 @@ class Agent:
             )
         else:
             log.error("sync to %s failed: %s", result.lockfile_hash[:12], result.error)
-        self._schedule_retry(result)
+        if self._retry is not None:
+            self._retry.on_result(result)
 
-    def _schedule_retry(self, result: ReconcileResult) -> None:
-        """After a failure, ask the reconciler again later; any newer result supersedes that."""
-        self._cancel_retry()
-        reconciler = self._reconciler
-        if result.ok:
-            if result.outcome is not Outcome.SUPERSEDED:
-                self._retry.reset()
-            return
-        if reconciler is None:
-            return
-        callback: Callable[[], None]
-        if result.lockfile_hash == self.store.current_hash():
-            callback = reconciler.request_repair  # a failed repair names the current tree
-        else:
-            callback = functools.partial(reconciler.request, None)  # the desired hash again
-        delay = self._retry.next_delay()
-        log.info("retrying the failed sync in %.1f s", delay)
-        self._retry_timer = asyncio.get_running_loop().call_later(delay, callback)
-
-    def _cancel_retry(self) -> None:
-        if self._retry_timer is not None:
-            self._retry_timer.cancel()
-            self._retry_timer = None
-
-    async def _manifest_verifier(self, client: GrpcCoreClient) -> Callable[[Manifest], None]:
+    async def _manifest_verifier(self, client: CoreConnection) -> Callable[[Manifest], None]:
         pem = self.config.signing_key_pem
-        pinned = self.store.root / PINNED_KEY_FILE
-        if pem is None and pinned.exists():
-            pem = pinned.read_text()
+        if pem is None:
+            pem = await self.store.read_pinned_key()
         if pem is None:
             if not self.config.trust_on_first_use:
                 raise SpkError(
@@ -164,7 +252,7 @@ class Agent:
                     " `spk-core signing-key export`) or opt in to --trust-on-first-use"
                 )
             pem = await self._fetch_key_with_retry(client)
-            pinned.write_text(pem)
+            await self.store.pin_key(pem)
             log.warning(
                 "TRUST ON FIRST USE: pinned the core's signing key %s from the network; verify it"
                 " against `spk-core signing-key export` on the core",
@@ -177,7 +265,7 @@ class Agent:
 
         return verify
 
-    async def _fetch_key_with_retry(self, client: GrpcCoreClient) -> str:
+    async def _fetch_key_with_retry(self, client: CoreConnection) -> str:
         backoff = Backoff(self.config.backoff_base, self.config.backoff_cap)
         while True:
             try:
@@ -188,11 +276,11 @@ class Agent:
                 log.warning("fetching the signing key failed: %s", exc)
                 await asyncio.sleep(backoff.next_delay())
 
-    async def _stream_loop(self, client: GrpcCoreClient, reconciler: Reconciler) -> None:
+    async def _stream_loop(self, client: CoreConnection, reconciler: Reconciler) -> None:
         backoff = Backoff(self.config.backoff_base, self.config.backoff_cap)
         while True:
             try:
-                current = await asyncio.to_thread(self.store.current_hash) or ""
+                current = await self.store.current_hash() or ""
                 async for desired in client.subscribe(current):
                     if not self.connected.is_set():
                         log.info("connected to core %s", self.config.core)

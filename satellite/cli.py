@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import ipaddress
 import json
 import logging
@@ -74,7 +73,7 @@ def _read(path: Path, flag: str) -> bytes:
         raise SpkError(f"cannot read {flag} {path}: {exc.strerror}") from None
 
 
-async def _agent(args: argparse.Namespace) -> None:
+async def _agent(args: argparse.Namespace) -> int:
     try:
         token = args.token_file.read_text().strip()
     except OSError as exc:
@@ -104,13 +103,20 @@ async def _agent(args: argparse.Namespace) -> None:
         retry_base=args.retry_base,
         retry_cap=args.retry_cap,
     )
-    agent = Agent(config)
+    agent = Agent.from_config(config)
     loop = asyncio.get_running_loop()
     task = agent.start()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(agent.shutdown()))
-    with contextlib.suppress(asyncio.CancelledError):
+    try:
         await task
+    except asyncio.CancelledError:  # shut down by a signal
+        pass
+    except Exception as exc:
+        if exc is not agent.worker_error:
+            raise
+        return 1  # the agent logged it with its traceback; a supervisor restarts us
+    return 0
 
 
 def is_loopback_target(target: str) -> bool:
@@ -135,7 +141,7 @@ def _print_status(store: SatelliteStore, as_json: bool) -> None:
 
 def _dispatch(args: argparse.Namespace) -> int | None:
     if args.command == "agent":
-        asyncio.run(_agent(args))
+        return asyncio.run(_agent(args))
     elif args.command == "run":
         script_args = args.args[1:] if args.args[:1] == ["--"] else args.args
         return runner.run_script(SatelliteStore(args.data_dir), args.script, script_args)

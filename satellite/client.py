@@ -1,4 +1,5 @@
-"""The gRPC adapter behind satellite.ports.CoreClient. Transport errors become shared.errors here,
+"""The gRPC adapter behind the agent's CoreConnection (satellite/agent.py), which includes the
+sync logic's BlobSource (satellite/sync/ports.py). Transport errors become shared.errors here,
 and only here; generated protobuf types never leave this module."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from types import TracebackType
 
 import grpc
 
-from satellite.ports import SyncReport, SyncStatus
+from satellite.sync.ports import SyncReport, SyncStatus
 from shared.errors import (
     FailedPrecondition,
     IntegrityError,

@@ -1,31 +1,66 @@
 """Drift repair trigger: a watchdog observer on the store notices writes to the current tree or a
 broken `current`, and asks the reconciler (its single worker) to re-verify and rebuild.
 
-Trees are mostly symlinks into `pkgs/` (satellite/trees.py), so a write "into the tree" lands in
-`pkgs/<sha>/`: that directory is watched as well, and a change there counts when the package
-belongs to the current tree.
+Trees are mostly symlinks into `pkgs/` (satellite/store/trees.py), so a write "into the tree"
+lands in `pkgs/<sha>/`: that directory is watched as well, and a change there counts when the
+package belongs to the current tree.
 
 The observer thread only records that something happened; the decision runs on the event loop
 after a short debounce, so a burst of events (a `pip install` into the tree, say) costs one
 verification, and our own reads (which inotify reports as open/close-no-write) are ignored.
+
+Starting the observer (inotify_init, one watch per directory of a large tree) and stopping it
+(joining its threads) block, so both run in a worker thread. A host out of inotify instances
+or watches keeps its agent: drift repair is off, said once in a warning naming the sysctl.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import logging
 import os
+from collections.abc import Callable
+from typing import Protocol
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from satellite.reconciler import Reconciler
-from satellite.store import SatelliteStore
+from satellite.store.data_dir import SatelliteStore
 
 log = logging.getLogger(__name__)
 DEBOUNCE_SECONDS = 0.5
 # Events that mean content or names changed; reads (opened, closed_no_write) do not count.
 _CHANGES = {"created", "deleted", "modified", "moved", "closed"}
+# What watchdog raises when a limit is reached (OSError with these errnos), and the knob for it.
+_INOTIFY_LIMITS = {
+    errno.EMFILE: ("instance", "fs.inotify.max_user_instances"),
+    errno.ENOSPC: ("watch", "fs.inotify.max_user_watches"),
+}
+
+
+class RepairRequests(Protocol):
+    """What the watcher asks of the reconcile worker (satellite.sync.Reconciler)."""
+
+    @property
+    def desired(self) -> str | None: ...
+    def request(self, lockfile_hash: str | None) -> None: ...
+    def request_repair(self) -> None: ...
+
+
+class ObserverLike(Protocol):
+    """The part of watchdog's Observer the watcher uses (tests inject their own)."""
+
+    daemon: bool
+
+    def schedule(
+        self, handler: FileSystemEventHandler, path: str, *, recursive: bool
+    ) -> object: ...
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def join(self, timeout: float | None = None) -> None: ...
 
 
 class _Handler(FileSystemEventHandler):
@@ -44,37 +79,73 @@ class _Handler(FileSystemEventHandler):
 
 
 class DriftWatcher:
-    def __init__(self, store: SatelliteStore, reconciler: Reconciler) -> None:
+    """`await start()` ... `await stop()`; `active` says whether drift is being watched."""
+
+    def __init__(
+        self,
+        store: SatelliteStore,
+        reconciler: RepairRequests,
+        observer_factory: Callable[[], ObserverLike] = Observer,
+    ) -> None:
         self._store = store
         self._reconciler = reconciler
+        self._observer_factory = observer_factory
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._observer: Observer | None = None  # type: ignore[valid-type]
+        self._observer: ObserverLike | None = None
         self._pending: asyncio.TimerHandle | None = None
         self._paths: set[str] = set()
         self.repairs_requested = 0
 
-    def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        trees = self._store.root / "trees"
-        trees.mkdir(parents=True, exist_ok=True)
-        observer = Observer()
-        handler = _Handler(self)
-        observer.schedule(handler, str(trees), recursive=True)
-        pkgs = self._store.pkgs.root
-        pkgs.mkdir(parents=True, exist_ok=True)
-        observer.schedule(handler, str(pkgs), recursive=True)
-        observer.schedule(handler, str(self._store.root), recursive=False)  # `current` itself
-        observer.daemon = True
-        observer.start()
-        self._observer = observer
+    @property
+    def active(self) -> bool:
+        return self._observer is not None
 
-    def stop(self) -> None:
+    async def start(self) -> None:
+        """Watch the store; an inotify limit only turns drift repair off (one warning)."""
+        self._loop = asyncio.get_running_loop()
+        self._observer = await asyncio.to_thread(self._start_observer)
+
+    def _start_observer(self) -> ObserverLike | None:
+        trees = self._store.root / "trees"
+        pkgs = self._store.pkgs.root
+        # Before the observer: a full disk here is not an inotify limit (both say ENOSPC).
+        trees.mkdir(parents=True, exist_ok=True)
+        pkgs.mkdir(parents=True, exist_ok=True)
+        observer = self._observer_factory()
+        handler = _Handler(self)
+        try:
+            observer.schedule(handler, str(trees), recursive=True)
+            observer.schedule(handler, str(pkgs), recursive=True)
+            observer.schedule(handler, str(self._store.root), recursive=False)  # `current`
+            observer.daemon = True
+            observer.start()
+        except OSError as exc:
+            limit = _INOTIFY_LIMITS.get(exc.errno or 0)
+            if limit is None:
+                raise
+            with contextlib.suppress(Exception):  # emitters already started hold inotify fds
+                observer.stop()
+            what, sysctl = limit
+            log.warning(
+                "drift repair is off: this host's inotify %s limit is reached (%s) while"
+                " watching %s; raise sysctl %s and restart the agent to turn it on (syncing"
+                " goes on without it)",
+                what,
+                exc,
+                self._store.root,
+                sysctl,
+            )
+            return None
+        return observer
+
+    async def stop(self) -> None:
+        """Idempotent; the observer's threads are stopped and joined in a worker thread."""
         if self._pending is not None:
             self._pending.cancel()
-        if self._observer is not None:
-            self._observer.stop()
-            self._observer.join(timeout=5)
-            self._observer = None
+            self._pending = None
+        observer, self._observer = self._observer, None
+        if observer is not None:
+            await asyncio.to_thread(_stop, observer)
 
     def notify_from_thread(self, *paths: str) -> None:
         loop = self._loop
@@ -120,3 +191,8 @@ class DriftWatcher:
         self._reconciler.request_repair()
         # A dangling `current` is fixed by an ordinary reconcile to the desired hash.
         self._reconciler.request(self._reconciler.desired)
+
+
+def _stop(observer: ObserverLike) -> None:
+    observer.stop()  # stops and joins the emitters too
+    observer.join(timeout=5)

@@ -27,7 +27,7 @@ from pathlib import Path
 from types import FrameType
 
 from satellite.store import SatelliteStore
-from satellite.trees import TreePin
+from satellite.store.trees import TreePin
 from shared.errors import FailedPrecondition, NotFound
 
 # argv after -c: [tree site-packages or "", script, *script args]

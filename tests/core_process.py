@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -32,6 +33,25 @@ def eventually(check: Callable[[], T], timeout: float = 30.0, interval: float = 
         except AssertionError as exc:
             last = exc
         time.sleep(interval)
+    if last is not None:
+        raise last
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+async def eventually_async(
+    check: Callable[[], T], timeout: float = 30.0, interval: float = 0.01
+) -> T:
+    """`eventually` for async tests: polls without blocking the event loop it waits on."""
+    deadline = time.monotonic() + timeout
+    last: BaseException | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = check()
+            if value:
+                return value
+        except AssertionError as exc:
+            last = exc
+        await asyncio.sleep(interval)
     if last is not None:
         raise last
     raise AssertionError(f"condition not met within {timeout}s")
@@ -142,8 +162,9 @@ class AdminClient:
 
     def install_and_wait(self, timeout: float = 120.0) -> apb.InstallState:
         self.InstallNow(apb.InstallNowRequest())
-        return eventually(
+        state: apb.InstallState = eventually(
             lambda: (s := self.GetInstallState()).status != apb.INSTALL_STATUS_INSTALLING and s,
             timeout=timeout,
             interval=0.2,
         )
+        return state

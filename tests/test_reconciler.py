@@ -1,77 +1,65 @@
-"""The reconciler and its coalescing worker, over the real store and a hand-written fake core.
+"""The reconciler and its coalescing worker, pure: over in-memory fakes of the core and the store.
 
-The fake core is a dict of signed manifests and blob bytes (the one thing we do not own here is
-the gRPC transport, covered by the client's own tests); signatures are real Ed25519.
+tests/fakes.py holds the fakes (FakeCore with real Ed25519 signatures, MemoryStore keeping the
+store's rules). These tests never touch the disk: the `_no_disk` fixture below refuses tmp_path
+and makes every file-system write fail, so a sync path that bypassed its seams would show here.
+The file-system store behind the same seams has real-file tests (tests/test_satellite_*.py,
+tests/test_async_store.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import builtins
 import dataclasses
 import functools
-from collections.abc import AsyncIterator
-from pathlib import Path
+import os
+import shutil
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from satellite.ports import SyncReport, SyncStatus
-from satellite.reconciler import (
+from satellite.sync import (
     Outcome,
     ReconcileDeps,
     Reconciler,
     ReconcileResult,
+    SyncReport,
+    SyncStatus,
     reconcile_to_hash,
     repair_tree,
 )
-from satellite.store import SatelliteStore
-from shared.errors import NotFound
+from satellite.sync.materialiser import WRITE_BATCH
+from shared import tags
 from shared.manifest import Manifest, ManifestEntry
 from shared.signing import sign_manifest, verify_manifest
-from tests.test_satellite_store import make_manifest, temp_leftovers, wheel_entry
-from tests.wheelfactory import WheelSpec
+from tests.fakes import FakeCore, MemoryStore, fake_package, manifest_of
 
-CHUNK = 4096
+_WRITES = ("mkdir", "makedirs", "rename", "replace", "symlink", "link", "unlink", "rmdir")
 
 
-class FakeCore:
-    """CoreClient over dicts; records every call so tests can count what was pulled."""
+@pytest.fixture(autouse=True)
+def _no_disk(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Pure tests: no temp dirs, and any write to the file system fails the test."""
+    assert not {"tmp_path", "tmp_path_factory", "tmpdir"} & set(request.fixturenames)
 
-    def __init__(self, key: Ed25519PrivateKey) -> None:
-        self.key = key
-        self.manifests: dict[str, Manifest] = {}
-        self.blobs: dict[str, bytes] = {}
-        self.reports: list[SyncReport] = []
-        self.manifest_calls: list[str] = []
-        self.downloads: list[tuple[str, int]] = []
-        self.gates: dict[str, asyncio.Event] = {}  # hash -> released when set
-        self.asked: dict[str, asyncio.Event] = {}
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"the sync logic touched the disk: {args!r}")
 
-    def publish(self, manifest: Manifest, blobs: dict[str, bytes]) -> Manifest:
-        signed = sign_manifest(manifest, self.key)
-        self.manifests[signed.lockfile_hash] = signed
-        self.blobs.update(blobs)
-        return signed
+    real_open = builtins.open
 
-    async def get_manifest(self, lockfile_hash: str) -> Manifest:
-        self.manifest_calls.append(lockfile_hash)
-        self.asked.setdefault(lockfile_hash, asyncio.Event()).set()
-        if lockfile_hash in self.gates:
-            await self.gates[lockfile_hash].wait()
-        if lockfile_hash not in self.manifests:
-            raise NotFound(f"manifest {lockfile_hash} is unknown to the core")
-        return self.manifests[lockfile_hash]
+    def read_only_open(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if any(c in mode for c in "wax+"):
+            refuse(file, mode)
+        return real_open(file, mode, *args, **kwargs)
 
-    async def download_blob(self, sha256: str, offset: int) -> AsyncIterator[bytes]:
-        self.downloads.append((sha256, offset))
-        if sha256 not in self.blobs:
-            raise NotFound(f"blob {sha256} is unknown to the core")
-        data = self.blobs[sha256]
-        for start in range(offset, len(data), CHUNK):
-            yield data[start : start + CHUNK]
-
-    async def report(self, report: SyncReport) -> None:
-        self.reports.append(report)
+    for name in _WRITES:
+        monkeypatch.setattr(os, name, refuse)
+    monkeypatch.setattr(shutil, "rmtree", refuse)
+    monkeypatch.setattr(builtins, "open", read_only_open)
+    yield
 
 
 class Clock:
@@ -84,18 +72,18 @@ class Clock:
 
 @dataclasses.dataclass
 class World:
-    store: SatelliteStore
+    store: MemoryStore
     core: FakeCore
     clock: Clock
     deps: ReconcileDeps
-    wheels: Path
 
-    def package(self, name: str, version: str, **files: bytes) -> tuple[ManifestEntry, bytes]:
-        spec = WheelSpec(name, version, files={k.replace("__", "/"): v for k, v in files.items()})
-        return wheel_entry(self.wheels, spec)
+    def package(
+        self, name: str, version: str, size: int = 2000, tag: str = "py3-none-any"
+    ) -> tuple[ManifestEntry, bytes]:
+        return fake_package(name, version, size, tag)
 
     def publish(self, *packages: tuple[ManifestEntry, bytes], sequence: int = 1) -> Manifest:
-        manifest = make_manifest([e for e, _ in packages], sequence=sequence)
+        manifest = manifest_of([e for e, _ in packages], sequence=sequence)
         return self.core.publish(manifest, {e.sha256: d for e, d in packages})
 
     def statuses(self) -> list[tuple[str, SyncStatus]]:
@@ -103,18 +91,23 @@ class World:
 
 
 @pytest.fixture
-def world(tmp_path: Path) -> World:
+def world() -> World:
     key = Ed25519PrivateKey.generate()
-    store = SatelliteStore(tmp_path / "data")
+    store = MemoryStore()
     core = FakeCore(key)
     clock = Clock()
     deps = ReconcileDeps(
-        store=store,
+        pkgs=store,
+        trees=store,
+        state=store,
         core=core,
         verify_manifest=functools.partial(verify_manifest, public=key.public_key()),
+        unsupported_wheels=tags.unsupported_wheels,
+        describe_interpreter=tags.describe_interpreter,
+        unpack_concurrency=2,
         wall_clock=clock,
     )
-    return World(store, core, clock, deps, tmp_path / "wheels")
+    return World(store, core, clock, deps)
 
 
 async def test_first_reconcile_pulls_unpacks_assembles_and_flips(world: World) -> None:
@@ -124,12 +117,13 @@ async def test_first_reconcile_pulls_unpacks_assembles_and_flips(world: World) -
     assert result.outcome is Outcome.FLIPPED, result.error
     assert (result.blobs_pulled, result.pkgs_unpacked, result.tree_built) == (2, 2, True)
     assert result.bytes_pulled == a[0].size + b[0].size
-    assert world.store.current_hash() == manifest.lockfile_hash
+    assert world.store.current == manifest.lockfile_hash
+    assert world.store.published == [2]  # both packages behind one durability sync
     assert [r.status for r in world.core.reports] == [SyncStatus.SYNCING, SyncStatus.READY]
     ready = world.core.reports[-1]
     assert (ready.blobs_pulled, ready.bytes_pulled) == (2, result.bytes_pulled)
     assert ready.current_hash == manifest.lockfile_hash
-    state = world.store.load_state()
+    state = world.store.state
     assert (state.desired_hash, state.status, state.error) == (manifest.lockfile_hash, "ready", "")
     assert state.highest_sequence == 1
 
@@ -141,6 +135,16 @@ async def test_first_reconcile_pulls_unpacks_assembles_and_flips(world: World) -
     assert world.core.reports[-1].status is SyncStatus.READY
 
 
+async def test_blob_bytes_reach_the_store_in_batches(world: World) -> None:
+    big = world.package("big", "1.0", size=2 * WRITE_BATCH + 12345)
+    manifest = world.publish(big)
+    result = await reconcile_to_hash(manifest.lockfile_hash, world.deps)
+    assert result.outcome is Outcome.FLIPPED, result.error
+    # ~2,000 chunks from the core, three writes into the store (each may be a thread hop).
+    assert world.store.writes == [WRITE_BATCH, WRITE_BATCH, 12345]
+    assert world.store.calls.count("missing_pkgs") == 1  # one look for the whole manifest
+
+
 async def test_delta_pulls_exactly_the_new_blob(world: World) -> None:
     a, b, c = world.package("alpha", "1.0"), world.package("beta", "2.0"), world.package("c", "1")
     first = world.publish(a, b)
@@ -150,16 +154,14 @@ async def test_delta_pulls_exactly_the_new_blob(world: World) -> None:
     assert result.outcome is Outcome.FLIPPED
     assert (result.blobs_pulled, result.bytes_pulled, result.pkgs_unpacked) == (1, c[0].size, 1)
     assert world.core.downloads[-1] == (c[0].sha256, 0)
-    assert world.store.trees.retired_at(first.lockfile_hash) == world.clock.now
+    assert world.store.trees[first.lockfile_hash].retired_at == world.clock.now
 
 
 async def test_a_partial_download_is_resumed_from_its_offset(world: World) -> None:
-    a = world.package("alpha", "1.0", alpha__data=bytes(range(256)) * 200)
+    a = world.package("alpha", "1.0", size=51200)
     manifest = world.publish(a)
     half = a[0].size // 2
-    writer = world.store.open_blob_writer(a[0].sha256, a[0].size)
-    writer.write(a[1][:half])
-    writer.close()
+    world.store.partials[a[0].sha256] = a[1][:half]  # a dropped stream's bytes
     result = await reconcile_to_hash(manifest.lockfile_hash, world.deps)
     assert result.outcome is Outcome.FLIPPED, result.error
     assert world.core.downloads == [(a[0].sha256, half)]
@@ -169,9 +171,7 @@ async def test_a_partial_download_is_resumed_from_its_offset(world: World) -> No
 async def test_a_rotten_partial_is_downloaded_again_from_zero(world: World) -> None:
     a = world.package("alpha", "1.0")
     manifest = world.publish(a)
-    writer = world.store.open_blob_writer(a[0].sha256, a[0].size)
-    writer.write(b"\0" * 100)
-    writer.close()
+    world.store.partials[a[0].sha256] = b"\0" * 100
     result = await reconcile_to_hash(manifest.lockfile_hash, world.deps)
     assert result.outcome is Outcome.FLIPPED, result.error
     assert world.core.downloads == [(a[0].sha256, 100), (a[0].sha256, 0)]
@@ -187,31 +187,28 @@ async def test_corrupted_blob_fails_and_leaves_current_alone(world: World) -> No
     assert result.outcome is Outcome.FAILED
     assert "beta 2.0 (beta-2.0-py3-none-any.whl" in result.error
     assert f"blob {b[0].sha256}: sha256 mismatch" in result.error
-    assert world.store.current_hash() == first.lockfile_hash
-    assert not world.store.has_tree(second.lockfile_hash)
-    assert not world.store.has_blob(b[0].sha256)
-    assert world.store.partial_offset(b[0].sha256) == 0
-    assert temp_leftovers(world.store.root) == []
+    assert world.store.current == first.lockfile_hash
+    assert second.lockfile_hash not in world.store.trees
+    assert b[0].sha256 not in world.store.blobs
+    assert b[0].sha256 not in world.store.partials
+    assert world.store.staging == set()  # nothing left half-built
     report = world.core.reports[-1]
     assert (report.status, report.error) == (SyncStatus.ERROR, result.error)
     assert report.current_hash == first.lockfile_hash
-    state = world.store.load_state()
+    state = world.store.state
     assert (state.desired_hash, state.status) == (second.lockfile_hash, "error")
 
 
 async def test_a_rotten_blob_on_disk_is_pulled_again(world: World) -> None:
     a = world.package("alpha", "1.0")
     manifest = world.publish(a)
-    writer = world.store.open_blob_writer(a[0].sha256, a[0].size)
-    writer.write(a[1])
-    writer.commit()
-    path = world.store.blob_path(a[0].sha256)
-    rotten = bytearray(path.read_bytes())
+    rotten = bytearray(a[1])
     rotten[10] ^= 0xFF
-    path.write_bytes(bytes(rotten))
+    world.store.blobs[a[0].sha256] = bytes(rotten)
     result = await reconcile_to_hash(manifest.lockfile_hash, world.deps)
     assert result.outcome is Outcome.FLIPPED, result.error
     assert world.core.downloads == [(a[0].sha256, 0)]
+    assert world.store.blobs[a[0].sha256] == a[1]
 
 
 @pytest.mark.parametrize("problem", ["unknown", "badly-signed", "rolled-back", "wrong-tags"])
@@ -235,8 +232,7 @@ async def test_refused_manifests(world: World, problem: str) -> None:
     elif problem == "rolled-back":
         target = world.publish(a, b, sequence=4)
     else:
-        spec = WheelSpec("beta", "1.0", tag="cp27-cp27m-win32")
-        target = world.publish(a, wheel_entry(world.wheels, spec), sequence=7)
+        target = world.publish(a, world.package("beta", "1.0", tag="cp27-cp27m-win32"), sequence=7)
     downloads = len(world.core.downloads)
     result = await reconcile_to_hash(target.lockfile_hash, world.deps)
     assert result.outcome is Outcome.FAILED
@@ -244,7 +240,7 @@ async def test_refused_manifests(world: World, problem: str) -> None:
     if problem == "wrong-tags":
         assert "resolved for cp3.11" in result.error and "this satellite runs cp311" in result.error
     assert len(world.core.downloads) == downloads  # nothing pulled for a refused manifest
-    assert world.store.current_hash() == base.lockfile_hash
+    assert world.store.current == base.lockfile_hash
 
 
 async def test_nothing_desired_touches_nothing(world: World) -> None:
@@ -253,11 +249,11 @@ async def test_nothing_desired_touches_nothing(world: World) -> None:
     for empty in (None, ""):
         result = await reconcile_to_hash(empty, world.deps)
         assert result.outcome is Outcome.NOTHING_DESIRED
-    assert world.store.current_hash() == manifest.lockfile_hash
+    assert world.store.current == manifest.lockfile_hash
     assert world.core.reports[-1] == SyncReport(
         "", SyncStatus.READY, current_hash=manifest.lockfile_hash
     )
-    assert world.store.load_state().desired_hash == ""
+    assert world.store.state.desired_hash == ""
 
 
 async def test_old_trees_are_collected_after_the_grace(world: World) -> None:
@@ -271,21 +267,19 @@ async def test_old_trees_are_collected_after_the_grace(world: World) -> None:
     world.clock.now += 2
     result = await reconcile_to_hash(second.lockfile_hash, world.deps)
     assert result.trees_collected == (first.lockfile_hash,)
-    assert world.store.has_tree(second.lockfile_hash)
+    assert world.store.tree_hashes() == [second.lockfile_hash]
 
 
 async def test_drift_repair_rebuilds_the_tree_and_the_damaged_package(world: World) -> None:
     a, b = world.package("alpha", "1.0"), world.package("beta", "2.0")
     manifest = world.publish(a, b)
     await reconcile_to_hash(manifest.lockfile_hash, world.deps)
-    site = world.store.tree_site(manifest.lockfile_hash)
-    target = site / "alpha" / "__init__.py"
-    target.chmod(0o644)
-    target.write_text("HACKED = True\n")  # through the hard link: pkgs/ is damaged too
-    assert (await repair_tree(manifest.lockfile_hash, world.deps)).outcome is Outcome.REPAIRED
-    assert world.store.verify_tree(manifest.lockfile_hash) == []
-    assert world.store.verify_pkg(a[0].sha256) == []
-    assert "NAME = 'alpha'" in target.read_text()
+    world.store.damage_pkg(a[0].sha256)  # a write through the tree's link lands in pkgs/
+    repaired = await repair_tree(manifest.lockfile_hash, world.deps)
+    assert repaired.outcome is Outcome.REPAIRED and repaired.drift_repair
+    assert world.store.calls.count("replace_pkg") == 1  # only the damaged package
+    assert await world.store.verify_tree(manifest.lockfile_hash) == []
+    assert await world.store.verify_pkg(a[0].sha256) == []
     assert (await repair_tree(manifest.lockfile_hash, world.deps)).outcome is Outcome.INTACT
     assert len(world.core.downloads) == 2  # the first reconcile's; the repair was offline
 
@@ -299,7 +293,7 @@ async def test_requests_coalesce_to_the_newest_hash(world: World) -> None:
         result = await reconciler.wait_idle()
     assert result is not None and result.outcome is Outcome.FLIPPED
     assert world.core.manifest_calls == [h2]
-    assert world.store.current_hash() == h2
+    assert world.store.current == h2
 
 
 async def test_a_superseded_reconcile_never_flips(world: World) -> None:
@@ -315,9 +309,8 @@ async def test_a_superseded_reconcile_never_flips(world: World) -> None:
         world.core.gates[h1].set()
         await reconciler.wait_idle()
     assert [r.outcome for r in results] == [Outcome.SUPERSEDED, Outcome.FLIPPED]
-    assert world.store.current_hash() == h2
-    assert not world.store.has_tree(h1)  # never materialised
-    assert world.store.trees.hashes() == [h2]
+    assert world.store.current == h2
+    assert world.store.tree_hashes() == [h2]  # h1 was never materialised
     assert (h1[:8], SyncStatus.READY) not in world.statuses()
 
 
@@ -327,14 +320,12 @@ async def test_a_repair_request_goes_through_the_worker(world: World) -> None:
     async with Reconciler(world.deps, on_result=results.append) as reconciler:
         reconciler.request(manifest.lockfile_hash)
         await reconciler.wait_idle()
-        site = world.store.tree_site(manifest.lockfile_hash)
-        site.chmod(0o755)
-        (site / "intruder.py").write_text("")
+        world.store.damage_tree(manifest.lockfile_hash)  # an intruder file in the tree
         reconciler.request_repair()
         await reconciler.wait_idle()
     outcomes = [r.outcome for r in results]
     assert outcomes == [Outcome.FLIPPED, Outcome.REPAIRED, Outcome.ALREADY_CURRENT]
-    assert world.store.verify_tree(manifest.lockfile_hash) == []
+    assert await world.store.verify_tree(manifest.lockfile_hash) == []
 
 
 async def test_request_none_reruns_the_current_target(world: World) -> None:
@@ -344,9 +335,22 @@ async def test_request_none_reruns_the_current_target(world: World) -> None:
         assert await reconciler.wait_idle() is None
         reconciler.request(manifest.lockfile_hash)
         await reconciler.wait_idle()
-        (world.store.root / "current").unlink()  # broken by hand
+        world.store.current = None  # `current` broken by hand
         reconciler.request(None)
         result = await reconciler.wait_idle()
     assert result is not None and result.outcome is Outcome.FLIPPED
     assert reconciler.desired == manifest.lockfile_hash
-    assert world.store.current_hash() == manifest.lockfile_hash
+    assert world.store.current == manifest.lockfile_hash
+
+
+async def test_a_dead_worker_is_raised_not_waited_for(world: World) -> None:
+    manifest = world.publish(world.package("alpha", "1.0"))
+    world.store.fail["current_hash"] = RuntimeError("the store is gone")
+    reconciler = Reconciler(world.deps)
+    reconciler.start()
+    reconciler.request(manifest.lockfile_hash)
+    with pytest.raises(RuntimeError, match="the store is gone"):
+        await reconciler.wait_idle()
+    with pytest.raises(RuntimeError, match="the store is gone"):
+        await reconciler.shutdown()  # re-raised, never lost
+    await reconciler.shutdown()  # idempotent

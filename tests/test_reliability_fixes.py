@@ -10,14 +10,14 @@ Each test pins one fix at unit level, so it fails fast and says what broke:
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+
+import pytest
 
 from core.install import uv_resolver
 from core.install.install_state import (
@@ -30,14 +30,15 @@ from core.install.installer import Installer, _Built
 from core.state import environments, lockfiles
 from core.state.db import open_database
 from core.state.keys import new_signing_key
-from satellite.agent import Agent, AgentConfig
-from satellite.materialiser import ReconcileFailed
-from satellite.reconcile_types import Outcome, ReconcileResult, disk_full
-from satellite.reconciler import reconcile_to_hash
+from satellite.backoff import Backoff
+from satellite.retry import SyncRetry
 from satellite.store import SatelliteStore
+from satellite.sync import Outcome, ReconcileResult, reconcile_to_hash
+from satellite.sync.materialiser import ReconcileFailed
+from shared.errors import DiskFull, is_disk_full
 from shared.fsutil import exchange
 from shared.manifest import Manifest
-from tests.core_process import eventually
+from tests.core_process import eventually, eventually_async
 from tests.test_reconciler import World, world  # noqa: F401 -- the fixture
 from tests.test_satellite_store import make_manifest, materialise, wheel_entry
 from tests.wheelfactory import WheelSpec
@@ -101,10 +102,9 @@ def test_guarded_child_dies_with_its_parent(tmp_path: Path) -> None:
     eventually(gone, timeout=10, interval=0.02)
 
 
-class _FakeReconciler:
+class _FakeWorker:
     def __init__(self) -> None:
         self.calls: list[str] = []
-        self.desired = "b" * 64
 
     def request(self, lockfile_hash: str | None) -> None:
         self.calls.append(f"request {lockfile_hash}")
@@ -113,36 +113,29 @@ class _FakeReconciler:
         self.calls.append("repair")
 
 
-async def test_failed_sync_is_retried_without_a_new_hash(tmp_path: Path) -> None:
-    agent = Agent(AgentConfig("127.0.0.1:1", "t", tmp_path, retry_base=0.01, retry_cap=0.02))
-    fake = _FakeReconciler()
-    agent._reconciler = fake  # type: ignore[assignment]
-    target = fake.desired
-    agent._on_result(ReconcileResult(target, Outcome.FAILED, error="No space left on device"))
-    for _ in range(100):
-        if fake.calls:
-            break
-        await asyncio.sleep(0.01)
-    assert fake.calls == ["request None"]  # the desired hash again, whatever it is by then
+async def test_failed_sync_is_retried_without_a_new_hash() -> None:
+    worker = _FakeWorker()
+    retry = SyncRetry(worker, Backoff(0.01, 0.02))
+    target = "b" * 64
+    retry.on_result(ReconcileResult(target, Outcome.FAILED, error="No space left on device"))
+    await eventually_async(lambda: worker.calls, timeout=5)
+    assert worker.calls == ["request None"]  # the desired hash again, whatever it is by then
 
     # A success in between cancels a pending retry and resets the backoff.
-    agent._on_result(ReconcileResult(target, Outcome.FAILED, error="x"))
-    agent._on_result(ReconcileResult(target, Outcome.FLIPPED))
-    await asyncio.sleep(0.1)
-    assert fake.calls == ["request None"] and agent._retry.attempt == 0
+    retry.on_result(ReconcileResult(target, Outcome.FAILED, error="x"))
+    assert retry.pending and retry.backoff.attempt == 2
+    retry.on_result(ReconcileResult(target, Outcome.FLIPPED))
+    assert not retry.pending and retry.backoff.attempt == 0
+    assert worker.calls == ["request None"]
 
 
-async def test_failed_repair_is_retried_as_a_repair(tmp_path: Path, monkeypatch: Any) -> None:
-    agent = Agent(AgentConfig("127.0.0.1:1", "t", tmp_path, retry_base=0.01, retry_cap=0.02))
-    fake = _FakeReconciler()
-    agent._reconciler = fake  # type: ignore[assignment]
-    monkeypatch.setattr(agent.store, "current_hash", lambda: "c" * 64)
-    agent._on_result(ReconcileResult("c" * 64, Outcome.FAILED, error="repairing tree"))
-    for _ in range(100):
-        if fake.calls:
-            break
-        await asyncio.sleep(0.01)
-    assert fake.calls == ["repair"]
+async def test_failed_repair_is_retried_as_a_repair() -> None:
+    worker = _FakeWorker()
+    retry = SyncRetry(worker, Backoff(0.01, 0.02))
+    failed = ReconcileResult("c" * 64, Outcome.FAILED, error="repairing tree", drift_repair=True)
+    retry.on_result(failed)
+    await eventually_async(lambda: worker.calls, timeout=5)
+    assert worker.calls == ["repair"]
 
 
 def test_disk_full_is_found_through_the_failure_chain() -> None:
@@ -152,9 +145,16 @@ def test_disk_full_is_found_through_the_failure_chain() -> None:
         except OSError as exc:
             raise ReconcileFailed(f"pkg 1.0: {exc}") from exc
     except ReconcileFailed as outer:
-        assert disk_full(outer)
-    assert not disk_full(ReconcileFailed("blob a1b2: core unavailable"))
-    assert not disk_full(OSError(errno.EACCES, "denied"))
+        assert is_disk_full(outer)
+    try:
+        try:
+            raise DiskFull(os.strerror(errno.EDQUOT))  # what satellite.store.AsyncStore raises
+        except DiskFull as exc:
+            raise ReconcileFailed(f"pkg 1.0: {exc}") from exc
+    except ReconcileFailed as outer:
+        assert is_disk_full(outer)
+    assert not is_disk_full(ReconcileFailed("blob a1b2: core unavailable"))
+    assert not is_disk_full(OSError(errno.EACCES, "denied"))
 
 
 def test_exchange_swaps_two_directories_atomically(tmp_path: Path) -> None:
@@ -210,16 +210,13 @@ def test_a_run_pinned_before_a_repair_keeps_the_name_it_reads_through(tmp_path: 
 
 async def test_a_full_disk_is_reported_as_such_without_tracebacks(
     world: World,  # noqa: F811 -- the fixture imported above
-    monkeypatch: Any,
-    caplog: Any,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     manifest = world.publish(world.package("alpha", "1.0"))
-
-    def full(*args: object, **kwargs: object) -> None:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(world.store, "open_blob_writer", full)
-    monkeypatch.setattr(world.store, "save_state", full)
+    # What satellite.store.AsyncStore raises for ENOSPC (tests/test_async_store.py).
+    full = DiskFull(str(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))
+    world.store.fail["open_blob"] = full
+    world.store.fail["save_state"] = full
     result = await reconcile_to_hash(manifest.lockfile_hash, world.deps)
     assert result.outcome is Outcome.FAILED
     assert "No space left on device" in result.error and "disk is full" in result.error

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from satellite.runner import resolve, run_script, status
-from satellite.store import AgentState, SatelliteStore
+from satellite.store import SatelliteStore
+from satellite.sync import AgentState
 from shared.errors import FailedPrecondition
 from tests.test_satellite_store import make_manifest, materialise, wheel_entry
 from tests.wheelfactory import WheelSpec

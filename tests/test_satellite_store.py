@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from satellite.store import AgentState, SatelliteStore
+from satellite.store import SatelliteStore
+from satellite.sync import AgentState
 from shared.errors import BlobCorrupt, IntegrityError, NotFound, StoreError, UnsafeWheel
 from shared.manifest import Manifest, ManifestEntry, TargetEnvironment
 from tests.wheelfactory import WheelSpec, build_wheel
@@ -361,3 +362,20 @@ def test_state_round_trip(store: SatelliteStore) -> None:
     assert SatelliteStore(store.root).load_state() == state
     (store.root / "state.json").write_text("{not json")
     assert store.load_state() == AgentState()
+
+
+def test_the_pinned_key_is_replaced_whole_or_not_at_all(
+    store: SatelliteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert store.read_pinned_key() is None
+    store.pin_key("-----BEGIN PUBLIC KEY-----\nfirst\n")
+    assert store.read_pinned_key() == "-----BEGIN PUBLIC KEY-----\nfirst\n"
+
+    def crash(*args: object) -> None:
+        raise OSError("power cut before the rename")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="power cut"):
+        store.pin_key("-----BEGIN PUBLIC KEY-----\nsecond\n")
+    assert store.read_pinned_key() == "-----BEGIN PUBLIC KEY-----\nfirst\n"  # never torn
+    assert temp_leftovers(store.root) == []

@@ -25,7 +25,7 @@ LIMIT = 120.0
 
 async def _main(core: str, pem: str, base: str, specs: list[dict[str, str]]) -> None:
     agents = {
-        s["name"]: Agent(
+        s["name"]: Agent.from_config(
             AgentConfig(
                 core=core,
                 token=s["token"],

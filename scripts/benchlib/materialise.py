@@ -17,9 +17,10 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from satellite.materialiser import Progress, ensure_pkgs
-from satellite.ports import SyncReport
-from satellite.store import SatelliteStore
+from satellite.store import AsyncStore, SatelliteStore
+from satellite.sync.materialiser import ensure_pkgs
+from satellite.sync.ports import SyncReport
+from satellite.sync.results import Progress
 from scripts.benchlib.common import (
     PYTHON,
     Bench,
@@ -69,7 +70,9 @@ def _seed_blobs(store: SatelliteStore, wheels: list[Path], entries: list[Manifes
 def _materialise(store: SatelliteStore, manifest: Manifest) -> None:
     """What reconcile_to_hash does between "manifest verified" and "flipped"."""
     asyncio.run(
-        ensure_pkgs(manifest.entries, store, _OfflineCore(), Progress(), 4, os.cpu_count() or 2)
+        ensure_pkgs(
+            manifest.entries, AsyncStore(store), _OfflineCore(), Progress(), 4, os.cpu_count() or 2
+        )
     )
     store.assemble_tree(manifest)
     store.flip_current(manifest.lockfile_hash)

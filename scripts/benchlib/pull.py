@@ -16,8 +16,9 @@ import time
 from pathlib import Path
 
 from satellite.client import ClientConfig, GrpcCoreClient
-from satellite.materialiser import Progress, pull_blobs
-from satellite.store import SatelliteStore
+from satellite.store import AsyncStore, SatelliteStore
+from satellite.sync.materialiser import pull_blobs
+from satellite.sync.results import Progress
 from scripts.benchlib.common import rss_kib
 from shared.signing import load_public_key_pem, verify_manifest
 
@@ -36,7 +37,7 @@ async def _main(argv: list[str]) -> dict[str, object]:
         verify_manifest(manifest, public)
         entries = [e for e in manifest.entries if not only or e.sha256 in only]
         progress = Progress()
-        await pull_blobs(entries, store, client, progress, PULL_CONCURRENCY)
+        await pull_blobs(entries, AsyncStore(store), client, progress, PULL_CONCURRENCY)
         seconds = time.perf_counter() - start
     finally:
         await client.close()

@@ -22,11 +22,12 @@ import time
 from pathlib import Path
 
 from satellite.agent import Agent, AgentConfig
+from satellite.store import SatelliteStore
 
 
 async def _run(spec: dict[str, object], status: Path) -> None:
     agents = [
-        Agent(
+        Agent.from_config(
             AgentConfig(
                 core=str(spec.get("proxy") or spec["core"]),
                 token=a["token"],
@@ -40,6 +41,8 @@ async def _run(spec: dict[str, object], status: Path) -> None:
         for a in spec["agents"]  # type: ignore[attr-defined]
     ]
     names = [a["name"] for a in spec["agents"]]  # type: ignore[attr-defined]
+    # The agents' own stores are async; the status file reads `current` straight off the disk.
+    disks = [SatelliteStore(Path(a["data_dir"])) for a in spec["agents"]]  # type: ignore[attr-defined]
     connects: list[list[float]] = [[] for _ in agents]
     was = [False] * len(agents)
     stop = asyncio.Event()
@@ -56,16 +59,20 @@ async def _run(spec: dict[str, object], status: Path) -> None:
                 connects[i].append(now)
             was[i] = up
         if now - last_write >= 0.25:
-            _write(status, names, agents, connects)
+            _write(status, names, agents, disks, connects)
             last_write = now
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 0.01)
-    _write(status, names, agents, connects)
+    _write(status, names, agents, disks, connects)
     await asyncio.gather(*(a.shutdown() for a in agents))
 
 
 def _write(
-    status: Path, names: list[str], agents: list[Agent], connects: list[list[float]]
+    status: Path,
+    names: list[str],
+    agents: list[Agent],
+    disks: list[SatelliteStore],
+    connects: list[list[float]],
 ) -> None:
     doc = {
         "pid": os.getpid(),
@@ -73,11 +80,11 @@ def _write(
             name: {
                 "connected": agent.connected.is_set(),
                 "reconnects": agent.reconnects,
-                "current": agent.store.current_hash(),
+                "current": disk.current_hash(),
                 "connects": times,
-                "alive": agent._task is not None and not agent._task.done(),
+                "alive": agent.running,
             }
-            for name, agent, times in zip(names, agents, connects, strict=True)
+            for name, agent, disk, times in zip(names, agents, disks, connects, strict=True)
         },
     }
     tmp = status.with_suffix(".tmp")

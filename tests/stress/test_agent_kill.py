@@ -25,8 +25,8 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from satellite.pkgs import remove_dir
 from satellite.store import SatelliteStore
+from satellite.store.pkgs import remove_dir
 from shared.proto.scriptpkgs.v1 import admin_pb2 as apb
 from tests.core_process import AdminClient, CoreProcess, eventually
 from tests.index_server import PackageIndex
@@ -126,7 +126,9 @@ def _strike(rng: random.Random, store: SatelliteStore, target: str, expected_s: 
     return f"at {name} (not reached in 120 s)"
 
 
-def _start_reader(tmp_path: Path, data_dir: Path, expected: dict[str, dict[str, str]]) -> tuple:
+def _start_reader(
+    tmp_path: Path, data_dir: Path, expected: dict[str, dict[str, str]]
+) -> tuple[subprocess.Popen[bytes], Path, Path]:
     exp = tmp_path / "expected.json"
     exp.write_text(json.dumps(expected))
     result, stop = tmp_path / "reader-result.json", tmp_path / "reader-stop"

@@ -30,8 +30,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from satellite.blobs import checked_sha
-from satellite.pkgs import (
+from satellite.store.blobs import checked_sha
+from satellite.store.pkgs import (
     SITE,
     TMP_PREFIX,
     FileMap,

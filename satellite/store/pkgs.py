@@ -32,7 +32,7 @@ from pathlib import Path
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-from satellite.blobs import checked_sha
+from satellite.store.blobs import checked_sha
 from shared.errors import IntegrityError, StoreError
 from shared.fsutil import exchange, fsync_dir
 from shared.hashing import sha256_file

@@ -1,17 +1,19 @@
-"""The satellite's on-disk store: one agent per data dir, everything published by rename.
+"""The satellite's data dir: one agent per dir, everything published by rename.
 
     <data>/agent.lock               flock held by the one agent using this dir
     <data>/state.json               AgentState (desired hash, last status and error, sequence)
-    <data>/blobs/ab/<sha256>.whl    verified wheels             (satellite/blobs.py)
+    <data>/signing-key.pem          the core's key, pinned on trust-on-first-use
+    <data>/blobs/ab/<sha256>.whl    verified wheels             (satellite/store/blobs.py)
     <data>/blobs/.partial/<sha256>  resumable downloads
-    <data>/pkgs/<sha256>/           unpacked wheels             (satellite/pkgs.py)
-    <data>/trees/<hash>/            assembled install trees     (satellite/trees.py)
+    <data>/pkgs/<sha256>/           unpacked wheels             (satellite/store/pkgs.py)
+    <data>/trees/<hash>/            assembled install trees     (satellite/store/trees.py)
     <data>/current -> trees/<hash>  relative symlink, replaced by rename(2), never unlinked first
 
-Every method is synchronous and blocking: the async reconciler calls them through
-`asyncio.to_thread`. Operations on different sha256s are independent, so unpacking several
-wheels at once from several threads is safe. Anything named `.tmp-*` or `current.tmp-*` is an
-unfinished build that `cleanup_temp()` removes at agent start.
+Every method is synchronous and blocking. The agent's sync logic reaches them only through
+satellite/store/async_store.py, which runs them in worker threads; the script runner and
+`spk-satellite status` call them directly. Operations on different sha256s are independent, so
+unpacking several wheels at once from several threads is safe. Anything named `.tmp-*` or
+`current.tmp-*` is an unfinished build that `cleanup_temp()` removes at agent start.
 """
 
 from __future__ import annotations
@@ -24,12 +26,12 @@ import logging
 import os
 import secrets
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-from satellite.blobs import BlobDir, BlobWriter, checked_sha
-from satellite.pkgs import TMP_PREFIX, PkgDir, StagedPkg, remove_dir
-from satellite.trees import TreeDir, TreePin
+from satellite.store.blobs import BlobDir, BlobWriter, checked_sha
+from satellite.store.pkgs import TMP_PREFIX, PkgDir, StagedPkg, remove_dir
+from satellite.store.trees import TreeDir, TreePin
+from satellite.sync.ports import AgentState
 from shared.errors import IntegrityError, StoreError
 from shared.fsutil import fsync_dir, write_bytes_atomic
 from shared.manifest import Manifest, ManifestEntry
@@ -40,21 +42,11 @@ CURRENT = "current"
 CURRENT_TMP = "current.tmp-"
 STATE_FILE = "state.json"
 LOCK_FILE = "agent.lock"
-
-
-@dataclass(frozen=True)
-class AgentState:
-    """What the agent remembers between runs; the runner reads it to know what is desired."""
-
-    desired_hash: str | None = None  # None: never heard from the core; "": nothing desired
-    status: str = ""  # a SyncStatus value of the last reconcile
-    error: str = ""  # the last reconcile's error, "" when it succeeded
-    highest_sequence: int = 0  # highest manifest sequence ever flipped to (rollback guard)
-    updated_at_unix: float = 0.0
+PINNED_KEY_FILE = "signing-key.pem"  # written on trust-on-first-use
 
 
 class SatelliteStore:
-    """The file-system adapter behind the reconciler, the runner and drift repair."""
+    """The synchronous data dir: behind AsyncStore (the agent), the runner and drift repair."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -233,6 +225,20 @@ class SatelliteStore:
         self.root.mkdir(parents=True, exist_ok=True)
         body = json.dumps(dataclasses.asdict(state), sort_keys=True, indent=1)
         write_bytes_atomic(self.root / STATE_FILE, body.encode())
+
+    # -- pinned signing key ----------------------------------------------------------------
+
+    def read_pinned_key(self) -> str | None:
+        """The PEM pinned on trust-on-first-use, None before the first contact."""
+        try:
+            return (self.root / PINNED_KEY_FILE).read_text()
+        except FileNotFoundError:
+            return None
+
+    def pin_key(self, pem: str) -> None:
+        """Pin the core's key durably: a crash never leaves a torn key that refuses every
+        manifest (or no key, so the next start trusts the network again)."""
+        write_bytes_atomic(self.root / PINNED_KEY_FILE, pem.encode())
 
     # -- housekeeping ----------------------------------------------------------------------
 

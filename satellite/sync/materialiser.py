@@ -1,11 +1,12 @@
 """Make a manifest's packages present: pull missing blobs (resuming), verify, unpack.
 
-Pure orchestration like the reconciler: the store and the core are injected; blocking store
-calls run in worker threads. Each package is its own pipeline (pull -> stage), so unpacking the
-first wheel overlaps downloading the next; pulls and unpacks have separate bounds because one
-waits on the network and the other on CPU and disk (zlib, hashing and file I/O release the GIL,
-so unpack threads use every core). Staged packages are published together at the end: one
-durability sync for the batch instead of one per package.
+Pure orchestration like the reconciler, over satellite.sync.ports (a PackageStore and a
+BlobSource). Each package is its own pipeline (pull -> stage), so unpacking the first wheel
+overlaps downloading the next; pulls and unpacks have separate bounds because one waits on the
+network and the other on CPU and disk (the file-system store unpacks in worker threads, and
+zlib, hashing and file I/O release the GIL, so unpacks use every core). Staged packages are
+published together at the end: one durability sync for the batch instead of one per package.
+Blob bytes reach the store in batches of WRITE_BATCH, not chunk by chunk (see _receive).
 """
 
 from __future__ import annotations
@@ -14,49 +15,14 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
 
-from satellite.ports import CoreClient
+from satellite.sync.ports import BlobSink, BlobSource, PackageStore, Staged
+from satellite.sync.results import Progress
 from shared.errors import BlobCorrupt, IntegrityError, SpkError
 from shared.manifest import ManifestEntry
 
-if TYPE_CHECKING:  # an opaque token here; only the store looks inside
-    from satellite.pkgs import StagedPkg
-
 log = logging.getLogger(__name__)
-WRITE_BATCH = 4 * 1024 * 1024  # bytes handed to the writer thread at once
-
-
-class BlobSink(Protocol):
-    """One resumable blob download (satellite.blobs.BlobWriter)."""
-
-    offset: int
-
-    def write(self, chunk: bytes) -> None: ...
-    def commit(self) -> Path: ...
-    def close(self) -> None: ...
-
-
-class PackageStore(Protocol):
-    """The store operations this module needs (satellite.store.SatelliteStore)."""
-
-    def has_blob(self, sha256: str) -> bool: ...
-    def open_blob_writer(self, sha256: str, expected_size: int) -> BlobSink: ...
-    def has_pkg(self, sha256: str) -> bool: ...
-    def stage_pkg(self, entry: ManifestEntry, blob_verified: bool = False) -> StagedPkg | None: ...
-    def publish_pkgs(self, staged: list[StagedPkg]) -> None: ...
-
-
-@dataclass
-class Progress:
-    """Counters of work actually done (what a reconcile reports to the core)."""
-
-    blobs_pulled: int = 0
-    bytes_pulled: int = 0
-    pkgs_unpacked: int = 0
-    tree_built: bool = False
+WRITE_BATCH = 4 * 1024 * 1024  # bytes handed to the store per BlobSink.write
 
 
 class ReconcileFailed(SpkError):
@@ -66,25 +32,26 @@ class ReconcileFailed(SpkError):
 async def ensure_pkgs(
     entries: Iterable[ManifestEntry],
     store: PackageStore,
-    core: CoreClient,
+    core: BlobSource,
     progress: Progress,
     pull_concurrency: int,
     unpack_concurrency: int,
 ) -> None:
     """Pull and unpack every package that is not unpacked yet; ReconcileFailed names failures."""
     unique = list({e.sha256: e for e in entries}.values())
-    missing = await asyncio.to_thread(lambda: [e for e in unique if not store.has_pkg(e.sha256)])
+    missing = await store.missing_pkgs(unique)
     pulls = asyncio.Semaphore(pull_concurrency)
     unpacks = asyncio.Semaphore(unpack_concurrency)
-    # gather, not a TaskGroup: one failure must not cancel the others midway (their threads
-    # would keep running unobserved); every package finishes or fails on its own.
+    # gather, not a TaskGroup: one failure must not cancel the others midway (a store call
+    # cannot be stopped halfway and would go on unobserved); every package finishes or fails
+    # on its own.
     results = await asyncio.gather(
         *(_ensure_pkg(e, store, core, progress, pulls, unpacks) for e in missing),
         return_exceptions=True,
     )
     staged = [r for r in results if r is not None and not isinstance(r, BaseException)]
     # Published even when another package failed: the next attempt then has less to do.
-    await asyncio.to_thread(store.publish_pkgs, staged)
+    await store.publish_pkgs(staged)
     progress.pkgs_unpacked += len(staged)
     failures = [r for r in results if isinstance(r, BaseException)]
     for failure in failures:
@@ -99,21 +66,21 @@ async def ensure_pkgs(
 async def _ensure_pkg(
     entry: ManifestEntry,
     store: PackageStore,
-    core: CoreClient,
+    core: BlobSource,
     progress: Progress,
     pulls: asyncio.Semaphore,
     unpacks: asyncio.Semaphore,
-) -> StagedPkg | None:
+) -> Staged | None:
     try:
         for attempt in (1, 2):
             pulled = False
-            if not await asyncio.to_thread(store.has_blob, entry.sha256):
+            if not await store.has_blob(entry.sha256):
                 async with pulls:
                     await _pull(entry, store, core, progress)
                 pulled = True
             try:
                 async with unpacks:
-                    return await asyncio.to_thread(store.stage_pkg, entry, pulled)
+                    return await store.stage_pkg(entry, pulled)
             except BlobCorrupt:
                 if attempt == 2:
                     raise
@@ -129,15 +96,15 @@ async def _ensure_pkg(
 async def pull_blobs(
     entries: Iterable[ManifestEntry],
     store: PackageStore,
-    core: CoreClient,
+    core: BlobSource,
     progress: Progress,
     pull_concurrency: int,
 ) -> None:
-    """Only the pull half of ensure_pkgs: every missing blob, verified and on disk."""
+    """Only the pull half of ensure_pkgs: every missing blob, verified and in the store."""
     pulls = asyncio.Semaphore(pull_concurrency)
 
     async def one(entry: ManifestEntry) -> None:
-        if not await asyncio.to_thread(store.has_blob, entry.sha256):
+        if not await store.has_blob(entry.sha256):
             async with pulls:
                 await _pull(entry, store, core, progress)
 
@@ -146,37 +113,38 @@ async def pull_blobs(
 
 
 async def _pull(
-    entry: ManifestEntry, store: PackageStore, core: CoreClient, progress: Progress
+    entry: ManifestEntry, store: PackageStore, core: BlobSource, progress: Progress
 ) -> None:
     """Download one blob into the store, resuming a partial; a bad resume starts over once."""
     for attempt in (1, 2):
-        writer = await asyncio.to_thread(store.open_blob_writer, entry.sha256, entry.size)
-        resumed_at = writer.offset
+        sink = await store.open_blob(entry.sha256, entry.size)
+        resumed_at = sink.offset
         stream = core.download_blob(entry.sha256, resumed_at)
         try:
-            await _receive(stream, writer, progress)
-            await asyncio.to_thread(writer.commit)
+            await _receive(stream, sink, progress)
+            await sink.commit()
             progress.blobs_pulled += 1
             return
         except IntegrityError:
-            # The writer deleted the partial: if the old bytes were the bad ones, a fresh
+            # The sink deleted the partial: if the old bytes were the bad ones, a fresh
             # download succeeds; if the core serves bad bytes, the second attempt fails too.
             if resumed_at == 0 or attempt == 2:
                 raise
             log.warning("resumed download of %s failed verification; retrying", entry.filename)
         finally:
-            # Synchronous on purpose: waits at most for one batch write still in a thread, and
+            # Synchronous on purpose: waits at most for one batch write still finishing, and
             # must run even when this task is being cancelled. The partial stays for a resume.
-            writer.close()
+            sink.close()
             await _aclose(stream)
 
 
-async def _receive(stream: AsyncIterator[bytes], writer: BlobSink, progress: Progress) -> None:
+async def _receive(stream: AsyncIterator[bytes], sink: BlobSink, progress: Progress) -> None:
     """Write the stream in batches, the next batch arriving while one is being written.
 
-    One thread hop per batch, not per chunk: each hop costs GIL hand-offs with grpc's own
-    threads (measured: a hop per 1 MiB chunk cost a third more client CPU). Bytes that arrived
-    before the stream broke are still written, so a resume starts after them.
+    One store write per batch, not per chunk: the file-system store hops to a worker thread for
+    each, and each hop costs GIL hand-offs with grpc's own threads (measured: a hop per 1 MiB
+    chunk cost a third more client CPU). Bytes that arrived before the stream broke are still
+    written, so a resume starts after them.
     """
     batch: list[bytes] = []
     batched = 0
@@ -190,33 +158,27 @@ async def _receive(stream: AsyncIterator[bytes], writer: BlobSink, progress: Pro
                     if pending is not None:
                         await pending
                     # At most two batches in memory: one being written, one arriving.
-                    pending = asyncio.ensure_future(_write(writer, batch, progress))
+                    pending = asyncio.ensure_future(_write(sink, batch, progress))
                     batch, batched = [], 0
         except Exception:
             if pending is not None:
                 await pending  # a failed write (IntegrityError) outranks the stream's error
             with contextlib.suppress(SpkError, OSError):
-                await _write(writer, batch, progress)
+                await _write(sink, batch, progress)
             raise
         if pending is not None:
             await pending
-        await _write(writer, batch, progress)
+        await _write(sink, batch, progress)
     finally:
         if pending is not None and not pending.done():
-            pending.cancel()  # the thread finishes its batch; writer.close() waits for it
+            pending.cancel()  # the store finishes its batch; sink.close() waits for it
         elif pending is not None and not pending.cancelled():
             pending.exception()  # raised above already, or superseded by the error in flight
 
 
-async def _write(writer: BlobSink, batch: list[bytes], progress: Progress) -> None:
-    def write_all() -> None:
-        # Chunk by chunk, not b"".join(batch): a joined copy is one more batch-sized buffer
-        # per pull, allocated in a worker thread (glibc then keeps it; peak RSS grew ~30 MiB).
-        for chunk in batch:
-            writer.write(chunk)
-
+async def _write(sink: BlobSink, batch: list[bytes], progress: Progress) -> None:
     if batch:
-        await asyncio.to_thread(write_all)
+        await sink.write(batch)
         progress.bytes_pulled += sum(len(c) for c in batch)
 
 

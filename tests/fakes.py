@@ -1,0 +1,369 @@
+"""Hand-written in-memory fakes of the satellite's seams: the core and the agent's data dir.
+
+`FakeCore` is a CoreConnection (satellite/agent.py) over dicts of signed manifests and blob bytes;
+signatures are real Ed25519. `MemoryStore` is an AgentStore (the sync logic's PackageStore,
+TreeStore and StateStore plus the agent's lock and pinned key) over dicts: it keeps the rules of
+the file-system store that orchestration depends on (a download resumes from its partial and is
+verified on commit, a rotten blob is deleted when staged, staged packages stay invisible until
+published, a tree needs every package unpacked, `current` only names built trees, GC honours
+grace, pins and `current`), and records what crossed the seam so tests can count it. Nothing here
+touches the disk; the file-system store has its own real-file tests (tests/test_satellite_*.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from satellite.sync import AgentState, SyncReport
+from shared.errors import BlobCorrupt, IntegrityError, NotFound, StoreError
+from shared.hashing import StreamVerifier
+from shared.manifest import Manifest, ManifestEntry, TargetEnvironment
+from shared.signing import public_key_pem, sign_manifest
+
+CHUNK = 4096
+ENV = TargetEnvironment(python_version="3.11")
+
+
+def fake_package(
+    name: str, version: str, size: int = 2000, tag: str = "py3-none-any"
+) -> tuple[ManifestEntry, bytes]:
+    """A manifest entry and its "wheel" bytes (any bytes do: nothing here unzips them)."""
+    seed = f"{name}-{version}-{tag}".encode()
+    digests = (hashlib.sha256(seed + i.to_bytes(4, "big")).digest() for i in range(size // 32 + 1))
+    data = b"".join(digests)[:size]
+    entry = ManifestEntry(
+        name=name,
+        version=version,
+        filename=f"{name}-{version}-{tag}.whl",
+        sha256=hashlib.sha256(data).hexdigest(),
+        size=len(data),
+        requested=True,
+    )
+    return entry, data
+
+
+def manifest_of(entries: Sequence[ManifestEntry], sequence: int = 1) -> Manifest:
+    return Manifest.build(list(entries), ENV, sequence=sequence)
+
+
+class FakeCore:
+    """CoreConnection over dicts; records every call so tests can count what was pulled.
+
+    `desire(h)` makes the refresh stream send `h`; `gates[h]` holds a manifest request for `h`
+    until set, and `asked[h]` is set once it was asked for.
+    """
+
+    def __init__(self, key: Ed25519PrivateKey | None = None) -> None:
+        self.key = key or Ed25519PrivateKey.generate()
+        self.manifests: dict[str, Manifest] = {}
+        self.blobs: dict[str, bytes] = {}
+        self.reports: list[SyncReport] = []
+        self.manifest_calls: list[str] = []
+        self.downloads: list[tuple[str, int]] = []
+        self.gates: dict[str, asyncio.Event] = {}
+        self.asked: dict[str, asyncio.Event] = {}
+        self.subscriptions: list[str] = []  # the current hash sent with each subscribe
+        self.closed = False
+        self._desired: asyncio.Queue[str] = asyncio.Queue()
+
+    def publish(self, manifest: Manifest, blobs: dict[str, bytes]) -> Manifest:
+        signed = sign_manifest(manifest, self.key)
+        self.manifests[signed.lockfile_hash] = signed
+        self.blobs.update(blobs)
+        return signed
+
+    def desire(self, lockfile_hash: str) -> None:
+        self._desired.put_nowait(lockfile_hash)
+
+    @property
+    def public_pem(self) -> str:
+        return public_key_pem(self.key.public_key())
+
+    async def get_manifest(self, lockfile_hash: str) -> Manifest:
+        self.manifest_calls.append(lockfile_hash)
+        self.asked.setdefault(lockfile_hash, asyncio.Event()).set()
+        if lockfile_hash in self.gates:
+            await self.gates[lockfile_hash].wait()
+        if lockfile_hash not in self.manifests:
+            raise NotFound(f"manifest {lockfile_hash} is unknown to the core")
+        return self.manifests[lockfile_hash]
+
+    async def download_blob(self, sha256: str, offset: int) -> AsyncIterator[bytes]:
+        self.downloads.append((sha256, offset))
+        if sha256 not in self.blobs:
+            raise NotFound(f"blob {sha256} is unknown to the core")
+        data = self.blobs[sha256]
+        for start in range(offset, len(data), CHUNK):
+            yield data[start : start + CHUNK]
+
+    async def report(self, report: SyncReport) -> None:
+        self.reports.append(report)
+
+    async def subscribe(self, current_hash: str) -> AsyncIterator[str]:
+        self.subscriptions.append(current_hash)
+        while True:
+            yield await self._desired.get()
+
+    async def signing_key_pem(self) -> str:
+        return self.public_pem
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+@dataclass(frozen=True)
+class _Staged:
+    sha256: str
+    entry: ManifestEntry
+    replace: bool = False
+
+
+@dataclass
+class _Tree:
+    manifest: Manifest
+    intact: bool = True
+    retired_at: float | None = None
+
+
+@dataclass
+class MemoryStore:
+    """AgentStore in dicts; see the module docstring for the rules it keeps."""
+
+    blobs: dict[str, bytes] = field(default_factory=dict)
+    partials: dict[str, bytes] = field(default_factory=dict)
+    pkgs: dict[str, bool] = field(default_factory=dict)  # sha256 -> intact
+    trees: dict[str, _Tree] = field(default_factory=dict)
+    current: str | None = None
+    state: AgentState = field(default_factory=AgentState)
+    pinned_key: str | None = None
+    pinned_trees: set[str] = field(default_factory=set)  # trees a script run holds
+    fail: dict[str, BaseException] = field(default_factory=dict)  # method -> raised instead
+    calls: list[str] = field(default_factory=list)  # every method called, in order
+    writes: list[int] = field(default_factory=list)  # bytes per BlobSink.write
+    published: list[int] = field(default_factory=list)  # packages per publish_pkgs
+    staging: set[str] = field(default_factory=set)  # staged, not yet published
+    locked: bool = False
+
+    def _enter(self, method: str) -> None:
+        self.calls.append(method)
+        failure = self.fail.get(method)
+        if failure is not None:
+            raise failure
+
+    # -- for tests: damage as a write through a tree's link would ---------------------------
+
+    def damage_pkg(self, sha256: str) -> None:
+        self.pkgs[sha256] = False
+
+    def damage_tree(self, lockfile_hash: str) -> None:
+        self.trees[lockfile_hash].intact = False
+
+    def tree_hashes(self) -> list[str]:
+        return sorted(self.trees)
+
+    # -- PackageStore ----------------------------------------------------------------------
+
+    async def missing_pkgs(self, entries: Sequence[ManifestEntry]) -> list[ManifestEntry]:
+        self._enter("missing_pkgs")
+        return [e for e in entries if e.sha256 not in self.pkgs]
+
+    async def has_blob(self, sha256: str) -> bool:
+        self._enter("has_blob")
+        return sha256 in self.blobs
+
+    async def open_blob(self, sha256: str, size: int) -> MemorySink:
+        self._enter("open_blob")
+        return MemorySink(self, sha256, size)
+
+    async def stage_pkg(self, entry: ManifestEntry, blob_verified: bool = False) -> _Staged | None:
+        self._enter("stage_pkg")
+        if entry.sha256 in self.pkgs:
+            return None
+        self._check_blob(entry.sha256, verify=not blob_verified)
+        self.staging.add(entry.sha256)
+        return _Staged(entry.sha256, entry)
+
+    def _check_blob(self, sha256: str, verify: bool) -> None:
+        data = self.blobs.get(sha256)
+        if data is None:
+            raise StoreError(f"blob {sha256} is not on this satellite")
+        if verify and hashlib.sha256(data).hexdigest() != sha256:
+            del self.blobs[sha256]
+            raise BlobCorrupt(f"blob {sha256} on disk hashes to something else; deleted it")
+
+    async def publish_pkgs(self, staged: Sequence[object]) -> None:
+        self._enter("publish_pkgs")
+        self.published.append(len(staged))
+        for item in staged:
+            assert isinstance(item, _Staged), f"not staged by this store: {item!r}"
+            self.staging.discard(item.sha256)
+            if item.replace or item.sha256 not in self.pkgs:
+                self.pkgs[item.sha256] = True
+
+    async def verify_pkg(self, sha256: str) -> list[str]:
+        self._enter("verify_pkg")
+        if sha256 not in self.pkgs:
+            raise StoreError(f"package {sha256} is not unpacked on this satellite")
+        return [] if self.pkgs[sha256] else [f"package {sha256[:12]}: changed a file"]
+
+    async def replace_pkg(self, entry: ManifestEntry) -> None:
+        self._enter("replace_pkg")
+        try:
+            self._check_blob(entry.sha256, verify=True)
+        except (IntegrityError, StoreError):
+            self.pkgs.pop(entry.sha256, None)
+            return
+        self.pkgs[entry.sha256] = True
+
+    # -- TreeStore -------------------------------------------------------------------------
+
+    async def current_hash(self) -> str | None:
+        self._enter("current_hash")
+        return self._current()
+
+    def _current(self) -> str | None:
+        return self.current if self.current in self.trees else None
+
+    async def has_tree(self, lockfile_hash: str) -> bool:
+        self._enter("has_tree")
+        return lockfile_hash in self.trees
+
+    async def assemble_tree(self, manifest: Manifest, replace: bool = False) -> None:
+        self._enter("assemble_tree")
+        lockfile_hash = manifest.lockfile_hash
+        if lockfile_hash in self.trees and not replace:
+            raise StoreError(f"tree {lockfile_hash} already exists")
+        for entry in manifest.entries:
+            if entry.sha256 not in self.pkgs:
+                raise StoreError(f"package {entry.sha256} is not unpacked on this satellite")
+        self.trees[lockfile_hash] = _Tree(manifest)
+
+    async def tree_manifest(self, lockfile_hash: str) -> Manifest:
+        self._enter("tree_manifest")
+        if lockfile_hash not in self.trees:
+            raise NotFound(f"tree {lockfile_hash} is not on this satellite")
+        return self.trees[lockfile_hash].manifest
+
+    async def verify_tree(self, lockfile_hash: str) -> list[str]:
+        self._enter("verify_tree")
+        tree = self.trees.get(lockfile_hash)
+        if tree is None:
+            raise NotFound(f"tree {lockfile_hash} is not on this satellite")
+        label = f"tree {lockfile_hash[:12]}"
+        problems = [] if tree.intact else [f"{label}: extra file intruder.py"]
+        for entry in tree.manifest.entries:  # the tree's links lead into pkgs/
+            if not self.pkgs.get(entry.sha256, False):
+                problems.append(f"{label}: changed a file of {entry.filename}")
+        return problems
+
+    async def flip_current(self, lockfile_hash: str) -> None:
+        self._enter("flip_current")
+        if lockfile_hash not in self.trees:
+            raise StoreError(f"cannot flip to tree {lockfile_hash}: it is not built")
+        self.trees[lockfile_hash].retired_at = None
+        self.current = lockfile_hash
+
+    async def retire_others(self, now: float) -> list[str]:
+        self._enter("retire_others")
+        current = self._current()
+        retired = []
+        for lockfile_hash, tree in sorted(self.trees.items()):
+            if lockfile_hash != current and tree.retired_at is None:
+                tree.retired_at = now
+                retired.append(lockfile_hash)
+        return retired
+
+    async def gc_trees(self, grace_seconds: float, now: float) -> list[str]:
+        self._enter("gc_trees")
+        current = self._current()
+        removed = []
+        for lockfile_hash, tree in sorted(self.trees.items()):
+            retired = tree.retired_at
+            if lockfile_hash == current or retired is None or now - retired < grace_seconds:
+                continue
+            if lockfile_hash not in self.pinned_trees:
+                del self.trees[lockfile_hash]
+                removed.append(lockfile_hash)
+        return removed
+
+    # -- StateStore ------------------------------------------------------------------------
+
+    async def load_state(self) -> AgentState:
+        self._enter("load_state")
+        return self.state
+
+    async def save_state(self, state: AgentState) -> None:
+        self._enter("save_state")
+        self.state = state
+
+    # -- the agent's own needs -------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def agent_lock(self) -> Iterator[None]:
+        self._enter("agent_lock")
+        if self.locked:
+            raise StoreError("another agent is using this data dir")
+        self.locked = True
+        try:
+            yield
+        finally:
+            self.locked = False
+
+    async def cleanup_temp(self) -> int:
+        self._enter("cleanup_temp")
+        return 0
+
+    async def read_pinned_key(self) -> str | None:
+        self._enter("read_pinned_key")
+        return self.pinned_key
+
+    async def pin_key(self, pem: str) -> None:
+        self._enter("pin_key")
+        self.pinned_key = pem
+
+
+class MemorySink:
+    """A BlobSink into MemoryStore.partials; committed bytes move to MemoryStore.blobs."""
+
+    def __init__(self, store: MemoryStore, sha256: str, size: int) -> None:
+        self._store = store
+        self._sha256 = sha256
+        self._verifier = StreamVerifier(f"blob {sha256}", sha256, size)
+        held = store.partials.get(sha256, b"")
+        if len(held) > size:  # cannot be a prefix of the blob: start over
+            held = b""
+        store.partials[sha256] = held
+        self._verifier.update(held)
+        self.closed = False
+
+    @property
+    def offset(self) -> int:
+        return self._verifier.size
+
+    async def write(self, chunks: Sequence[bytes]) -> None:
+        assert not self.closed, "write after close"
+        self._store.writes.append(sum(len(c) for c in chunks))
+        for chunk in chunks:
+            try:
+                self._verifier.update(chunk)
+            except IntegrityError:
+                self._store.partials.pop(self._sha256, None)
+                raise
+            self._store.partials[self._sha256] += chunk
+
+    async def commit(self) -> None:
+        try:
+            self._verifier.finish()
+        except IntegrityError:
+            self._store.partials.pop(self._sha256, None)
+            raise
+        self._store.blobs[self._sha256] = self._store.partials.pop(self._sha256)
+
+    def close(self) -> None:
+        self.closed = True
