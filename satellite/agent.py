@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -35,6 +36,7 @@ from satellite.store import AsyncStore, SatelliteStore
 from satellite.sync import (
     DEFAULT_TREE_GRACE_SECONDS,
     BlobSource,
+    Desired,
     PackageStore,
     ReconcileDeps,
     Reconciler,
@@ -85,8 +87,8 @@ class CoreConnection(BlobSource, Protocol):
     """What the agent needs from the core: a reconcile's BlobSource, plus the refresh stream,
     the signing key (trust on first use) and a close. The gRPC adapter: satellite/client.py."""
 
-    def subscribe(self, current_hash: str) -> AsyncIterator[str]:
-        """Desired hashes: the first at once, then one per change. Ends or raises on loss."""
+    def subscribe(self, current_hash: str) -> AsyncIterator[Desired]:
+        """What is desired: the first at once, then one per change. Ends or raises on loss."""
         ...
 
     async def signing_key_pem(self) -> str: ...
@@ -134,6 +136,8 @@ class Agent:
         self.store = store
         self.connected = asyncio.Event()
         self.reconnects = 0
+        self.environment = ""  # the core's environment serving this host
+        self.unserved = ""  # why none does, while none does
         self.last_result: ReconcileResult | None = None
         # What the reconcile worker died of, logged with its traceback already; run() raises it.
         self.worker_error: BaseException | None = None
@@ -286,7 +290,14 @@ class Agent:
                         log.info("connected to core %s", self.config.core)
                         self.connected.set()
                     backoff.reset()
-                    reconciler.request(desired)
+                    if desired.unserved:
+                        await self._unserved(desired.unserved)
+                        continue
+                    if desired.environment and desired.environment != self.environment:
+                        log.info("served by the core's environment %s", desired.environment)
+                    self.environment = desired.environment
+                    self.unserved = ""
+                    reconciler.request(desired.lockfile_hash)
                 log.info("core closed the refresh stream; reconnecting")
             except Unauthenticated as exc:
                 log.error("the core refused this satellite (%s); is the token revoked?", exc)
@@ -296,6 +307,20 @@ class Agent:
             self.connected.clear()
             self.reconnects += 1
             await asyncio.sleep(backoff.next_delay())
+
+    async def _unserved(self, reason: str) -> None:
+        """No environment of the core fits this host: keep the current tree (scripts go on
+        running against it), say why once, and record it for `spk-satellite status`."""
+        if reason != self.unserved:
+            log.warning("the core serves no environment for this host: %s", reason)
+        self.unserved, self.environment = reason, ""
+        state = await self.store.load_state()
+        if state.status != "unserved" or state.error != reason:
+            await self.store.save_state(
+                dataclasses.replace(
+                    state, status="unserved", error=reason, updated_at_unix=self._clock()
+                )
+            )
 
     # ---- lifecycle ----
     def start(self) -> asyncio.Task[None]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -14,6 +15,7 @@ from pathlib import Path
 from satellite import runner
 from satellite.agent import Agent, AgentConfig
 from satellite.store import SatelliteStore
+from shared import tags
 from shared.cli import run_command
 from shared.errors import SpkError
 
@@ -63,7 +65,33 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="desired and current hash, state, last error")
     status.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     status.add_argument("--json", action="store_true")
+
+    env = sub.add_parser(
+        "env", help="this host's environment, as `spk-core admin envs add` takes it"
+    )
+    env.add_argument("--name", default="", help="the environment name to suggest")
+    env.add_argument("--json", action="store_true", help="interpreter, abi and every platform tag")
     return p
+
+
+def _print_env(name: str, as_json: bool) -> None:
+    host = tags.describe_host()
+    suggested = name or f"{host.abi}-{host.best_platform}"
+    if as_json:
+        doc = {
+            **dataclasses.asdict(host),
+            "environment": {
+                "name": suggested,
+                "python_version": host.minor,
+                "implementation": host.implementation,
+                "abi": host.abi,
+                "platform": host.best_platform,
+            },
+            "add_command": host.add_command(suggested),
+        }
+        print(json.dumps(doc, indent=2))
+        return
+    print(host.add_command(suggested))
 
 
 def _read(path: Path, flag: str) -> bytes:
@@ -107,7 +135,7 @@ async def _agent(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     task = agent.start()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(agent.shutdown()))
+        loop.add_signal_handler(sig, task.cancel)  # shutdown(): cancel the run, which unwinds
     try:
         await task
     except asyncio.CancelledError:  # shut down by a signal
@@ -147,6 +175,8 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         return runner.run_script(SatelliteStore(args.data_dir), args.script, script_args)
     elif args.command == "status":
         _print_status(SatelliteStore(args.data_dir), args.json)
+    elif args.command == "env":
+        _print_env(args.name, args.json)
     return 0
 
 

@@ -12,7 +12,7 @@ from types import TracebackType
 
 import grpc
 
-from satellite.sync.ports import SyncReport, SyncStatus
+from satellite.sync.ports import Desired, SyncReport, SyncStatus
 from shared.errors import (
     FailedPrecondition,
     IntegrityError,
@@ -27,7 +27,8 @@ from shared.errors import (
 from shared.manifest import Manifest
 from shared.proto.scriptpkgs.v1 import distribution_pb2 as pb
 from shared.proto.scriptpkgs.v1 import distribution_pb2_grpc
-from shared.wire import manifest_from_pb
+from shared.tags import describe_host
+from shared.wire import host_to_pb, manifest_from_pb
 
 AGENT_VERSION = "0.1.0"
 MANIFEST_TIMEOUT = 30.0  # seconds, as in the original system
@@ -146,18 +147,28 @@ class GrpcCoreClient:
     ) -> None:
         await self.close()
 
-    async def subscribe(self, current_hash: str) -> AsyncIterator[str]:
-        """Desired hashes: the first at once, then one per change. Ends or raises on loss."""
+    async def subscribe(self, current_hash: str) -> AsyncIterator[Desired]:
+        """What is desired: the first at once, then one per change. Ends or raises on loss.
+
+        The request describes this host (interpreter, abi, supported platform tags) so the core
+        can pick the environment that fits it.
+        """
         request = pb.SubscribeRequest(
             agent_version=AGENT_VERSION,
             python_version=platform.python_version(),
             platform=f"{sys.implementation.name}-{platform.machine()}-{sys.platform}",
             current_hash=current_hash,
+            host=host_to_pb(describe_host()),
         )
         call = self._stub.RefreshScriptPackages(request, metadata=self._metadata)
         try:
             async for refresh in call:
-                yield refresh.lockfile_hash
+                yield Desired(
+                    refresh.lockfile_hash,
+                    refresh.environment,
+                    refresh.release_sequence,
+                    refresh.unserved_reason,
+                )
         except grpc.aio.AioRpcError as exc:
             raise translate(exc, "refresh stream") from None
         finally:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from satellite.sync import AgentState, SyncReport
+from satellite.sync import AgentState, Desired, SyncReport
 from shared.errors import BlobCorrupt, IntegrityError, NotFound, StoreError
 from shared.hashing import StreamVerifier
 from shared.manifest import Manifest, ManifestEntry, TargetEnvironment
@@ -70,7 +70,7 @@ class FakeCore:
         self.asked: dict[str, asyncio.Event] = {}
         self.subscriptions: list[str] = []  # the current hash sent with each subscribe
         self.closed = False
-        self._desired: asyncio.Queue[str] = asyncio.Queue()
+        self._desired: asyncio.Queue[Desired] = asyncio.Queue()
 
     def publish(self, manifest: Manifest, blobs: dict[str, bytes]) -> Manifest:
         signed = sign_manifest(manifest, self.key)
@@ -79,7 +79,7 @@ class FakeCore:
         return signed
 
     def desire(self, lockfile_hash: str) -> None:
-        self._desired.put_nowait(lockfile_hash)
+        self._desired.put_nowait(Desired(lockfile_hash))
 
     @property
     def public_pem(self) -> str:
@@ -105,7 +105,11 @@ class FakeCore:
     async def report(self, report: SyncReport) -> None:
         self.reports.append(report)
 
-    async def subscribe(self, current_hash: str) -> AsyncIterator[str]:
+    def refuse(self, reason: str) -> None:
+        """Stream `unserved`: no environment of this core fits the satellite."""
+        self._desired.put_nowait(Desired("", unserved=reason))
+
+    async def subscribe(self, current_hash: str) -> AsyncIterator[Desired]:
         self.subscriptions.append(current_hash)
         while True:
             yield await self._desired.get()

@@ -46,6 +46,8 @@ class SatelliteProcess:
         self.target = core.target
         self.module = "satellite.cli"  # fault tests swap in a wrapper (tests/stress)
         self.wrapper: list[str] = []  # a command prefix, e.g. strace (tests/stress)
+        # The interpreter the agent (and its script runs) use: another CPython for mixed fleets.
+        self.python = sys.executable
 
     def register(self) -> SatelliteProcess:
         reply = self.core.admin().CreateSatellite(apb.CreateSatelliteRequest(name=self.name))
@@ -60,7 +62,7 @@ class SatelliteProcess:
         self.proc = subprocess.Popen(
             [
                 *self.wrapper,
-                sys.executable,
+                self.python,
                 "-m",
                 self.module,
                 "agent",
@@ -98,7 +100,7 @@ class SatelliteProcess:
     def status(self) -> dict[str, object]:
         out = subprocess.run(
             [
-                sys.executable,
+                self.python,
                 "-m",
                 "satellite.cli",
                 "status",
@@ -123,7 +125,7 @@ class SatelliteProcess:
     def run(self, script: Path, *args: str, **kw: object) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [
-                sys.executable,
+                self.python,
                 "-m",
                 "satellite.cli",
                 "run",

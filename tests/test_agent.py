@@ -57,6 +57,26 @@ async def test_the_agent_syncs_what_the_stream_asks_for() -> None:
     assert core.closed and not store.locked and not agent.running
 
 
+async def test_an_unserved_host_keeps_its_tree_until_an_environment_serves_it() -> None:
+    core, store = FakeCore(), MemoryStore()
+    a, b = fake_package("alpha", "1.0"), fake_package("alpha", "2.0")
+    first = core.publish(manifest_of([a[0]]), {a[0].sha256: a[1]})
+    second = core.publish(manifest_of([b[0]], sequence=2), {b[0].sha256: b[1]})
+    async with _agent(core, store) as agent:
+        core.desire(first.lockfile_hash)
+        await agent.wait_synced(first.lockfile_hash, within=10)
+        core.refuse("no environment fits cp313-manylinux_2_36_aarch64; add one with: ...")
+        await eventually_async(lambda: agent.unserved != "")
+        state = await store.load_state()
+        assert state.status == "unserved" and state.error.startswith("no environment fits")
+        assert state.desired_hash == first.lockfile_hash  # runs keep resolving to its tree
+        assert store.current == first.lockfile_hash and agent.environment == ""
+        core.desire(second.lockfile_hash)  # an environment was added and installed
+        await agent.wait_synced(second.lockfile_hash, within=10)
+        assert agent.unserved == ""
+    assert store.current == second.lockfile_hash
+
+
 async def test_a_failed_sync_is_retried_without_a_new_hash() -> None:
     core, store = FakeCore(), MemoryStore()
     a = fake_package("alpha", "1.0")

@@ -48,21 +48,26 @@ def test_sort_versions() -> None:
 
 def test_project_files_json_and_html() -> None:
     files = [
-        {"filename": "c-1.0.tar.gz", "hashes": {"sha256": "AB"}},
+        {"filename": "c-1.0.tar.gz", "hashes": {"sha256": "AB"}, "url": "../f/c-1.0.tar.gz"},
         {"filename": "c-1.1.tar.gz", "hashes": {}},
     ]
     doc = {"meta": {"api-version": "1.1"}, "name": "c", "files": files}
-    assert project_files(json.dumps(doc).encode(), "application/vnd.pypi.simple.v1+json") == [
-        IndexFile("c-1.0.tar.gz", "ab"),
-        IndexFile("c-1.1.tar.gz", None),
+    page = "https://idx.example/simple/c/"
+    assert project_files(json.dumps(doc).encode(), "application/vnd.pypi.simple.v1+json", page) == [
+        IndexFile("c-1.0.tar.gz", "ab", "https://idx.example/simple/f/c-1.0.tar.gz"),
+        IndexFile("c-1.1.tar.gz", None, ""),
     ]
     html = (
         b'<a href="../../p/c-2.0-py3-none-any.whl#sha256=ab">c-2.0-py3-none-any.whl</a>'
         b'<a href="/p/c-2.1-py3-none-any.whl#md5=cd">c-2.1</a>'
     )
-    assert project_files(html, "text/html; charset=utf-8") == [
-        IndexFile("c-2.0-py3-none-any.whl", "ab"),
-        IndexFile("c-2.1-py3-none-any.whl", None),
+    assert project_files(html, "text/html; charset=utf-8", page) == [
+        IndexFile(
+            "c-2.0-py3-none-any.whl", "ab", "https://idx.example/p/c-2.0-py3-none-any.whl#sha256=ab"
+        ),
+        IndexFile(
+            "c-2.1-py3-none-any.whl", None, "https://idx.example/p/c-2.1-py3-none-any.whl#md5=cd"
+        ),
     ]
 
 

@@ -283,3 +283,17 @@ def test_blob_without_index_row_gets_one(
     assert admin.install_and_wait().status == apb.INSTALL_STATUS_READY
     rows = {(r.sha256, r.backend) for r in BlobRecord.select()}
     assert len(rows) == 3 and {b for _, b in rows} == {"filesystem"}
+
+
+def test_a_wheel_whose_metadata_names_another_project_is_refused(
+    core: CoreProcess, package_index: PackageIndex, wheel_dir: Path
+) -> None:
+    liar = build_wheel(WheelSpec("honest", "1.0", metadata_name="other"), wheel_dir)
+    admin = core.admin()
+    _point_at(admin, package_index)
+    _allow(admin, ("honest", "1.0"))
+    state = admin.install_and_wait()
+    assert state.status == apb.INSTALL_STATUS_ERROR
+    assert liar.name in state.error and "'other'" in state.error and "'honest'" in state.error
+    assert "METADATA Name must match the wheel filename" in state.error
+    assert admin.ListReleases().releases == []  # nothing published

@@ -48,9 +48,11 @@ async def resolve(
     settings: RegistrySettings,
     env: Environment,
     scratch: Path,
-    **kw: float,
+    deadline_seconds: float = 600.0,
 ) -> list[LockedWheel]:
-    return await resolve_or_explain(pins, settings, env, native_platform(), scratch, **kw)
+    return await resolve_or_explain(
+        pins, settings, env, native_platform(), scratch, deadline_seconds=deadline_seconds
+    )
 
 
 @pytest.fixture

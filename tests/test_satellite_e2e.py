@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from shared.proto.scriptpkgs.v1 import admin_pb2 as apb
+from tests import core_tamper
 from tests.core_process import AdminClient, CoreProcess, eventually
 from tests.index_server import PackageIndex
 from tests.satellite_process import SatelliteProcess
@@ -308,9 +309,18 @@ def test_foreign_wheels_are_refused_with_both_environments(
     req.target.abi, req.target.platform = "cp311", "win_amd64"
     admin.SetRegistryConfig(req)
     _install(admin, ("alpha", "1.0"), ("winonly", "1.0"))
+    # The only environment is Windows now: the core serves this Linux host nothing, says why,
+    # and the host keeps its tree.
+    row = eventually(lambda: (r := sat.fleet_row()).status == "unserved" and r, timeout=60)
+    assert row.error.startswith("no environment fits cp311-") and "win_amd64" in row.error
+    assert sat.current() == first
+    # Defence in depth: a validly signed manifest for this host's environment that names a
+    # Windows wheel anyway (a compromised core database) is refused by the satellite itself.
+    entry = core_tamper.put_blob(core.data_dir, wheel_dir / "winonly-1.0-cp311-cp311-win_amd64.whl")
+    core_tamper.publish_signed(core.data_dir, [entry])
     row = eventually(lambda: (r := sat.fleet_row()).status == "error" and r, timeout=60)
     assert "winonly-1.0-cp311-cp311-win_amd64.whl" in row.error
-    assert "win_amd64" in row.error and "this satellite runs" in row.error
+    assert "this satellite runs" in row.error
     assert sat.current() == first
 
 

@@ -147,14 +147,16 @@ async def _serve(args: argparse.Namespace) -> None:
     )
     core = CoreServer(config)
     loop = asyncio.get_running_loop()
+    stop = asyncio.Event()  # a signal only sets it: the stop itself runs in this task
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(core.stop()))
+        loop.add_signal_handler(sig, stop.set)
     async with core:
         if args.port_file:
             tmp = args.port_file.with_suffix(".tmp")
             tmp.write_text(str(core.port))
             tmp.replace(args.port_file)
-        await core.wait()
+        await stop.wait()
+        log.info("stopping: draining calls (health NOT_SERVING)")
     log.info("core stopped")
 
 

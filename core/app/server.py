@@ -6,12 +6,14 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import grpc
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_reflection.v1alpha import reflection_pb2 as refl_pb2
@@ -19,6 +21,7 @@ from grpc_reflection.v1alpha import reflection_pb2 as refl_pb2
 from core.api.admin_service import AdminService
 from core.api.auth import AuthInterceptor, TransportPolicy
 from core.api.distribution_service import DistributionService
+from core.api.storage_service import StorageOps
 from core.app.storage_runtime import StorageRuntime
 from core.fanout import notify
 from core.fanout.desired import load_desired
@@ -28,6 +31,7 @@ from core.install.installer import Installer
 from core.state import environments, lockfiles, tokens
 from core.state.db import Database, open_database
 from core.state.keys import SecretBox, load_or_create_key
+from core.storage.blobstore import BlobStore
 from core.storage.gc import GcPolicy
 from shared.errors import StoreError
 from shared.proto.scriptpkgs.v1 import (
@@ -39,6 +43,11 @@ from shared.proto.scriptpkgs.v1 import (
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE = 4 * 1024 * 1024
+SERVICE_NAMES = (
+    admin_pb2.DESCRIPTOR.services_by_name["PackageAdmin"].full_name,
+    distribution_pb2.DESCRIPTOR.services_by_name["PackageDistribution"].full_name,
+)
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 DESIRED_POLL_SECONDS = 2.0
 
 
@@ -92,6 +101,11 @@ def _add_reflection_v1(server: grpc.aio.Server, servicer: Any) -> None:
     server.add_generic_rpc_handlers((handler,))
 
 
+def _log_failure(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("background task %s failed", task, exc_info=exc)
+
+
 def prepare_data_dir(data_dir: Path) -> None:
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -104,31 +118,47 @@ def prepare_data_dir(data_dir: Path) -> None:
 
 
 class CoreServer:
-    """`async with CoreServer(config) as core: await core.wait()`; `stop()` is idempotent."""
+    """`async with CoreServer(config) as core: await core.wait()`; `stop()` is idempotent.
+
+    Everything start() opens is registered on an exit stack as it is opened, so a start that
+    fails half-way (a busy port, a bad TLS file, an unreachable database) closes exactly what
+    it opened, and stop() closes everything in the reverse order.
+    """
 
     def __init__(self, config: CoreConfig) -> None:
         self.config = config
         self.port = 0
-        self._server: grpc.aio.Server | None = None
         self._db: Database | None = None
-        self._poller: asyncio.Task[None] | None = None
         self._poke = asyncio.Event()  # set by a Postgres NOTIFY: re-read the desired hash now
-        self._listener: notify.Listener | None = None
         self._stopped = asyncio.Event()
+        self._stack = contextlib.AsyncExitStack()
+        self._background: set[asyncio.Future[Any]] = set()  # kept referenced until done
+        self._grace = 5.0
         self.hub = Hub()
+        self.health = health.aio.HealthServicer()
         self.installer: Installer | None = None
         self.storage: StorageRuntime | None = None
 
     async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+
+    async def _start(self) -> None:
         cfg = self.config
+        stack = self._stack
         prepare_data_dir(cfg.data_dir)
         box = SecretBox(load_or_create_key(cfg.data_dir))
         self._db = db = Database(
             await asyncio.to_thread(open_database, cfg.data_dir, cfg.database_url)
         )
+        stack.push_async_callback(asyncio.to_thread, db.close)  # joins its threads: off the loop
         if cfg.bootstrap_admin_token:
             await db.run(tokens.ensure_bootstrap_token, cfg.bootstrap_admin_token)
         self.storage = storage = await StorageRuntime.open(db, cfg.data_dir, os.environ)
+        stack.push_async_callback(storage.stop)
         # Under the installer lock: with Postgres, another instance may be installing right now.
         if await storage.when_idle(recover_stale_install):
             log.warning("an install was interrupted by a restart; marked failed")
@@ -138,12 +168,49 @@ class CoreServer:
         await db.run(environments.ensure_default)
         self.hub.publish(await db.run(load_desired))
         store = storage.registry  # writes to the active backend, reads fall back across all
-        self.installer = Installer(
+        self.installer = installer = Installer(
             db, box, key, store, self.hub, cfg.data_dir / "work", storage.lock
         )
+        stack.push_async_callback(installer.cancel)
         storage_ops = storage.bind(self.hub, key, cfg.gc)
         await storage.migrator.resume_if_stuck()  # before serving, so no install can slip in
+        server = self._build_server(db, box, installer, storage_ops, store, key.public_key())
+        credentials = server_credentials(cfg)
+        try:
+            if credentials is None:
+                self.port = server.add_insecure_port(cfg.listen)
+            else:
+                self.port = server.add_secure_port(cfg.listen, credentials)
+        except RuntimeError:
+            self.port = 0
+        if self.port == 0:
+            raise StoreError(f"cannot listen on {cfg.listen}: address in use or not available")
+        await server.start()
+        stack.push_async_callback(self._drain, server)
+        for name in [*SERVICE_NAMES, ""]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._spawn(self._poll_desired(), "desired-poll")
+        if cfg.database_url and cfg.database_url.startswith(("postgres://", "postgresql://")):
+            self._start_notify(cfg.database_url, db)
+        storage.start_background()
+        log.info(
+            "core listening on %s (port %d, %s), data dir %s",
+            cfg.listen,
+            self.port,
+            "TLS" if credentials else "plaintext",
+            cfg.data_dir,
+        )
 
+    def _build_server(
+        self,
+        db: Database,
+        box: SecretBox,
+        installer: Installer,
+        storage_ops: StorageOps,
+        store: BlobStore,
+        public_key: Ed25519PublicKey,
+    ) -> grpc.aio.Server:
+        cfg = self.config
         server = grpc.aio.server(
             interceptors=[
                 AuthInterceptor(
@@ -166,62 +233,60 @@ class CoreServer:
             ],
         )
         admin_pb2_grpc.add_PackageAdminServicer_to_server(
-            AdminService(db, box, self.installer, self.hub, storage_ops), server
+            AdminService(db, box, installer, self.hub, storage_ops), server
         )
         distribution_pb2_grpc.add_PackageDistributionServicer_to_server(
-            DistributionService(db, self.hub, store, key.public_key()), server
+            DistributionService(db, self.hub, store, public_key), server
         )
-        health_servicer = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        names = [
-            admin_pb2.DESCRIPTOR.services_by_name["PackageAdmin"].full_name,
-            distribution_pb2.DESCRIPTOR.services_by_name["PackageDistribution"].full_name,
-            health.SERVICE_NAME,
-            reflection.SERVICE_NAME,
-            "grpc.reflection.v1.ServerReflection",
-        ]
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        names = [*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1]
         refl = reflection.aio.ReflectionServicer(names)
         reflection.enable_server_reflection(names, server)
         _add_reflection_v1(server, refl)
-        credentials = server_credentials(cfg)
-        try:
-            if credentials is None:
-                self.port = server.add_insecure_port(cfg.listen)
-            else:
-                self.port = server.add_secure_port(cfg.listen, credentials)
-        except RuntimeError:
-            self.port = 0
-        if self.port == 0:
-            raise StoreError(f"cannot listen on {cfg.listen}: address in use or not available")
-        await server.start()
-        self._server = server
-        for name in [*names[:2], ""]:
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        self._poller = asyncio.create_task(self._poll_desired(), name="desired-poll")
-        if cfg.database_url and cfg.database_url.startswith(("postgres://", "postgresql://")):
-            self._start_notify(cfg.database_url, db)
-        storage.start_background()
-        log.info(
-            "core listening on %s (port %d, %s), data dir %s",
-            cfg.listen,
-            self.port,
-            "TLS" if credentials else "plaintext",
-            cfg.data_dir,
-        )
+        return server
+
+    async def _drain(self, server: grpc.aio.Server) -> None:
+        """Shutdown: NOT_SERVING first, so a load balancer stops sending new streams here,
+        then end the refresh streams (agents reconnect elsewhere) and let calls finish."""
+        for name in [*SERVICE_NAMES, ""]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.hub.close_all()
+        await server.stop(self._grace)
+
+    def _spawn(self, coro: Coroutine[object, object, object], name: str) -> None:
+        """A background task that is kept referenced, logged if it fails, cancelled on stop."""
+        task = asyncio.ensure_future(coro)
+        if isinstance(task, asyncio.Task):
+            task.set_name(name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        task.add_done_callback(_log_failure)
+
+        async def cancel() -> None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+        self._stack.push_async_callback(cancel)
 
     def _start_notify(self, dsn: str, db: Database) -> None:
         """Several instances share Postgres: tell the others about our changes at once."""
 
-        def logged(task: asyncio.Future[None]) -> None:
-            if not task.cancelled() and (exc := task.exception()) is not None:
+        async def send_quietly() -> None:
+            try:
+                await db.run(notify.send, db.db)
+            except Exception as exc:
                 log.warning("NOTIFY to other core instances failed (they poll anyway): %s", exc)
 
         def send(_value: Desired) -> None:
-            asyncio.ensure_future(db.run(notify.send, db.db)).add_done_callback(logged)
+            task = asyncio.ensure_future(send_quietly())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
         self.hub.on_local_change = send
-        self._listener = notify.Listener(dsn, self._poke.set, asyncio.get_running_loop())
-        self._listener.start()
+        listener = notify.Listener(dsn, self._poke.set, asyncio.get_running_loop())
+        listener.start()
+        self._stack.push_async_callback(asyncio.to_thread, listener.stop)
 
     async def _poll_desired(self) -> None:
         """Backstop: another core instance (or a restore) may change the desired hash. A NOTIFY
@@ -243,21 +308,8 @@ class CoreServer:
         if self._stopped.is_set():
             return
         self._stopped.set()
-        if self._poller is not None:
-            self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
-        if self._listener is not None:
-            await asyncio.to_thread(self._listener.stop)
-        self.hub.close_all()
-        if self._server is not None:
-            await self._server.stop(grace)
-        if self.installer is not None:
-            await self.installer.cancel()
-        if self.storage is not None:
-            await self.storage.stop()
-        if self._db is not None:
-            self._db.close()
+        self._grace = grace
+        await self._stack.aclose()
 
     async def __aenter__(self) -> CoreServer:
         await self.start()

@@ -11,6 +11,11 @@ names none, and returns the first precise reason found:
     no wheel fits                no wheel of x 1.0 for cp313 manylinux_2_28_aarch64 (environment
                                  arm-313); the index has wheels for: cp311-cp311-win_amd64, ...
 
+    not the wheel it says     a wheel that fits but that uv refused is fetched (verified against
+                              the published sha256) and run through our own wheel checks, so a
+                              wheel whose METADATA names another project is refused naming the
+                              file, both names and the rule
+
 When none applies (a conflict between pins, Requires-Python), uv's own message is passed on,
 prefixed with the environment. Reading the refusal's text here only chooses what to look up:
 what was resolved is never learned from it.
@@ -20,11 +25,13 @@ from __future__ import annotations
 
 import asyncio
 import re
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from packaging.utils import parse_wheel_filename
+from packaging.utils import canonicalize_name, parse_wheel_filename
 
+from core.install.fetch import Fetcher
 from core.install.index_client import (
     VERSIONS_TIMEOUT_SECONDS,
     IndexFile,
@@ -42,6 +49,7 @@ from core.state.index_config import RegistrySettings
 from shared.environments import Environment, supported_tags
 from shared.errors import NotFound, RegistryError, ResolveError, SpkError
 from shared.names import normalize_name
+from shared.wheels import check_identity, inspect_wheel
 
 SDIST_RULE = (
     "source distributions (sdists) are not installed because building them runs code from the"
@@ -102,7 +110,12 @@ def explain(
     native: str,
 ) -> SpkError:
     """(Worker thread) The clearest error for `failure`; never raises itself."""
-    named = [(normalize_name(n), v) for n, v in _PINNED.findall(failure.uv_message)]
+    named: list[tuple[str, str]] = [
+        (canonicalize_name(n), v) for n, v in _PINNED.findall(failure.uv_message)
+    ]
+    # Pins the refusal mentions by name (`x` rather than x==1.0) are worth a closer look too.
+    words = {canonicalize_name(w) for w in re.findall(r"[A-Za-z0-9][\w.-]*", failure.uv_message)}
+    named += [(n, v) for n, v in pins if n in words]
     candidates = list(dict.fromkeys([*named, *pins]))
     for name, version in candidates:
         try:
@@ -121,7 +134,44 @@ def explain(
         reason = explain_package(name, version, files, env, native, settings)
         if reason is not None:
             return ResolveError(f"environment {env.name}: {reason}")
+        if (name, version) in named and (
+            found := _check_fitting_wheel(name, version, files, env, native, settings)
+        ):
+            return found
     return failure
+
+
+def _check_fitting_wheel(
+    name: str,
+    version: str,
+    files: Sequence[IndexFile],
+    env: Environment,
+    native: str,
+    settings: RegistrySettings,
+) -> SpkError | None:
+    """Our own checks on the wheel uv refused though it fits: the reason, or None if it passes."""
+    accepted = supported_tags(env, native)
+    project = normalize_name(name)
+    fitting = [
+        f
+        for f in _version_of(project, files, version)
+        if f.filename.endswith(".whl")
+        and f.url
+        and f.sha256
+        and not accepted.isdisjoint(parse_wheel_filename(f.filename)[3])
+    ]
+    if not fitting:
+        return None
+    file = fitting[0]
+    wheel = LockedWheel(project, version, file.filename, file.url, str(file.sha256), None, True)
+    with tempfile.TemporaryDirectory(prefix="diagnose-") as scratch:
+        try:
+            with Fetcher(settings, Path(scratch), concurrency=1) as fetcher:
+                fetched = fetcher.fetch(wheel)
+            check_identity(inspect_wheel(fetched.path, filename=file.filename), project, version)
+        except SpkError as exc:
+            return ResolveError(f"environment {env.name}: {exc.message}")
+    return None
 
 
 async def resolve_or_explain(

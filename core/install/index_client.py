@@ -78,6 +78,7 @@ class _LinkParser(HTMLParser):
 class IndexFile:
     filename: str
     sha256: str | None  # lower-case hex as published, None when the index gave none
+    url: str = ""  # as linked from the page (relative links resolved against it)
 
 
 def _html_sha256(href: str) -> str | None:
@@ -85,7 +86,7 @@ def _html_sha256(href: str) -> str | None:
     return value.lower() if algo == "sha256" and value else None
 
 
-def project_files(body: bytes, content_type: str) -> list[IndexFile]:
+def project_files(body: bytes, content_type: str, page_url: str = "") -> list[IndexFile]:
     """The files on a project page, PEP 691 JSON or PEP 503 HTML, with their published sha256."""
     if content_type.split(";")[0].strip() in (PEP691_JSON, "application/json"):
         doc = json.loads(body)
@@ -95,14 +96,19 @@ def project_files(body: bytes, content_type: str) -> list[IndexFile]:
                 continue
             hashes = entry.get("hashes")
             raw = hashes.get("sha256") if isinstance(hashes, dict) else None
-            files.append(IndexFile(str(entry["filename"]), str(raw).lower() if raw else None))
+            link = urljoin(page_url, str(entry.get("url", ""))) if entry.get("url") else ""
+            files.append(IndexFile(str(entry["filename"]), str(raw).lower() if raw else None, link))
         return files
     parser = _LinkParser()
     parser.feed(body.decode("utf-8", "replace"))
     # PEP 503: the anchor text must equal the file name; the href's last segment is the same
     # thing and survives sloppy servers that put something else in the text.
     return [
-        IndexFile(unquote(urlsplit(href).path.rsplit("/", 1)[-1]), _html_sha256(href))
+        IndexFile(
+            unquote(urlsplit(href).path.rsplit("/", 1)[-1]),
+            _html_sha256(href),
+            urljoin(page_url, href),
+        )
         for href in parser.hrefs
     ]
 
@@ -224,7 +230,7 @@ def _project_files_sync(name: str, settings: RegistrySettings, timeout: float) -
         except NotFound:
             continue  # an extra index that lacks the project is normal
         found = True
-        files += project_files(body, content_type)
+        files += project_files(body, content_type, url)
     if not found:
         raise NotFound(f"package '{name}' was not found on the index {settings.describe_index()}")
     return files

@@ -39,7 +39,7 @@ from shared.environments import Environment, supported_tags
 from shared.errors import FailedPrecondition, IntegrityError, SpkError
 from shared.manifest import Manifest, ManifestEntry
 from shared.tags import native_platform
-from shared.wheels import inspect_wheel
+from shared.wheels import check_identity, inspect_wheel
 
 log = logging.getLogger(__name__)
 FETCH_CONCURRENCY = 8  # downloads in flight: the index is the limit, not our CPU
@@ -344,13 +344,11 @@ class Installer:
     def _check_and_store(self, fetched: FetchedWheel) -> tuple[int, str]:
         """(Worker thread) Check a downloaded wheel completely, then store it; (size, backend)."""
         wheel = fetched.wheel
-        # The index's sha256 was checked while downloading; pip would check no more than that.
+        # The index's sha256 was checked while downloading. pip checks no more than that; we
+        # check the archive, RECORD, METADATA against the file name, and the name against the
+        # resolution: an index must not serve one project or release in place of another.
         info = inspect_wheel(fetched.path, filename=wheel.filename)
-        if info.name != wheel.name or info.version != wheel.version:
-            raise IntegrityError(
-                f"{wheel.filename}: the wheel is {info.name} {info.version}, the resolution"
-                f" says {wheel.name} {wheel.version}; refusing it"
-            )
+        check_identity(info, wheel.name, wheel.version)
         self._store.put_file(wheel.sha256, fetched.path)
         return fetched.size, self._store.name
 

@@ -2,7 +2,7 @@
 
     ports.py         the async Protocols it runs over (BlobSource, PackageStore, TreeStore,
                      StateStore), ReconcileDeps, and the plain data crossing them (AgentState,
-                     SyncReport)
+                     SyncReport, Desired)
     results.py       Outcome, ReconcileResult, Progress
     materialiser.py  pull missing blobs (resuming), unpack, publish the batch
     reconciler.py    reconcile_to_hash (verify, materialise, assemble, flip, GC) and repair_tree
@@ -16,6 +16,7 @@ from satellite.sync.ports import (
     DEFAULT_TREE_GRACE_SECONDS,
     AgentState,
     BlobSource,
+    Desired,
     PackageStore,
     ReconcileDeps,
     StateStore,
@@ -31,6 +32,7 @@ __all__ = [
     "DEFAULT_TREE_GRACE_SECONDS",
     "AgentState",
     "BlobSource",
+    "Desired",
     "Outcome",
     "PackageStore",
     "ReconcileDeps",

@@ -43,6 +43,16 @@ class SyncReport:
 
 
 @dataclass(frozen=True)
+class Desired:
+    """One message of the refresh stream: what the core wants this satellite to run."""
+
+    lockfile_hash: str  # "": nothing desired (unless unserved)
+    environment: str = ""  # the core's environment serving this host ("" from an older core)
+    sequence: int = 0  # the release it belongs to
+    unserved: str = ""  # non-empty: no environment fits this host; keep the current tree
+
+
+@dataclass(frozen=True)
 class AgentState:
     """What the agent remembers between runs; the runner reads it to know what is desired."""
 

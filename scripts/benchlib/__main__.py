@@ -7,12 +7,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from scripts.benchlib import fanout, install, materialise, report, transfer
+from scripts.benchlib import environments, fanout, install, materialise, report, transfer
 from scripts.benchlib.common import REPO, Bench, format_row, remove_tree
 from scripts.benchlib.workload import prepare
 from tests.index_server import PackageIndex
 
-FIGURES = ("materialise", "install", "transfer", "delta", "fanout")
+FIGURES = ("materialise", "install", "environments", "transfer", "delta", "fanout")
 ANALYSIS = REPO / "docs" / "benchmarks-analysis.md"
 
 
@@ -62,9 +62,14 @@ def main(argv: list[str] | None = None) -> int:
         if bench.wants("materialise"):
             materialise.run(bench, workload)
             bench.note_load("after figure 1")
-        wants_core = any(bench.wants(f) for f in ("install", "transfer", "delta", "fanout"))
+        wants_core = any(
+            bench.wants(f) for f in ("install", "environments", "transfer", "delta", "fanout")
+        )
         if wants_core:
             with PackageIndex(workload.index_dir) as index:
+                if bench.wants("environments"):
+                    environments.run(bench, workload, index)
+                    bench.note_load("after figure 6")
                 if any(bench.wants(f) for f in ("install", "transfer", "delta")):
                     core = install.run(bench, workload, index)
                     try:

@@ -18,6 +18,7 @@ import grpc
 from scripts.benchlib.common import PYTHON, child_env
 from shared.proto.scriptpkgs.v1 import admin_pb2 as apb
 from shared.proto.scriptpkgs.v1 import admin_pb2_grpc
+from shared.proto.scriptpkgs.v1 import common_pb2 as cpb
 from tests.core_process import ADMIN_TOKEN, AdminClient
 
 
@@ -77,6 +78,14 @@ class BenchCore:
 
     def configure(self, index_url: str) -> None:
         self.admin().SetRegistryConfig(apb.SetRegistryConfigRequest(index_url=index_url))
+
+    def add_environment(self, name: str, python: str, platform: str) -> None:
+        target = cpb.TargetEnvironment(
+            python_version=python, abi="cp" + python.replace(".", ""), platform=platform
+        )
+        self.admin().AddEnvironment(
+            apb.AddEnvironmentRequest(environment=cpb.Environment(name=name, target=target))
+        )
 
     def set_packages(self, pins: list[tuple[str, str]]) -> None:
         specs = [apb.PackageSpec(name=n, version=v) for n, v in pins]

@@ -51,6 +51,15 @@ class Workload:
         return sum(w.stat().st_size for w in self.wheels)
 
 
+# The environments figure: w31 for three CPython versions on x86-64 and one on aarch64.
+ENVIRONMENTS = [
+    ("cp311", "3.11", "manylinux_2_17_x86_64"),
+    ("cp312", "3.12", "manylinux_2_17_x86_64"),
+    ("cp313", "3.13", "manylinux_2_17_x86_64"),
+    ("cp312-arm", "3.12", "manylinux_2_28_aarch64"),
+]
+
+
 def pin_of(wheel: Path) -> tuple[str, str]:
     name, version, _, _ = parse_wheel_filename(wheel.name)
     return str(name), str(version)
@@ -66,6 +75,37 @@ def fetch_w31(cache: Path) -> list[Path]:
     target.mkdir(parents=True, exist_ok=True)
     argv = [PYTHON, "-m", "pip", "download", "--isolated", "--only-binary=:all:", "-d", str(target)]
     subprocess.run([*argv, *(f"{n}=={v}" for n, v in W31)], check=True, env=child_env())
+    return sorted(target.glob("*.whl"))
+
+
+def fetch_environment_wheels(cache: Path, pins: list[tuple[str, str]]) -> list[Path]:
+    """The wheels every environment of ENVIRONMENTS needs (resolved by uv against PyPI, once)."""
+    import tomllib
+    import urllib.request
+
+    from core.install.uv_resolver import uv_binary, uv_platform
+
+    target = cache / "w31-envs"
+    done = target / ".complete"
+    if done.exists():
+        return sorted(target.glob("*.whl"))
+    print(f"fetching the wheels of {len(ENVIRONMENTS)} environments into {target} (once)")
+    target.mkdir(parents=True, exist_ok=True)
+    reqs = target / "requirements.txt"
+    reqs.write_text("".join(f"{n}=={v}\n" for n, v in pins))
+    for name, python, platform in ENVIRONMENTS:
+        lock = target / f"pylock.{name.replace('-', '')}.toml"
+        triple, extra = uv_platform(platform)
+        argv = [uv_binary(), "pip", "compile", "-q", "--no-config", "--python-version", python]
+        argv += ["--python-platform", triple, "--only-binary", ":all:", str(reqs), "-o", str(lock)]
+        subprocess.run(argv, check=True, env={**child_env(), **extra})
+        for package in tomllib.loads(lock.read_text())["packages"]:
+            url = package["wheels"][0]["url"]
+            dest = target / url.rsplit("/", 1)[-1]
+            if not dest.exists():
+                with urllib.request.urlopen(url) as r, dest.open("wb") as f:
+                    shutil.copyfileobj(r, f)
+    done.touch()
     return sorted(target.glob("*.whl"))
 
 
@@ -114,9 +154,16 @@ def prepare(bench: Bench) -> Workload:
         _random_wheel(synth, "spkbench-fan", f"{r + 1}.0", delta_size) for r in range(bench.rounds)
     ]
     index_dir = bench.scratch("index")
-    for wheel in [*wheels, big, delta_v1, delta_v2, tiny, *changes]:
-        try:
-            os.link(wheel, index_dir / wheel.name)
-        except OSError:
-            shutil.copyfile(wheel, index_dir / wheel.name)
+    others = [] if bench.smoke else fetch_environment_wheels(bench.cache, pins)
+    for wheel in {w.name: w for w in [*wheels, *others]}.values():
+        _link(wheel, index_dir)
+    for wheel in [big, delta_v1, delta_v2, tiny, *changes]:
+        _link(wheel, index_dir)
     return Workload(name, pins, wheels, index_dir, big, delta_v1, delta_v2, tiny, changes)
+
+
+def _link(wheel: Path, index_dir: Path) -> None:
+    try:
+        os.link(wheel, index_dir / wheel.name)
+    except OSError:
+        shutil.copyfile(wheel, index_dir / wheel.name)
