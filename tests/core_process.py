@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import grpc
 
@@ -21,8 +21,14 @@ ADMIN_TOKEN = "spk_admin_test-manage-token-0123456789"
 T = TypeVar("T")
 
 
-def eventually(check: Callable[[], T], timeout: float = 30.0, interval: float = 0.1) -> T:
-    """Poll until `check` returns a truthy value (or stops raising AssertionError)."""
+def eventually(
+    check: Callable[[], T | Literal[False] | None], timeout: float = 30.0, interval: float = 0.1
+) -> T:
+    """Poll until `check` returns a truthy value (or stops raising AssertionError); that value.
+
+    `check` may say "not yet" with None or False (`lambda: cond and row`), so the result is
+    typed as what it returns once it is ready.
+    """
     deadline = time.monotonic() + timeout
     last: BaseException | None = None
     while time.monotonic() < deadline:
@@ -39,7 +45,7 @@ def eventually(check: Callable[[], T], timeout: float = 30.0, interval: float = 
 
 
 async def eventually_async(
-    check: Callable[[], T], timeout: float = 30.0, interval: float = 0.01
+    check: Callable[[], T | Literal[False] | None], timeout: float = 30.0, interval: float = 0.01
 ) -> T:
     """`eventually` for async tests: polls without blocking the event loop it waits on."""
     deadline = time.monotonic() + timeout

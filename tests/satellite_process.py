@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from shared.proto.scriptpkgs.v1 import admin_pb2 as apb
 from tests.core_process import CoreProcess
@@ -122,7 +123,7 @@ class SatelliteProcess:
         except OSError:
             return None
 
-    def run(self, script: Path, *args: str, **kw: object) -> subprocess.CompletedProcess[str]:
+    def run(self, script: Path, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [
                 self.python,
@@ -137,9 +138,9 @@ class SatelliteProcess:
             capture_output=True,
             text=True,
             timeout=120,
-            **kw,  # type: ignore[call-overload]
+            **kw,
         )
 
     def fleet_row(self) -> apb.Satellite:
-        sats = self.core.admin().ListSatellites().satellites
+        sats: list[apb.Satellite] = list(self.core.admin().ListSatellites().satellites)
         return next(s for s in sats if s.name == self.name)

@@ -17,7 +17,7 @@ from tests.core_process import CoreProcess
 
 def _code(call: object) -> grpc.StatusCode:
     assert isinstance(call, grpc.RpcError)
-    return call.code()  # type: ignore[no-any-return]
+    return call.code()
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -20,7 +20,9 @@ from tests.wheelfactory import WheelSpec, build_wheel
 
 def _stub(
     core: CoreProcess,
-) -> tuple[grpc.Channel, distribution_pb2_grpc.PackageDistributionStub, tuple]:
+) -> tuple[
+    grpc.Channel, distribution_pb2_grpc.PackageDistributionStub, tuple[tuple[str, str], ...]
+]:
     token = core.admin().CreateSatellite(apb.CreateSatelliteRequest(name="probe")).token
     channel = grpc.insecure_channel(core.target)
     return (
@@ -108,7 +110,7 @@ def test_refresh_sends_desired_at_once_and_caps_streams(core: CoreProcess) -> No
             try:
                 call = stub.RefreshScriptPackages(dpb.SubscribeRequest(), metadata=md)
                 streams.append(call)
-                return next(call).lockfile_hash == desired
+                return bool(next(call).lockfile_hash == desired)
             except grpc.RpcError:
                 return False
 

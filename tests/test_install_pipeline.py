@@ -223,7 +223,7 @@ def test_token_protected_index_and_secret_hygiene(
     refused = admin.install_and_wait()
     assert refused.status == apb.INSTALL_STATUS_ERROR and "wrong-token-value" not in refused.error
 
-    stop, seen = threading.Event(), []
+    stop, seen = threading.Event(), list[str]()
     watcher = threading.Thread(target=_watch_argv, args=(stop, seen), daemon=True)
     watcher.start()
     try:

@@ -23,7 +23,7 @@ async def test_in_process_lock_names_the_holder_and_releases_once() -> None:
     await lease.release()  # idempotent: must not free a later holder's claim
     second = await lock.acquire(Activity.MIGRATION)
     await lease.release()
-    assert lock.holder is Activity.MIGRATION
+    assert lock.holder == second.activity == Activity.MIGRATION
     await second.release()
     assert lock.holder is None
 

@@ -34,7 +34,7 @@ from core.storage.migration import (
 from core.storage.s3_store import S3BlobStore, s3_config_from_env
 from shared.errors import FailedPrecondition, InvalidArgument
 from shared.proto.scriptpkgs.v1 import admin_pb2 as apb
-from tests.core_process import CoreProcess, eventually
+from tests.core_process import CoreProcess, eventually, eventually_async
 from tests.index_server import PackageIndex
 from tests.satellite_process import SatelliteProcess
 from tests.storage_env import StorageEnv
@@ -190,8 +190,7 @@ async def test_throttle_and_refusals_while_migrating(env: StorageEnv) -> None:
         env.database, env.lock, env.registry, env.tmp_path / "work", lambda: 0.0, sleep
     )
     await migrator.start("database", delete_source=False, max_bytes_per_second=2008)
-    while not slept:
-        await asyncio.sleep(0.01)
+    await eventually_async(lambda: bool(slept), timeout=10)
     assert slept == [0.5]  # 1004 bytes at 2008 B/s with a frozen clock
     with pytest.raises(FailedPrecondition, match="a storage migration is running"):
         await migrator.switch_backend("database")
@@ -249,7 +248,8 @@ def test_core_killed_mid_migration_resumes_with_zero_missing_or_mismatched(
     kills = []
     for kill_after in (6, None, 24):  # mid-run, right after a restart's resume, mid-run again
         if kill_after is not None:
-            eventually(lambda n=kill_after: done_at_least(n), timeout=30, interval=0.02)
+            wanted: int = kill_after
+            eventually(lambda: done_at_least(wanted), timeout=30, interval=0.02)
         core.stop(signal.SIGKILL)
         kills.append(kill_after)
         core.start()  # resumes on its own at startup

@@ -30,6 +30,7 @@ from shared.environments import Environment
 from shared.errors import InvalidArgument, RegistryError, ResolveError
 from shared.manifest import TargetEnvironment
 from shared.tags import native_platform
+from tests.core_process import eventually_async
 from tests.index_server import PackageIndex, StaticIndex
 from tests.wheelfactory import WheelSpec, build_sdist, build_wheel
 
@@ -385,10 +386,7 @@ async def test_cancel_kills_uv_and_removes_scratch(tmp_path: Path) -> None:
         url = f"http://127.0.0.1:{s.getsockname()[1]}/simple/"
         settings = RegistrySettings(index_url=url, timeout_seconds=60, retries=0, token="t")
         task = asyncio.create_task(resolve([("c", "3.0")], settings, NATIVE, scratch))
-        deadline = time.monotonic() + 10
-        while not _pids_with(str(scratch)) and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        assert _pids_with(str(scratch)), "uv never started"
+        await eventually_async(lambda: _pids_with(str(scratch)), timeout=10, interval=0.02)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task

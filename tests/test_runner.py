@@ -9,8 +9,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,19 +17,12 @@ from satellite.runner import resolve, run_script, status
 from satellite.store import SatelliteStore
 from satellite.sync import AgentState
 from shared.errors import FailedPrecondition
+from tests.core_process import eventually
 from tests.test_satellite_store import make_manifest, materialise, wheel_entry
 from tests.wheelfactory import WheelSpec
 
 REPO = Path(__file__).resolve().parents[1]
 NAMESPACE_INIT = b"__path__ = __import__('pkgutil').extend_path(__path__, __name__)\n"
-
-
-def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.02)
 
 
 def build_tree(store: SatelliteStore, out: Path, version: str, sequence: int = 1) -> str:

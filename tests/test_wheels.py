@@ -437,7 +437,12 @@ def test_failure_midway_removes_the_partial_tree(
     )
     seen: list[dict[str, bytes]] = []
     real_remove = wheels._remove_tree
-    monkeypatch.setattr(wheels, "_remove_tree", lambda p: (seen.append(tree(p)), real_remove(p)))
+
+    def remove_recording(p: Path) -> None:
+        seen.append(tree(p))
+        real_remove(p)
+
+    monkeypatch.setattr(wheels, "_remove_tree", remove_recording)
     dest = tmp_path / "dest"
 
     with pytest.raises(UnsafeWheel, match="RECORD hash mismatch"):
