@@ -31,6 +31,7 @@ from typing import Protocol
 from satellite.backoff import Backoff
 from satellite.client import ClientConfig, GrpcCoreClient
 from satellite.drift import DriftWatcher
+from satellite.http_blobs import HttpBlobs
 from satellite.retry import SyncRetry
 from satellite.store import AsyncStore, SatelliteStore
 from satellite.sync import (
@@ -43,6 +44,7 @@ from satellite.sync import (
     ReconcileResult,
     StateStore,
     TreeStore,
+    UrlSource,
 )
 from shared import tags
 from shared.errors import IntegrityError, SpkError, Unauthenticated
@@ -81,6 +83,10 @@ class AgentConfig:
     # the next hash or reconnect (docs/reliability.md, fault 4).
     retry_base: float = 2.0
     retry_cap: float = 300.0
+    # Blob bytes without the core: use the URLs the core hands out (presigned, CDN), or this
+    # host's own mirror of the blob store; every byte is verified and any failure falls back.
+    blob_urls: bool = True
+    blob_base_url: str = ""
 
 
 class CoreConnection(BlobSource, Protocol):
@@ -121,6 +127,12 @@ class Watcher(Protocol):
 WatcherFactory = Callable[[Reconciler], Watcher]
 
 
+class UrlClient(UrlSource, Protocol):
+    """A UrlSource the agent opens per run and closes after (satellite.http_blobs.HttpBlobs)."""
+
+    async def close(self) -> None: ...
+
+
 class Agent:
     def __init__(
         self,
@@ -129,9 +141,11 @@ class Agent:
         connect: Callable[[], CoreConnection],
         watch_drift: WatcherFactory | None = None,
         clock: Callable[[], float] = time.time,
+        urls: Callable[[], UrlClient] | None = None,
     ) -> None:
         """`connect` is called once per run; `watch_drift` None runs without drift repair;
-        `clock` is the wall clock for tree retirement and GC."""
+        `clock` is the wall clock for tree retirement and GC; `urls` opens the HTTP client for
+        blob URLs (None: every blob comes through the core)."""
         self.config = config
         self.store = store
         self.connected = asyncio.Event()
@@ -142,6 +156,7 @@ class Agent:
         # What the reconcile worker died of, logged with its traceback already; run() raises it.
         self.worker_error: BaseException | None = None
         self._connect = connect
+        self._urls = urls
         self._watch_drift = watch_drift
         self._clock = clock
         self._task: asyncio.Task[None] | None = None
@@ -161,7 +176,10 @@ class Agent:
         def watch(reconciler: Reconciler) -> Watcher:
             return DriftWatcher(disk, reconciler)
 
-        return cls(config, AsyncStore(disk), connect, watch if config.watch_drift else None)
+        urls = HttpBlobs if config.blob_urls or config.blob_base_url else None
+        return cls(
+            config, AsyncStore(disk), connect, watch if config.watch_drift else None, urls=urls
+        )
 
     @property
     def running(self) -> bool:
@@ -176,6 +194,7 @@ class Agent:
             if removed:
                 log.info("removed %d leftover temp entries from an earlier run", removed)
             client = self._connect()
+            urls = self._urls() if self._urls is not None else None
             try:
                 verify = await self._manifest_verifier(client)
                 deps = ReconcileDeps(
@@ -188,6 +207,8 @@ class Agent:
                     describe_interpreter=tags.describe_interpreter,
                     unpack_concurrency=cfg.unpack_concurrency,
                     pull_concurrency=cfg.pull_concurrency,
+                    urls=urls,
+                    blob_base_url=cfg.blob_base_url,
                     wall_clock=self._clock,
                     tree_grace_seconds=cfg.tree_grace_seconds,
                 )
@@ -206,6 +227,8 @@ class Agent:
                             await watcher.stop()
             finally:
                 await client.close()
+                if urls is not None:
+                    await urls.close()
 
     async def _serve(
         self, client: CoreConnection, reconciler: Reconciler, worker: asyncio.Task[None]

@@ -55,6 +55,17 @@ def _parser() -> argparse.ArgumentParser:
     agent.add_argument(
         "--retry-cap", type=float, default=300.0, help="longest wait (s) between sync retries"
     )
+    agent.add_argument(
+        "--no-blob-urls",
+        action="store_true",
+        help="ignore blob URLs the core hands out (presigned, CDN): every byte through the core",
+    )
+    agent.add_argument(
+        "--blob-base-url",
+        default="",
+        help="a mirror of the core's blob store near this host (<url>/ab/<sha256>.whl); bytes"
+        " are verified and any failure falls back to the core",
+    )
     agent.add_argument("--log-level", default="INFO")
 
     run = sub.add_parser("run", help="run a script against the current package tree")
@@ -130,6 +141,8 @@ async def _agent(args: argparse.Namespace) -> int:
         watch_drift=not args.no_drift_watch,
         retry_base=args.retry_base,
         retry_cap=args.retry_cap,
+        blob_urls=not args.no_blob_urls,
+        blob_base_url=args.blob_base_url,
     )
     agent = Agent.from_config(config)
     loop = asyncio.get_running_loop()

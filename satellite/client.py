@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import platform
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -33,6 +33,7 @@ from shared.wire import host_to_pb, manifest_from_pb
 AGENT_VERSION = "0.1.0"
 MANIFEST_TIMEOUT = 30.0  # seconds, as in the original system
 REPORT_TIMEOUT = 10.0
+LOCATIONS_PER_CALL = 4096  # the core's limit per GetBlobLocations
 BLOB_IDLE_TIMEOUT = 60.0  # a blob stream that stalls longer than this is abandoned and resumed
 
 _STATUS = {
@@ -214,6 +215,25 @@ class GrpcCoreClient:
             )
         except grpc.aio.AioRpcError as exc:
             raise translate(exc, "sync report") from None
+
+    async def blob_locations(self, sha256s: Sequence[str]) -> dict[str, str]:
+        """URLs for blobs the core need not stream; {} from a core that offers none."""
+        found: dict[str, str] = {}
+        for start in range(0, len(sha256s), LOCATIONS_PER_CALL):
+            try:
+                reply = await self._stub.GetBlobLocations(
+                    pb.GetBlobLocationsRequest(
+                        sha256=list(sha256s[start : start + LOCATIONS_PER_CALL])
+                    ),
+                    metadata=self._metadata,
+                    timeout=MANIFEST_TIMEOUT,
+                )
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    return found  # a core older than this call streams everything itself
+                raise translate(exc, "blob locations") from None
+            found.update({loc.sha256: loc.url for loc in reply.locations if loc.url})
+        return found
 
     async def signing_key_pem(self) -> str:
         try:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from satellite.sync import AgentState, Desired, SyncReport
-from shared.errors import BlobCorrupt, IntegrityError, NotFound, StoreError
+from shared.errors import BlobCorrupt, IntegrityError, NotFound, StoreError, Unavailable
 from shared.hashing import StreamVerifier
 from shared.manifest import Manifest, ManifestEntry, TargetEnvironment
 from shared.signing import public_key_pem, sign_manifest
@@ -71,6 +71,8 @@ class FakeCore:
         self.subscriptions: list[str] = []  # the current hash sent with each subscribe
         self.closed = False
         self._desired: asyncio.Queue[Desired] = asyncio.Queue()
+        self.locations: dict[str, str] = {}  # sha256 -> URL handed out by blob_locations
+        self.location_calls: list[list[str]] = []
 
     def publish(self, manifest: Manifest, blobs: dict[str, bytes]) -> Manifest:
         signed = sign_manifest(manifest, self.key)
@@ -104,6 +106,10 @@ class FakeCore:
 
     async def report(self, report: SyncReport) -> None:
         self.reports.append(report)
+
+    async def blob_locations(self, sha256s: Sequence[str]) -> dict[str, str]:
+        self.location_calls.append(list(sha256s))
+        return {s: self.locations[s] for s in sha256s if s in self.locations}
 
     def refuse(self, reason: str) -> None:
         """Stream `unserved`: no environment of this core fits the satellite."""
@@ -371,3 +377,27 @@ class MemorySink:
 
     def close(self) -> None:
         self.closed = True
+
+
+class FakeUrls:
+    """A UrlSource over a dict of URL -> bytes; `broken` URLs fail after `fail_after` bytes,
+    `lying` ones serve other bytes. Records (url, offset) of every fetch."""
+
+    def __init__(self) -> None:
+        self.content: dict[str, bytes] = {}
+        self.broken: dict[str, int] = {}  # url -> bytes served before the connection drops
+        self.fetches: list[tuple[str, int]] = []
+
+    async def fetch(self, url: str, offset: int) -> AsyncIterator[bytes]:
+        self.fetches.append((url, offset))
+        if url not in self.content:
+            raise Unavailable(f"{url.split('?')[0]} answered HTTP 404")
+        data = self.content[url][offset:]
+        cut = self.broken.get(url)
+        for start in range(0, len(data) if cut is None else min(cut, len(data)), CHUNK):
+            yield data[start : start + CHUNK]
+        if cut is not None:
+            raise Unavailable("connection reset by the CDN")
+
+    async def close(self) -> None:
+        pass

@@ -9,9 +9,11 @@ import base64
 import hashlib
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import grpc
 import pytest
@@ -19,7 +21,7 @@ import pytest
 from core.state.db import BlobRecord, open_database
 from core.state.keys import SECRET_KEY_ENV
 from core.state.locks import Activity
-from core.storage.backends import StoreRegistry, load_active_name
+from core.storage.backends import StoreRegistry, load_active_name, save_active_name
 from core.storage.blobstore import FilesystemBlobStore
 from core.storage.database_store import DatabaseBlobStore
 from core.storage.migration import (
@@ -311,6 +313,7 @@ def test_postgres_cores_migrate_while_a_satellite_syncs(
     postgres_url: str,
     package_index: PackageIndex,
     wheel_dir: Path,
+    s3_server: MotoS3,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # The cores and the signing-key export all read these; instances share the secret key.
@@ -320,11 +323,18 @@ def test_postgres_cores_migrate_while_a_satellite_syncs(
     for name in ("pa", "pb", "pc", "pd"):
         build_wheel(WheelSpec(name, "1.0", files={f"{name}/d.bin": os.urandom(size)}), wheel_dir)
     build_wheel(WheelSpec("pe", "1.0"), wheel_dir)
-    core_a = CoreProcess(tmp_path / "core-a").start()
+    # The first instance starts without S3: instances sharing Postgres default to the database
+    # backend (never the instance-local filesystem) and the first start records that choice.
+    first_start = CoreProcess(tmp_path / "core-a").start()
+    assert first_start.admin().GetStorageBackend().name == "database"
+    first_start.stop()
+    s3 = s3_server.env(s3_server.new_bucket())
+    core_a = CoreProcess(tmp_path / "core-a", env=s3).start()
     core_b: CoreProcess | None = None
     sat: SatelliteProcess | None = None
     try:
         admin = core_a.admin()
+        assert admin.GetStorageBackend().name == "database"  # the recorded choice holds
         admin.SetRegistryConfig(apb.SetRegistryConfigRequest(index_url=package_index.url))
         pins = [apb.PackageSpec(name=n, version="1.0") for n in ("pa", "pb", "pc", "pd")]
         admin.SetPackages(apb.SetPackagesRequest(packages=pins))
@@ -332,9 +342,7 @@ def test_postgres_cores_migrate_while_a_satellite_syncs(
         assert first.status == apb.INSTALL_STATUS_READY, first.error
         # ~4 s of copying at 200 kB/s: the satellite syncs in the middle of it.
         admin.MigrateStorage(
-            apb.MigrateStorageRequest(
-                target="database", delete_source=True, max_bytes_per_second=size
-            )
+            apb.MigrateStorageRequest(target="s3", delete_source=True, max_bytes_per_second=size)
         )
         sat = SatelliteProcess(core_a, "sat-pg", tmp_path).register().start()
         eventually(
@@ -344,7 +352,7 @@ def test_postgres_cores_migrate_while_a_satellite_syncs(
         during = admin.GetStorageMigrationState()
         assert during.status == "migrating" and during.done < during.total, during
 
-        core_b = CoreProcess(tmp_path / "core-b").start()  # same Postgres, another instance
+        core_b = CoreProcess(tmp_path / "core-b", env=s3).start()  # same Postgres, another instance
         admin_b = core_b.admin()
         with pytest.raises(grpc.RpcError) as err:
             admin_b.InstallNow(apb.InstallNowRequest())
@@ -356,11 +364,10 @@ def test_postgres_cores_migrate_while_a_satellite_syncs(
             lambda: (s := admin.GetStorageMigrationState()).status == "done" and s, timeout=30
         )
         assert done.done == done.total == 4 and done.error == ""
-        assert admin_b.GetStorageBackend().name == "database"
-        assert not list((core_a.data_dir / "blobs").rglob("*.whl"))
+        assert admin_b.GetStorageBackend().name == "s3"
 
-        # Core B installs (into the shared database store); the satellite, still on core A,
-        # hears of it and downloads the new blob from A, which finds it in Postgres.
+        # Core B installs (into the shared S3 store); the satellite, still on core A, hears of
+        # it and downloads the new blob from A, which finds it in S3.
         admin_b.SetPackages(
             apb.SetPackagesRequest(packages=[*pins, apb.PackageSpec(name="pe", version="1.0")])
         )
@@ -372,8 +379,53 @@ def test_postgres_cores_migrate_while_a_satellite_syncs(
             timeout=30,
         )
         stats = {b.name: b for b in admin.ListStorageBackends().backends}
-        assert stats["database"].blob_count == 5 and stats["filesystem"].blob_count == 0
+        assert stats["s3"].blob_count == 5 and stats["database"].blob_count == 0
+        assert stats["filesystem"].blob_count == 0
     finally:
         for proc in (sat, core_b, core_a):
             if proc is not None:
                 proc.stop()
+
+
+def test_an_instance_local_backend_is_refused_when_instances_share_postgres(
+    tmp_path: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SPK_DATABASE_URL", postgres_url)
+    monkeypatch.setenv(SECRET_KEY_ENV, base64.b64encode(os.urandom(32)).decode())
+    core = CoreProcess(tmp_path / "core").start()
+    try:
+        admin = core.admin()
+        calls: list[tuple[str, Any]] = [
+            ("SetStorageBackend", apb.SetStorageBackendRequest(name="filesystem")),
+            ("MigrateStorage", apb.MigrateStorageRequest(target="filesystem")),
+        ]
+        for method, request in calls:
+            with pytest.raises(grpc.RpcError) as refusal:
+                getattr(admin, method)(request)
+            assert refusal.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "'filesystem' is instance-local" in (refusal.value.details() or "")
+        assert admin.GetStorageBackend().name == "database"
+    finally:
+        core.stop()
+    # A deployment that chose the filesystem earlier (by hand, or before this rule) does not
+    # start; the error names the fix, and the fix works.
+    db = open_database(tmp_path / "core", postgres_url)
+    save_active_name("filesystem")
+    db.close()
+    refused = CoreProcess(tmp_path / "core")
+    with pytest.raises(RuntimeError) as err:
+        refused.start()
+    assert "'filesystem' is instance-local" in str(err.value)
+    assert "spk-core storage migrate database" in str(err.value)
+    fix = subprocess.run(
+        [sys.executable, "-m", "core.app.cli", "storage", "migrate", "database",
+         "--data-dir", str(tmp_path / "core"), "--database-url", postgres_url],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert fix.returncode == 0, fix.stderr
+    assert "database is the active backend" in fix.stdout
+    again = CoreProcess(tmp_path / "core").start()
+    try:
+        assert again.admin().GetStorageBackend().name == "database"
+    finally:
+        again.stop()

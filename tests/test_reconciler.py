@@ -35,7 +35,7 @@ from satellite.sync.materialiser import WRITE_BATCH
 from shared import tags
 from shared.manifest import Manifest, ManifestEntry
 from shared.signing import sign_manifest, verify_manifest
-from tests.fakes import FakeCore, MemoryStore, fake_package, manifest_of
+from tests.fakes import CHUNK, FakeCore, FakeUrls, MemoryStore, fake_package, manifest_of
 
 _WRITES = ("mkdir", "makedirs", "rename", "replace", "symlink", "link", "unlink", "rmdir")
 
@@ -354,3 +354,70 @@ async def test_a_dead_worker_is_raised_not_waited_for(world: World) -> None:
     with pytest.raises(RuntimeError, match="the store is gone"):
         await reconciler.shutdown()  # re-raised, never lost
     await reconciler.shutdown()  # idempotent
+
+
+# --------------------------------------------------------------------------- blob URLs
+
+
+def _with_urls(world: World, base: str = "") -> FakeUrls:
+    urls = FakeUrls()
+    world.deps = dataclasses.replace(world.deps, urls=urls, blob_base_url=base)
+    return urls
+
+
+async def test_blobs_with_a_url_skip_the_core_and_are_verified_the_same(world: World) -> None:
+    urls = _with_urls(world)
+    a, b = world.package("alpha", "1.0", size=3 * CHUNK), world.package("beta", "1.0")
+    manifest = world.publish(a, b)
+    url = f"https://bucket.example/blobs/{a[0].sha256}?X-Amz-Signature=secret"
+    world.core.locations[a[0].sha256] = url
+    urls.content[url] = a[1]
+    result = await reconcile_to_hash(manifest.lockfile_hash, world.deps)
+    assert result.outcome is Outcome.FLIPPED and result.blobs_pulled == 2
+    assert len(world.core.location_calls) == 1  # one question for the whole sync
+    assert set(world.core.location_calls[0]) == {a[0].sha256, b[0].sha256}
+    assert [s for s, _ in world.core.downloads] == [b[0].sha256]  # only beta via the core
+    assert urls.fetches == [(url, 0)]
+
+
+async def test_a_failing_url_falls_back_to_the_core_after_the_bytes_that_arrived(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    urls = _with_urls(world)
+    a = world.package("alpha", "1.0", size=8 * CHUNK)
+    manifest = world.publish(a)
+    url = f"https://cdn.example/{a[0].sha256[:2]}/{a[0].sha256}.whl?token=secret"
+    world.core.locations[a[0].sha256] = url
+    urls.content[url] = a[1]
+    urls.broken[url] = 3 * CHUNK  # the CDN drops the connection after 3 chunks
+    result = await reconcile_to_hash(manifest.lockfile_hash, world.deps)
+    assert result.outcome is Outcome.FLIPPED
+    assert world.core.downloads == [(a[0].sha256, 3 * CHUNK)]  # resumed, nothing sent twice
+    assert "falling back to the core" in caplog.text and "https://cdn.example" in caplog.text
+    assert "secret" not in caplog.text  # a presigned query never reaches a log line
+
+
+async def test_a_lying_url_is_refused_by_the_hash_and_the_core_serves_the_blob(
+    world: World,
+) -> None:
+    urls = _with_urls(world)
+    a = world.package("alpha", "1.0", size=2 * CHUNK)
+    manifest = world.publish(a)
+    url = "https://evil.example/x.whl"
+    world.core.locations[a[0].sha256] = url
+    urls.content[url] = bytes(len(a[1]))  # same size, other bytes
+    result = await reconcile_to_hash(manifest.lockfile_hash, world.deps)
+    assert result.outcome is Outcome.FLIPPED
+    # The partial failed verification, so it was dropped and the core sent the whole blob.
+    assert world.core.downloads == [(a[0].sha256, 0)]
+
+
+async def test_a_host_mirror_needs_no_question_to_the_core(world: World) -> None:
+    urls = _with_urls(world, base="http://mirror.local/blobs/")
+    a = world.package("alpha", "1.0")
+    manifest = world.publish(a)
+    url = f"http://mirror.local/blobs/{a[0].sha256[:2]}/{a[0].sha256}.whl"
+    urls.content[url] = a[1]
+    result = await reconcile_to_hash(manifest.lockfile_hash, world.deps)
+    assert result.outcome is Outcome.FLIPPED
+    assert world.core.location_calls == [] and world.core.downloads == []

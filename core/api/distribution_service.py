@@ -16,6 +16,7 @@ from core.api.auth import current_identity
 from core.fanout.hub import Hub
 from core.state import fleet, lockfiles
 from core.state.db import Database, database_proxy
+from core.storage.blob_urls import BlobUrls
 from core.storage.blobstore import BlobStore
 from shared.errors import (
     InvalidArgument,
@@ -136,6 +137,7 @@ class DistributionService(distribution_pb2_grpc.PackageDistributionServicer):
         store: BlobStore,
         public_key: Ed25519PublicKey,
         limits: ClientLimits | None = None,
+        urls: BlobUrls | None = None,
     ) -> None:
         limits = limits or ClientLimits()
         self._downloads = _Counter(limits.max_downloads, "blob downloads")
@@ -144,6 +146,7 @@ class DistributionService(distribution_pb2_grpc.PackageDistributionServicer):
         self._reports = _ReportBatcher(db)
         self._hub = hub
         self._store = store
+        self._urls = urls
         self._signing_key = pb.SigningKey(
             public_key_pem=public_key_pem(public_key), key_id=key_id(public_key)
         )
@@ -251,3 +254,16 @@ class DistributionService(distribution_pb2_grpc.PackageDistributionServicer):
 
     async def GetSigningKey(self, request: pb.GetSigningKeyRequest, context: Ctx) -> pb.SigningKey:
         return self._signing_key
+
+    async def GetBlobLocations(
+        self, request: pb.GetBlobLocationsRequest, context: Ctx
+    ) -> pb.GetBlobLocationsResponse:
+        if self._urls is None or not self._urls.policy.enabled:
+            return pb.GetBlobLocationsResponse()
+        found = await self._db.run(self._urls.locate, list(request.sha256))
+        return pb.GetBlobLocationsResponse(
+            locations=[
+                pb.BlobLocation(sha256=loc.sha256, url=loc.url, expires_at_unix=loc.expires_at)
+                for loc in found
+            ]
+        )

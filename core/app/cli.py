@@ -14,11 +14,14 @@ from typing import TypeVar
 
 from core.app import admin_cli, certs
 from core.app.server import CoreConfig, CoreServer, prepare_data_dir
+from core.app.storage_runtime import StorageRuntime
 from core.state import lockfiles, tokens
 from core.state.db import Database, open_database
 from core.state.keys import SecretBox, load_or_create_key
+from core.storage.blob_urls import BlobUrlPolicy
 from core.storage.gc import GcPolicy
 from shared.cli import run_command
+from shared.errors import SpkError
 from shared.signing import public_key_pem
 
 log = logging.getLogger("spk-core")
@@ -85,6 +88,24 @@ def _parser() -> argparse.ArgumentParser:
         default=24.0,
         help="scheduled blob GC pass every this many hours; 0 turns it off (default 24)",
     )
+    serve.add_argument(
+        "--presign-blob-urls",
+        action="store_true",
+        help="hand satellites short-lived presigned GET URLs for blobs stored in S3, so the"
+        " bytes come from the object store instead of through this core",
+    )
+    serve.add_argument(
+        "--presign-ttl-seconds",
+        type=_non_negative(int),
+        default=900,
+        help="how long a presigned URL is valid (default 900)",
+    )
+    serve.add_argument(
+        "--blob-base-url",
+        default="",
+        help="a CDN or mirror serving the blob store read-only (<url>/ab/<sha256>.whl);"
+        " satellites fetch from it, verify every byte, and fall back to this core",
+    )
     serve.add_argument("--log-level", default="INFO")
 
     tok = sub.add_parser("admin-token", help="manage admin tokens")
@@ -125,7 +146,49 @@ def _parser() -> argparse.ArgumentParser:
     )
     rotate.add_argument("--data-dir", type=Path, default=Path("spk-core-data"))
     rotate.add_argument("--database-url", default=os.environ.get("SPK_DATABASE_URL"))
+    storage = sub.add_parser(
+        "storage", help="offline storage work on a data dir (no server running on it)"
+    )
+    storage_sub = storage.add_subparsers(dest="action", required=True)
+    move = storage_sub.add_parser(
+        "migrate",
+        help="copy every blob to TARGET (verified) and make it the active backend; the way off"
+        " an instance-local backend before several instances share Postgres",
+    )
+    move.add_argument("target", help="database, s3 or filesystem")
+    move.add_argument("--delete-source", action="store_true")
+    move.add_argument("--data-dir", type=Path, default=Path("spk-core-data"))
+    move.add_argument("--database-url", default=os.environ.get("SPK_DATABASE_URL"))
     return p
+
+
+def _checked_base_url(url: str) -> str:
+    if url and not url.startswith(("http://", "https://")):
+        raise SpkError(f"--blob-base-url {url!r}: must be an http(s) URL")
+    return url
+
+
+async def _migrate_offline(args: argparse.Namespace) -> int:
+    """The online migration's code, run to its end in this process."""
+    prepare_data_dir(args.data_dir)
+    db = Database(await asyncio.to_thread(open_database, args.data_dir, args.database_url))
+    shared = (args.database_url or "").startswith(("postgres://", "postgresql://"))
+    try:
+        storage = await StorageRuntime.open(
+            db, args.data_dir, os.environ, shared=shared, allow_local=True
+        )
+        try:
+            await storage.migrator.start(args.target, args.delete_source)
+            await storage.migrator.wait()
+            state = await storage.migrator.state()
+        finally:
+            await storage.stop()
+    finally:
+        await asyncio.to_thread(db.close)
+    if state.status != "done":
+        raise SpkError(f"the migration to {args.target} stopped: {state.error or state.status}")
+    print(f"{state.done} blobs ({state.bytes} bytes) copied; {args.target} is the active backend")
+    return 0
 
 
 async def _serve(args: argparse.Namespace) -> None:
@@ -143,6 +206,11 @@ async def _serve(args: argparse.Namespace) -> None:
             keep_previous=args.gc_keep,
             grace_seconds=round(args.gc_grace_hours * 3600),
             interval_seconds=round(args.gc_interval_hours * 3600),
+        ),
+        blob_urls=BlobUrlPolicy(
+            presign_s3=args.presign_blob_urls,
+            presign_ttl_seconds=max(60, args.presign_ttl_seconds),
+            base_url=_checked_base_url(args.blob_base_url),
         ),
     )
     core = CoreServer(config)
@@ -184,6 +252,8 @@ def _dispatch(args: argparse.Namespace) -> int | None:
     elif args.command == "certs":
         for path in certs.init_dir(args.dir, args.host, args.client):
             print(path)
+    elif args.command == "storage":
+        return asyncio.run(_migrate_offline(args))
     elif args.command == "signing-key":
         db, box = _open(args)
         if args.action == "rotate":

@@ -31,7 +31,8 @@ from core.install.installer import Installer
 from core.state import environments, lockfiles, tokens
 from core.state.db import Database, open_database
 from core.state.keys import SecretBox, load_or_create_key
-from core.storage.blobstore import BlobStore
+from core.storage.backends import StoreRegistry
+from core.storage.blob_urls import BlobUrlPolicy, BlobUrls
 from core.storage.gc import GcPolicy
 from shared.errors import StoreError
 from shared.proto.scriptpkgs.v1 import (
@@ -67,6 +68,12 @@ class CoreConfig:
     # made by another core instance (or straight in the database) to this instance's streams.
     desired_poll_seconds: float = DESIRED_POLL_SECONDS
     gc: GcPolicy = field(default_factory=GcPolicy)  # blob GC: kept, grace, schedule (0: off)
+    blob_urls: BlobUrlPolicy = field(default_factory=BlobUrlPolicy)  # bytes without the core
+
+    @property
+    def shares_state(self) -> bool:
+        """Postgres: other core instances may serve the same fleet from the same state."""
+        return (self.database_url or "").startswith(("postgres://", "postgresql://"))
 
 
 def server_credentials(config: CoreConfig) -> grpc.ServerCredentials | None:
@@ -157,7 +164,9 @@ class CoreServer:
         stack.push_async_callback(asyncio.to_thread, db.close)  # joins its threads: off the loop
         if cfg.bootstrap_admin_token:
             await db.run(tokens.ensure_bootstrap_token, cfg.bootstrap_admin_token)
-        self.storage = storage = await StorageRuntime.open(db, cfg.data_dir, os.environ)
+        self.storage = storage = await StorageRuntime.open(
+            db, cfg.data_dir, os.environ, shared=cfg.shares_state
+        )
         stack.push_async_callback(storage.stop)
         # Under the installer lock: with Postgres, another instance may be installing right now.
         if await storage.when_idle(recover_stale_install):
@@ -190,7 +199,7 @@ class CoreServer:
         for name in [*SERVICE_NAMES, ""]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._spawn(self._poll_desired(), "desired-poll")
-        if cfg.database_url and cfg.database_url.startswith(("postgres://", "postgresql://")):
+        if cfg.shares_state and cfg.database_url:
             self._start_notify(cfg.database_url, db)
         storage.start_background()
         log.info(
@@ -207,7 +216,7 @@ class CoreServer:
         box: SecretBox,
         installer: Installer,
         storage_ops: StorageOps,
-        store: BlobStore,
+        store: StoreRegistry,
         public_key: Ed25519PublicKey,
     ) -> grpc.aio.Server:
         cfg = self.config
@@ -236,7 +245,10 @@ class CoreServer:
             AdminService(db, box, installer, self.hub, storage_ops), server
         )
         distribution_pb2_grpc.add_PackageDistributionServicer_to_server(
-            DistributionService(db, self.hub, store, public_key), server
+            DistributionService(
+                db, self.hub, store, public_key, urls=BlobUrls(cfg.blob_urls, store)
+            ),
+            server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = [*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1]

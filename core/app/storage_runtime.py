@@ -21,7 +21,14 @@ from core.fanout.hub import Hub
 from core.install.rollback import rollback
 from core.state.db import Database
 from core.state.locks import Activity, InstallerLock
-from core.storage.backends import StoreRegistry, build_registry, load_active_name
+from core.storage.backends import (
+    INSTANCE_LOCAL,
+    StoreRegistry,
+    build_registry,
+    choose_active_once,
+    load_active_name,
+    local_backend_refusal,
+)
 from core.storage.gc import BlobGc, GcPolicy
 from core.storage.migration import Migrator
 from shared.errors import FailedPrecondition, StoreError
@@ -40,9 +47,26 @@ class StorageRuntime:
         self.gc: BlobGc | None = None
 
     @classmethod
-    async def open(cls, db: Database, data_dir: Path, env: Mapping[str, str]) -> StorageRuntime:
+    async def open(
+        cls,
+        db: Database,
+        data_dir: Path,
+        env: Mapping[str, str],
+        *,
+        shared: bool = False,
+        allow_local: bool = False,
+    ) -> StorageRuntime:
+        """`shared`: the state is in Postgres, so other core instances serve the same fleet and
+        an instance-local backend is refused (`allow_local`: the offline migration, which is
+        how blobs get off one)."""
         registry = build_registry(data_dir, env, load_active=load_active_name)
-        active = await db.run(load_active_name)
+        registry.shared = shared
+        if shared:
+            active = await db.run(choose_active_once, registry.shared_default())
+            if active in INSTANCE_LOCAL and not allow_local:
+                raise StoreError(local_backend_refusal(active))
+        else:
+            active = await db.run(load_active_name)
         if active not in registry.names():
             # Writing anywhere else would scatter blobs where other instances cannot see them.
             reason = registry.unavailable.get(active, "not a known backend")

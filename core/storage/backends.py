@@ -20,12 +20,15 @@ from core.state.db import BlobRecord, Setting, upsert
 from core.storage.blobstore import BlobStore, FilesystemBlobStore
 from core.storage.database_store import DatabaseBlobStore
 from core.storage.s3_store import S3BlobStore, s3_config_from_env
-from shared.errors import InvalidArgument, NotFound, StoreError
+from shared.errors import FailedPrecondition, InvalidArgument, NotFound, StoreError
 from shared.names import check_sha256
 
 log = logging.getLogger(__name__)
 ACTIVE_KEY = "storage_backend"
 DEFAULT_BACKEND = "filesystem"
+# Backends only the instance that wrote them can read. Several core instances (state in
+# Postgres) serve the same satellites, so a blob there would be NOT_FOUND on the others.
+INSTANCE_LOCAL = frozenset({"filesystem"})
 T = TypeVar("T")
 
 
@@ -41,6 +44,7 @@ class StoreRegistry:
     ) -> None:
         self._stores = {s.name: s for s in stores}
         self._load_active = load_active
+        self.shared = False  # the state is shared by several core instances (Postgres)
         # Backends that are known but not configured here, with the reason (for error messages).
         self.unavailable = dict(unavailable or {})
         self._active = self.get(active).name
@@ -52,6 +56,11 @@ class StoreRegistry:
 
     def names(self) -> list[str]:
         return list(self._stores)
+
+    def check_shared(self, name: str, field: str) -> None:
+        """Refuse an instance-local backend as a destination when instances share the state."""
+        if self.shared and name in INSTANCE_LOCAL:
+            raise FailedPrecondition(f"{field} {name!r}: {local_backend_refusal(name)}")
 
     def get(self, name: str, field: str = "name") -> BlobStore:
         """The backend called `name`; InvalidArgument on `field` if there is none (and why)."""
@@ -66,6 +75,11 @@ class StoreRegistry:
 
     def set_active(self, name: str) -> None:
         self._active = self.get(name).name
+
+    def shared_default(self) -> str:
+        """The active backend a deployment that shares its state starts with: S3 when it is
+        configured here, else the database every instance already shares."""
+        return "s3" if "s3" in self._stores else "database"
 
     def _read_order(self) -> list[BlobStore]:
         active = self._stores[self._active]
@@ -176,6 +190,32 @@ def build_registry(
 def load_active_name() -> str:
     row = Setting.get_or_none(Setting.key == ACTIVE_KEY)
     return DEFAULT_BACKEND if row is None else str(json.loads(row.value)["name"])
+
+
+def stored_active_name() -> str | None:
+    """The active backend an operator (or a first start) chose; None when never chosen."""
+    row = Setting.get_or_none(Setting.key == ACTIVE_KEY)
+    return None if row is None else str(json.loads(row.value)["name"])
+
+
+def choose_active_once(default: str) -> str:
+    """The stored choice, or `default` stored now (the first instance to start decides, so
+    instances with different environments cannot pick different defaults)."""
+    Setting.insert(
+        key=ACTIVE_KEY, value=json.dumps({"name": default})
+    ).on_conflict_ignore().execute()
+    return load_active_name()
+
+
+def local_backend_refusal(name: str) -> str:
+    """Why `name` cannot be the active backend of cores that share their state, and the fix."""
+    return (
+        f"the blob backend {name!r} is instance-local: with the state in Postgres several core"
+        " instances serve the same satellites, and a blob stored on one instance's disk would"
+        " be NOT_FOUND on the others; use a backend every instance reads (database, or s3 with"
+        " SPK_S3_*). To move existing blobs, run once on the instance that holds them:"
+        " `spk-core storage migrate database --data-dir DIR --database-url URL`"
+    )
 
 
 def save_active_name(name: str) -> None:

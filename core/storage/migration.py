@@ -144,6 +144,7 @@ class Migrator:
         self, target: str, delete_source: bool, max_bytes_per_second: int = 0
     ) -> MigrationState:
         self._registry.get(target, "target")  # InvalidArgument before anything else
+        self._registry.check_shared(target, "target")
         lease = await self._lock.acquire(Activity.MIGRATION)
         state = MigrationState(
             status="migrating",
@@ -182,6 +183,7 @@ class Migrator:
     async def switch_backend(self, name: str) -> None:
         """Make `name` the backend new blobs go to (existing blobs stay where they are)."""
         self._registry.get(name)
+        self._registry.check_shared(name, "name")
         lease = await self._lock.acquire(Activity.STORAGE_SWITCH)
         try:
             state = await self.state()

@@ -134,6 +134,22 @@ class S3BlobStore:
     def local_path(self, sha256: str) -> Path | None:
         return None  # remote objects
 
+    def presigned_get(self, sha256: str, ttl_seconds: int) -> str:
+        """A URL anyone holding it may GET the blob with until it expires: a secret meanwhile.
+
+        Signed locally (no request to the store); the object must exist, which the caller knows
+        from the blob index.
+        """
+        try:
+            url = self._client.generate_presigned_url(
+                "get_object",
+                Params={"Bucket": self.bucket, "Key": self.key_for(sha256)},
+                ExpiresIn=ttl_seconds,
+            )
+        except Exception as exc:
+            raise self._fail(f"presigning {sha256[:12]}", exc) from None
+        return str(url)
+
     def put_file(self, sha256: str, src: Path) -> bool:
         digest = check_sha256(sha256)
         if self._head(digest) is not None:

@@ -23,6 +23,7 @@ from satellite.sync.ports import (
     SyncReport,
     SyncStatus,
     TreeStore,
+    UrlSource,
 )
 from satellite.sync.reconciler import reconcile_to_hash, repair_tree
 from satellite.sync.results import Outcome, ReconcileResult
@@ -42,6 +43,7 @@ __all__ = [
     "SyncReport",
     "SyncStatus",
     "TreeStore",
+    "UrlSource",
     "reconcile_to_hash",
     "repair_tree",
 ]

@@ -7,6 +7,11 @@ network and the other on CPU and disk (the file-system store unpacks in worker t
 zlib, hashing and file I/O release the GIL, so unpacks use every core). Staged packages are
 published together at the end: one durability sync for the batch instead of one per package.
 Blob bytes reach the store in batches of WRITE_BATCH, not chunk by chunk (see _receive).
+
+Where a blob has a URL (a presigned object-store GET or a CDN the core names, or the host's own
+mirror), its bytes come from there instead of through the core; the store's sink verifies them
+exactly as it verifies the core's (size and sha256 from the signed manifest), and any failure
+falls back to the core, resuming after the bytes that did arrive.
 """
 
 from __future__ import annotations
@@ -14,9 +19,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass, field
 
-from satellite.sync.ports import BlobSink, BlobSource, PackageStore, Staged
+from satellite.sync.ports import BlobSink, BlobSource, PackageStore, Staged, UrlSource
 from satellite.sync.results import Progress
 from shared.errors import BlobCorrupt, IntegrityError, SpkError
 from shared.manifest import ManifestEntry
@@ -29,10 +35,40 @@ class ReconcileFailed(SpkError):
     """One or more packages could not be materialised; the message names each of them."""
 
 
+@dataclass(frozen=True)
+class Sources:
+    """Where blob bytes come from: the core always, URLs for the blobs that have one."""
+
+    core: BlobSource
+    urls: UrlSource | None = None
+    locations: dict[str, str] = field(default_factory=dict)  # sha256 -> URL
+
+
+async def find_sources(
+    entries: Sequence[ManifestEntry],
+    core: BlobSource,
+    urls: UrlSource | None,
+    base_url: str,
+) -> Sources:
+    """One question to the core for all the blobs a sync lacks (none with a host mirror)."""
+    if urls is None or not entries:
+        return Sources(core)
+    if base_url:
+        base = base_url.rstrip("/")
+        return Sources(
+            core, urls, {e.sha256: f"{base}/{e.sha256[:2]}/{e.sha256}.whl" for e in entries}
+        )
+    try:
+        return Sources(core, urls, await core.blob_locations([e.sha256 for e in entries]))
+    except SpkError as exc:  # the core streams everything itself, as before
+        log.warning("asking the core for blob URLs failed (%s); pulling from the core", exc)
+        return Sources(core)
+
+
 async def ensure_pkgs(
     entries: Iterable[ManifestEntry],
     store: PackageStore,
-    core: BlobSource,
+    sources: BlobSource | Sources,
     progress: Progress,
     pull_concurrency: int,
     unpack_concurrency: int,
@@ -40,13 +76,14 @@ async def ensure_pkgs(
     """Pull and unpack every package that is not unpacked yet; ReconcileFailed names failures."""
     unique = list({e.sha256: e for e in entries}.values())
     missing = await store.missing_pkgs(unique)
+    src = sources if isinstance(sources, Sources) else Sources(sources)
     pulls = asyncio.Semaphore(pull_concurrency)
     unpacks = asyncio.Semaphore(unpack_concurrency)
     # gather, not a TaskGroup: one failure must not cancel the others midway (a store call
     # cannot be stopped halfway and would go on unobserved); every package finishes or fails
     # on its own.
     results = await asyncio.gather(
-        *(_ensure_pkg(e, store, core, progress, pulls, unpacks) for e in missing),
+        *(_ensure_pkg(e, store, src, progress, pulls, unpacks) for e in missing),
         return_exceptions=True,
     )
     staged = [r for r in results if r is not None and not isinstance(r, BaseException)]
@@ -66,7 +103,7 @@ async def ensure_pkgs(
 async def _ensure_pkg(
     entry: ManifestEntry,
     store: PackageStore,
-    core: BlobSource,
+    core: Sources,
     progress: Progress,
     pulls: asyncio.Semaphore,
     unpacks: asyncio.Semaphore,
@@ -96,30 +133,36 @@ async def _ensure_pkg(
 async def pull_blobs(
     entries: Iterable[ManifestEntry],
     store: PackageStore,
-    core: BlobSource,
+    sources: BlobSource | Sources,
     progress: Progress,
     pull_concurrency: int,
 ) -> None:
     """Only the pull half of ensure_pkgs: every missing blob, verified and in the store."""
     pulls = asyncio.Semaphore(pull_concurrency)
+    src = sources if isinstance(sources, Sources) else Sources(sources)
 
     async def one(entry: ManifestEntry) -> None:
         if not await store.has_blob(entry.sha256):
             async with pulls:
-                await _pull(entry, store, core, progress)
+                await _pull(entry, store, src, progress)
 
     unique = {e.sha256: e for e in entries}.values()
     await asyncio.gather(*(one(e) for e in unique))
 
 
 async def _pull(
-    entry: ManifestEntry, store: PackageStore, core: BlobSource, progress: Progress
+    entry: ManifestEntry, store: PackageStore, sources: Sources, progress: Progress
 ) -> None:
     """Download one blob into the store, resuming a partial; a bad resume starts over once."""
+    url = sources.locations.get(entry.sha256)
+    if url is not None and sources.urls is not None:
+        if await _pull_url(entry, store, sources.urls, url, progress):
+            return
+        progress.url_fallbacks += 1
     for attempt in (1, 2):
         sink = await store.open_blob(entry.sha256, entry.size)
         resumed_at = sink.offset
-        stream = core.download_blob(entry.sha256, resumed_at)
+        stream = sources.core.download_blob(entry.sha256, resumed_at)
         try:
             await _receive(stream, sink, progress)
             await sink.commit()
@@ -136,6 +179,39 @@ async def _pull(
             # must run even when this task is being cancelled. The partial stays for a resume.
             sink.close()
             await _aclose(stream)
+
+
+async def _pull_url(
+    entry: ManifestEntry, store: PackageStore, urls: UrlSource, url: str, progress: Progress
+) -> bool:
+    """The blob from its URL, verified like any other; False (logged) on any failure, the
+    partial kept when its bytes were fine so the core resumes after them."""
+    sink = await store.open_blob(entry.sha256, entry.size)
+    stream = urls.fetch(url, sink.offset)
+    try:
+        await _receive(stream, sink, progress)
+        await sink.commit()
+    except SpkError as exc:
+        log.warning(
+            "fetching blob %s (%s) from %s failed: %s; falling back to the core",
+            entry.sha256[:12],
+            entry.filename,
+            _host(url),
+            exc,
+        )
+        return False
+    finally:
+        sink.close()
+        await _aclose(stream)
+    progress.blobs_pulled += 1
+    progress.blobs_by_url += 1
+    return True
+
+
+def _host(url: str) -> str:
+    """scheme://host of a URL: what a log line may say (a presigned query is a secret)."""
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{rest.split('/', 1)[0].rsplit('@', 1)[-1]}"
 
 
 async def _receive(stream: AsyncIterator[bytes], sink: BlobSink, progress: Progress) -> None:

@@ -64,7 +64,7 @@ class AgentState:
 
 
 class BlobSource(Protocol):
-    """What a reconcile needs from the core (3 methods). The gRPC adapter: satellite/client.py."""
+    """What a reconcile needs from the core (4 methods). The gRPC adapter: satellite/client.py."""
 
     async def get_manifest(self, lockfile_hash: str) -> Manifest:
         """The signed manifest; raises shared.errors.NotFound for an unknown hash."""
@@ -75,6 +75,20 @@ class BlobSource(Protocol):
         ...
 
     async def report(self, report: SyncReport) -> None: ...
+
+    async def blob_locations(self, sha256s: Sequence[str]) -> dict[str, str]:
+        """URLs (presigned object-store GETs, a CDN) for blobs the core does not have to stream
+        itself; {} when it offers none (or is older than this call)."""
+        ...
+
+
+class UrlSource(Protocol):
+    """Blob bytes from a URL, without the core (1 method). Adapter: satellite/http_blobs.py."""
+
+    def fetch(self, url: str, offset: int) -> AsyncIterator[bytes]:
+        """The bytes from `offset` on (a Range request); SpkError on any failure. Never sends
+        the satellite's token; errors name the host, never a presigned query."""
+        ...
 
 
 class BlobSink(Protocol):
@@ -205,6 +219,10 @@ class ReconcileDeps:
     describe_interpreter: Callable[[], str]
     unpack_concurrency: int  # the agent passes the CPU count: unpacking is CPU and disk bound
     pull_concurrency: int = 4
+    # Fetching blobs without the core: where from (None: always the core), and a mirror or CDN
+    # of the blob store this host prefers (<base>/ab/<sha256>.whl) over asking the core.
+    urls: UrlSource | None = None
+    blob_base_url: str = ""
     wall_clock: Callable[[], float] = time.time  # retirement marks and GC
     monotonic: Callable[[], float] = time.monotonic  # durations
     tree_grace_seconds: float = DEFAULT_TREE_GRACE_SECONDS

@@ -24,7 +24,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import replace
 
-from satellite.sync.materialiser import ensure_pkgs, is_expected
+from satellite.sync.materialiser import ensure_pkgs, find_sources, is_expected
 from satellite.sync.ports import ReconcileDeps, SyncReport, SyncStatus
 from satellite.sync.results import Outcome, Progress, ReconcileResult, make_result, sync_report
 from shared.errors import FailedPrecondition, IntegrityError, InvalidArgument, is_disk_full
@@ -41,8 +41,11 @@ class _Superseded(Exception):
 async def _materialise_pkgs(
     entries: tuple[ManifestEntry, ...], deps: ReconcileDeps, progress: Progress
 ) -> None:
+    # Without a URL source nothing is asked: the core streams every blob, as it always did.
+    missing = await deps.pkgs.missing_pkgs(entries) if deps.urls is not None else []
+    sources = await find_sources(missing, deps.core, deps.urls, deps.blob_base_url)
     await ensure_pkgs(
-        entries, deps.pkgs, deps.core, progress, deps.pull_concurrency, deps.unpack_concurrency
+        entries, deps.pkgs, sources, progress, deps.pull_concurrency, deps.unpack_concurrency
     )
 
 

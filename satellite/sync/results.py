@@ -26,6 +26,8 @@ class Progress:
     bytes_pulled: int = 0
     pkgs_unpacked: int = 0
     tree_built: bool = False
+    blobs_by_url: int = 0  # of blobs_pulled: fetched from a URL, not streamed by the core
+    url_fallbacks: int = 0  # URL fetches that failed and fell back to the core
 
 
 @dataclass(frozen=True)

@@ -25,33 +25,39 @@ _sym_db = _symbol_database.Default()
 from shared.proto.scriptpkgs.v1 import common_pb2 as scriptpkgs_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n scriptpkgs/v1/distribution.proto\x12\rscriptpkgs.v1\x1a\x1ascriptpkgs/v1/common.proto\"\x16\n\x14GetSigningKeyRequest\"4\n\nSigningKey\x12\x16\n\x0epublic_key_pem\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\"\x97\x01\n\x10SubscribeRequest\x12\x15\n\ragent_version\x18\x01 \x01(\t\x12\x16\n\x0epython_version\x18\x02 \x01(\t\x12\x10\n\x08platform\x18\x03 \x01(\t\x12\x14\n\x0c\x63urrent_hash\x18\x04 \x01(\t\x12,\n\x04host\x18\x05 \x01(\x0b\x32\x1e.scriptpkgs.v1.HostEnvironment\"h\n\x07Refresh\x12\x15\n\rlockfile_hash\x18\x01 \x01(\t\x12\x13\n\x0b\x65nvironment\x18\x02 \x01(\t\x12\x18\n\x10release_sequence\x18\x03 \x01(\x04\x12\x17\n\x0funserved_reason\x18\x04 \x01(\t\"+\n\x12GetManifestRequest\x12\x15\n\rlockfile_hash\x18\x01 \x01(\t\"5\n\x13\x44ownloadBlobRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\"=\n\tBlobChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\"\xc0\x01\n\x16ReportSyncStateRequest\x12\x15\n\rlockfile_hash\x18\x01 \x01(\t\x12)\n\x06status\x18\x02 \x01(\x0e\x32\x19.scriptpkgs.v1.SyncStatus\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x14\n\x0c\x62lobs_pulled\x18\x04 \x01(\x04\x12\x14\n\x0c\x62ytes_pulled\x18\x05 \x01(\x04\x12\x13\n\x0b\x64uration_ms\x18\x06 \x01(\x04\x12\x14\n\x0c\x63urrent_hash\x18\x07 \x01(\t\"\x19\n\x17ReportSyncStateResponse*p\n\nSyncStatus\x12\x1b\n\x17SYNC_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13SYNC_STATUS_SYNCING\x10\x01\x12\x15\n\x11SYNC_STATUS_READY\x10\x02\x12\x15\n\x11SYNC_STATUS_ERROR\x10\x03\x32\xb7\x03\n\x13PackageDistribution\x12R\n\x15RefreshScriptPackages\x12\x1f.scriptpkgs.v1.SubscribeRequest\x1a\x16.scriptpkgs.v1.Refresh0\x01\x12I\n\x0bGetManifest\x12!.scriptpkgs.v1.GetManifestRequest\x1a\x17.scriptpkgs.v1.Manifest\x12N\n\x0c\x44ownloadBlob\x12\".scriptpkgs.v1.DownloadBlobRequest\x1a\x18.scriptpkgs.v1.BlobChunk0\x01\x12`\n\x0fReportSyncState\x12%.scriptpkgs.v1.ReportSyncStateRequest\x1a&.scriptpkgs.v1.ReportSyncStateResponse\x12O\n\rGetSigningKey\x12#.scriptpkgs.v1.GetSigningKeyRequest\x1a\x19.scriptpkgs.v1.SigningKeyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n scriptpkgs/v1/distribution.proto\x12\rscriptpkgs.v1\x1a\x1ascriptpkgs/v1/common.proto\")\n\x17GetBlobLocationsRequest\x12\x0e\n\x06sha256\x18\x01 \x03(\t\"D\n\x0c\x42lobLocation\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x17\n\x0f\x65xpires_at_unix\x18\x03 \x01(\x03\"J\n\x18GetBlobLocationsResponse\x12.\n\tlocations\x18\x01 \x03(\x0b\x32\x1b.scriptpkgs.v1.BlobLocation\"\x16\n\x14GetSigningKeyRequest\"4\n\nSigningKey\x12\x16\n\x0epublic_key_pem\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\"\x97\x01\n\x10SubscribeRequest\x12\x15\n\ragent_version\x18\x01 \x01(\t\x12\x16\n\x0epython_version\x18\x02 \x01(\t\x12\x10\n\x08platform\x18\x03 \x01(\t\x12\x14\n\x0c\x63urrent_hash\x18\x04 \x01(\t\x12,\n\x04host\x18\x05 \x01(\x0b\x32\x1e.scriptpkgs.v1.HostEnvironment\"h\n\x07Refresh\x12\x15\n\rlockfile_hash\x18\x01 \x01(\t\x12\x13\n\x0b\x65nvironment\x18\x02 \x01(\t\x12\x18\n\x10release_sequence\x18\x03 \x01(\x04\x12\x17\n\x0funserved_reason\x18\x04 \x01(\t\"+\n\x12GetManifestRequest\x12\x15\n\rlockfile_hash\x18\x01 \x01(\t\"5\n\x13\x44ownloadBlobRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\"=\n\tBlobChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\"\xc0\x01\n\x16ReportSyncStateRequest\x12\x15\n\rlockfile_hash\x18\x01 \x01(\t\x12)\n\x06status\x18\x02 \x01(\x0e\x32\x19.scriptpkgs.v1.SyncStatus\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x14\n\x0c\x62lobs_pulled\x18\x04 \x01(\x04\x12\x14\n\x0c\x62ytes_pulled\x18\x05 \x01(\x04\x12\x13\n\x0b\x64uration_ms\x18\x06 \x01(\x04\x12\x14\n\x0c\x63urrent_hash\x18\x07 \x01(\t\"\x19\n\x17ReportSyncStateResponse*p\n\nSyncStatus\x12\x1b\n\x17SYNC_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13SYNC_STATUS_SYNCING\x10\x01\x12\x15\n\x11SYNC_STATUS_READY\x10\x02\x12\x15\n\x11SYNC_STATUS_ERROR\x10\x03\x32\x9c\x04\n\x13PackageDistribution\x12R\n\x15RefreshScriptPackages\x12\x1f.scriptpkgs.v1.SubscribeRequest\x1a\x16.scriptpkgs.v1.Refresh0\x01\x12I\n\x0bGetManifest\x12!.scriptpkgs.v1.GetManifestRequest\x1a\x17.scriptpkgs.v1.Manifest\x12N\n\x0c\x44ownloadBlob\x12\".scriptpkgs.v1.DownloadBlobRequest\x1a\x18.scriptpkgs.v1.BlobChunk0\x01\x12`\n\x0fReportSyncState\x12%.scriptpkgs.v1.ReportSyncStateRequest\x1a&.scriptpkgs.v1.ReportSyncStateResponse\x12O\n\rGetSigningKey\x12#.scriptpkgs.v1.GetSigningKeyRequest\x1a\x19.scriptpkgs.v1.SigningKey\x12\x63\n\x10GetBlobLocations\x12&.scriptpkgs.v1.GetBlobLocationsRequest\x1a\'.scriptpkgs.v1.GetBlobLocationsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'scriptpkgs.v1.distribution_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SYNCSTATUS']._serialized_start=802
-  _globals['_SYNCSTATUS']._serialized_end=914
-  _globals['_GETSIGNINGKEYREQUEST']._serialized_start=79
-  _globals['_GETSIGNINGKEYREQUEST']._serialized_end=101
-  _globals['_SIGNINGKEY']._serialized_start=103
-  _globals['_SIGNINGKEY']._serialized_end=155
-  _globals['_SUBSCRIBEREQUEST']._serialized_start=158
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=309
-  _globals['_REFRESH']._serialized_start=311
-  _globals['_REFRESH']._serialized_end=415
-  _globals['_GETMANIFESTREQUEST']._serialized_start=417
-  _globals['_GETMANIFESTREQUEST']._serialized_end=460
-  _globals['_DOWNLOADBLOBREQUEST']._serialized_start=462
-  _globals['_DOWNLOADBLOBREQUEST']._serialized_end=515
-  _globals['_BLOBCHUNK']._serialized_start=517
-  _globals['_BLOBCHUNK']._serialized_end=578
-  _globals['_REPORTSYNCSTATEREQUEST']._serialized_start=581
-  _globals['_REPORTSYNCSTATEREQUEST']._serialized_end=773
-  _globals['_REPORTSYNCSTATERESPONSE']._serialized_start=775
-  _globals['_REPORTSYNCSTATERESPONSE']._serialized_end=800
-  _globals['_PACKAGEDISTRIBUTION']._serialized_start=917
-  _globals['_PACKAGEDISTRIBUTION']._serialized_end=1356
+  _globals['_SYNCSTATUS']._serialized_start=991
+  _globals['_SYNCSTATUS']._serialized_end=1103
+  _globals['_GETBLOBLOCATIONSREQUEST']._serialized_start=79
+  _globals['_GETBLOBLOCATIONSREQUEST']._serialized_end=120
+  _globals['_BLOBLOCATION']._serialized_start=122
+  _globals['_BLOBLOCATION']._serialized_end=190
+  _globals['_GETBLOBLOCATIONSRESPONSE']._serialized_start=192
+  _globals['_GETBLOBLOCATIONSRESPONSE']._serialized_end=266
+  _globals['_GETSIGNINGKEYREQUEST']._serialized_start=268
+  _globals['_GETSIGNINGKEYREQUEST']._serialized_end=290
+  _globals['_SIGNINGKEY']._serialized_start=292
+  _globals['_SIGNINGKEY']._serialized_end=344
+  _globals['_SUBSCRIBEREQUEST']._serialized_start=347
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=498
+  _globals['_REFRESH']._serialized_start=500
+  _globals['_REFRESH']._serialized_end=604
+  _globals['_GETMANIFESTREQUEST']._serialized_start=606
+  _globals['_GETMANIFESTREQUEST']._serialized_end=649
+  _globals['_DOWNLOADBLOBREQUEST']._serialized_start=651
+  _globals['_DOWNLOADBLOBREQUEST']._serialized_end=704
+  _globals['_BLOBCHUNK']._serialized_start=706
+  _globals['_BLOBCHUNK']._serialized_end=767
+  _globals['_REPORTSYNCSTATEREQUEST']._serialized_start=770
+  _globals['_REPORTSYNCSTATEREQUEST']._serialized_end=962
+  _globals['_REPORTSYNCSTATERESPONSE']._serialized_start=964
+  _globals['_REPORTSYNCSTATERESPONSE']._serialized_end=989
+  _globals['_PACKAGEDISTRIBUTION']._serialized_start=1106
+  _globals['_PACKAGEDISTRIBUTION']._serialized_end=1646
 # @@protoc_insertion_point(module_scope)

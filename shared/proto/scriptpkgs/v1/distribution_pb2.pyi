@@ -3,8 +3,10 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from shared.proto.scriptpkgs.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
@@ -36,6 +38,77 @@ SYNC_STATUS_SYNCING: SyncStatus.ValueType  # 1
 SYNC_STATUS_READY: SyncStatus.ValueType  # 2
 SYNC_STATUS_ERROR: SyncStatus.ValueType  # 3
 Global___SyncStatus: _TypeAlias = SyncStatus  # noqa: Y015
+
+@_typing.final
+class GetBlobLocationsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHA256_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def sha256(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """at most 4096"""
+
+    def __init__(
+        self,
+        *,
+        sha256: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sha256", b"sha256"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetBlobLocationsRequest: _TypeAlias = GetBlobLocationsRequest  # noqa: Y015
+
+@_typing.final
+class BlobLocation(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHA256_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_UNIX_FIELD_NUMBER: _builtins.int
+    sha256: _builtins.str
+    url: _builtins.str
+    """a secret while it is valid (presigned): never log its query"""
+    expires_at_unix: _builtins.int
+    """0: does not expire (a CDN)"""
+    def __init__(
+        self,
+        *,
+        sha256: _builtins.str = ...,
+        url: _builtins.str = ...,
+        expires_at_unix: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at_unix", b"expires_at_unix", "sha256", b"sha256", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BlobLocation: _TypeAlias = BlobLocation  # noqa: Y015
+
+@_typing.final
+class GetBlobLocationsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOCATIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def locations(self) -> _containers.RepeatedCompositeFieldContainer[Global___BlobLocation]:
+        """only the blobs that have one"""
+
+    def __init__(
+        self,
+        *,
+        locations: _abc.Iterable[Global___BlobLocation] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["locations", b"locations"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetBlobLocationsResponse: _TypeAlias = GetBlobLocationsResponse  # noqa: Y015
 
 @_typing.final
 class GetSigningKeyRequest(_message.Message):

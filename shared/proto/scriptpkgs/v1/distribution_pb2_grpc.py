@@ -61,6 +61,11 @@ class PackageDistributionStub:
                 request_serializer=scriptpkgs_dot_v1_dot_distribution__pb2.GetSigningKeyRequest.SerializeToString,
                 response_deserializer=scriptpkgs_dot_v1_dot_distribution__pb2.SigningKey.FromString,
                 _registered_method=True)
+        self.GetBlobLocations = channel.unary_unary(
+                '/scriptpkgs.v1.PackageDistribution/GetBlobLocations',
+                request_serializer=scriptpkgs_dot_v1_dot_distribution__pb2.GetBlobLocationsRequest.SerializeToString,
+                response_deserializer=scriptpkgs_dot_v1_dot_distribution__pb2.GetBlobLocationsResponse.FromString,
+                _registered_method=True)
 
 
 class PackageDistributionServicer:
@@ -102,6 +107,17 @@ class PackageDistributionServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetBlobLocations(self, request, context):
+        """Where blobs can be fetched without the core in the byte path: short-lived presigned
+        object-store URLs, or a CDN / mirror serving the blob store read-only. One call per sync
+        for all the blobs it lacks. A blob without a location, and any failure of the URL, is
+        fetched with DownloadBlob; bytes from a URL are verified against the signed manifest
+        exactly like bytes from the core. Never needs (or sends) the satellite token to the URL.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PackageDistributionServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -129,6 +145,11 @@ def add_PackageDistributionServicer_to_server(servicer, server):
                     servicer.GetSigningKey,
                     request_deserializer=scriptpkgs_dot_v1_dot_distribution__pb2.GetSigningKeyRequest.FromString,
                     response_serializer=scriptpkgs_dot_v1_dot_distribution__pb2.SigningKey.SerializeToString,
+            ),
+            'GetBlobLocations': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBlobLocations,
+                    request_deserializer=scriptpkgs_dot_v1_dot_distribution__pb2.GetBlobLocationsRequest.FromString,
+                    response_serializer=scriptpkgs_dot_v1_dot_distribution__pb2.GetBlobLocationsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -267,6 +288,33 @@ class PackageDistribution:
             '/scriptpkgs.v1.PackageDistribution/GetSigningKey',
             scriptpkgs_dot_v1_dot_distribution__pb2.GetSigningKeyRequest.SerializeToString,
             scriptpkgs_dot_v1_dot_distribution__pb2.SigningKey.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBlobLocations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/scriptpkgs.v1.PackageDistribution/GetBlobLocations',
+            scriptpkgs_dot_v1_dot_distribution__pb2.GetBlobLocationsRequest.SerializeToString,
+            scriptpkgs_dot_v1_dot_distribution__pb2.GetBlobLocationsResponse.FromString,
             options,
             channel_credentials,
             insecure,
