@@ -20,6 +20,7 @@ from core.state.keys import SecretBox, load_or_create_key
 from core.storage.gc import GcPolicy
 from shared.cli import run_command
 from shared.signing import public_key_pem
+from shared.tree_content import TreeContentPolicy
 
 log = logging.getLogger("spk-core")
 T = TypeVar("T", int, float)
@@ -85,6 +86,14 @@ def _parser() -> argparse.ArgumentParser:
         default=24.0,
         help="scheduled blob GC pass every this many hours; 0 turns it off (default 24)",
     )
+    serve.add_argument(
+        "--allow-pth",
+        action="append",
+        default=[],
+        metavar="PACKAGE",
+        help="accept PACKAGE's wheels although they ship a start-up hook (top-level .pth,"
+        " sitecustomize); the hook is left out of every tree (repeatable; docs/sandbox.md)",
+    )
     serve.add_argument("--log-level", default="INFO")
 
     tok = sub.add_parser("admin-token", help="manage admin tokens")
@@ -144,6 +153,7 @@ async def _serve(args: argparse.Namespace) -> None:
             grace_seconds=round(args.gc_grace_hours * 3600),
             interval_seconds=round(args.gc_interval_hours * 3600),
         ),
+        content=TreeContentPolicy.allowing(args.allow_pth),
     )
     core = CoreServer(config)
     loop = asyncio.get_running_loop()

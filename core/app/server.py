@@ -34,6 +34,7 @@ from shared.proto.scriptpkgs.v1 import (
     distribution_pb2,
     distribution_pb2_grpc,
 )
+from shared.tree_content import DEFAULT_CONTENT_POLICY, TreeContentPolicy
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE = 4 * 1024 * 1024
@@ -56,6 +57,8 @@ class CoreConfig:
     # made by another core instance (or straight in the database) to this instance's streams.
     desired_poll_seconds: float = DESIRED_POLL_SECONDS
     gc: GcPolicy = field(default_factory=GcPolicy)  # blob GC: kept, grace, schedule (0: off)
+    # Which packages may ship start-up hooks (.pth, sitecustomize): --allow-pth, tree_content.
+    content: TreeContentPolicy = DEFAULT_CONTENT_POLICY
 
 
 def server_credentials(config: CoreConfig) -> grpc.ServerCredentials | None:
@@ -136,7 +139,7 @@ class CoreServer:
         self.hub.publish(await db.run(lockfiles.desired_hash))
         store = storage.registry  # writes to the active backend, reads fall back across all
         self.installer = Installer(
-            db, box, key, store, self.hub, cfg.data_dir / "work", storage.lock
+            db, box, key, store, self.hub, cfg.data_dir / "work", storage.lock, cfg.content
         )
         storage_ops = storage.bind(self.hub, key, cfg.gc)
         await storage.migrator.resume_if_stuck()  # before serving, so no install can slip in

@@ -43,6 +43,7 @@ from core.install.pip_downloads import HeldWheel, ResolvedWheel, plan_downloads
 from core.state.index_config import RegistrySettings
 from shared.errors import SpkError
 from shared.fsutil import start_writeback
+from shared.tree_content import DEFAULT_CONTENT_POLICY, TreeContentPolicy
 from shared.wheels import inspect_wheel
 
 log = logging.getLogger(__name__)
@@ -51,11 +52,13 @@ PAGE_FETCHES = 4  # a local pypiserver stalls ~1 s when 8 clients connect at onc
 T = TypeVar("T")
 
 
-def inspect_file(path: Path, filename: str) -> str:
+def inspect_file(
+    path: Path, filename: str, content: TreeContentPolicy = DEFAULT_CONTENT_POLICY
+) -> str:
     """RECORD and member safety on one file, then start its writeback; its sha256."""
     with path.open("rb") as f:
         digest = hashlib.file_digest(f, "sha256").hexdigest()
-        inspect_wheel(path, filename=filename)
+        inspect_wheel(path, filename=filename, content=content)
         start_writeback(f.fileno())
     return digest
 
@@ -89,9 +92,15 @@ class EarlyChecks:
     """One install's early checks: `expect` and `watching(...)` around the pip run, then
     `inspected` and `published` per wheel."""
 
-    def __init__(self, links_dir: Path, settings: RegistrySettings) -> None:
+    def __init__(
+        self,
+        links_dir: Path,
+        settings: RegistrySettings,
+        content: TreeContentPolicy = DEFAULT_CONTENT_POLICY,
+    ) -> None:
         self._links_dir = links_dir  # on pip's filesystem, removed by the caller
         self._settings = settings
+        self._content = content
         # Inspection: one worker at a lower priority; on 2 cores nice 10 took 0.07 s off a w31
         # install (docs/benchmarks.md). Page fetches wait on the network, so several at once.
         self._cpu = ThreadPoolExecutor(1, "early-inspect", initializer=_lower_priority)
@@ -123,7 +132,10 @@ class EarlyChecks:
             os.link(src, link)
         except OSError:
             return  # gone already, or another filesystem: the installer checks it later
-        self._inspections[filename] = (self._cpu.submit(inspect_file, link, filename), link)
+        self._inspections[filename] = (
+            self._cpu.submit(inspect_file, link, filename, self._content),
+            link,
+        )
         self._start_published(filename)
 
     @contextlib.contextmanager

@@ -34,6 +34,7 @@ from core.state.locks import Activity, InstallerLock, Lease
 from core.storage.blobstore import BlobStore
 from shared.errors import FailedPrecondition, SpkError
 from shared.manifest import Manifest, ManifestEntry
+from shared.tree_content import DEFAULT_CONTENT_POLICY, TreeContentPolicy
 from shared.wheels import inspect_wheel
 
 log = logging.getLogger(__name__)
@@ -142,6 +143,7 @@ class Installer:
         hub: Hub,
         work_dir: Path,
         lock: InstallerLock | None = None,
+        content: TreeContentPolicy = DEFAULT_CONTENT_POLICY,
     ) -> None:
         self._db = db
         # Shared with GC, migration and rollback: one of them at a time (and one core instance).
@@ -151,6 +153,7 @@ class Installer:
         self._store = store
         self._hub = hub
         self._work_dir = work_dir
+        self._content = content  # start-up hooks allowed (shared.tree_content)
         self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
 
@@ -283,7 +286,7 @@ class Installer:
         await self._set(phase="resolving")
         self._work_dir.mkdir(parents=True, exist_ok=True)
         downloads = Path(tempfile.mkdtemp(prefix="dl-", dir=self._work_dir))
-        early = EarlyChecks(downloads / "early", config.settings)
+        early = EarlyChecks(downloads / "early", config.settings, self._content)
         try:
             held = await self._held_wheels()
             early.expect(held)
@@ -360,7 +363,7 @@ class Installer:
             return backend
         if checked is None:
             # pip does not check RECORD or refuse symlinks; we do, before anything is published.
-            inspect_wheel(wheel.path, filename=wheel.filename)
+            inspect_wheel(wheel.path, filename=wheel.filename, content=self._content)
         self._store.put_file(wheel.sha256, checked or wheel.path)
         return self._store.name
 
