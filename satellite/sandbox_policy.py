@@ -161,7 +161,9 @@ def parse_sandbox_table(doc: Mapping[str, Any], source: str) -> dict[str, Any]:
         if key in table:
             out[key] = tuple(_path(p, f"{where}.{key}") for p in _list(table[key], where, key))
     if "timeout_seconds" in table:
-        out["timeout_seconds"] = _positive_or_none(table["timeout_seconds"], f"{where}.timeout")
+        out["timeout_seconds"] = _positive_or_none(
+            table["timeout_seconds"], f"{where}.timeout_seconds"
+        )
     if "pass_env" in table:
         out["pass_env"] = tuple(
             _env_name(n, f"{where}.pass_env") for n in _list(table["pass_env"], where, "pass_env")
