@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import ipaddress
 import json
@@ -95,7 +94,9 @@ def _read(path: Path, flag: str) -> bytes:
 
 
 async def _agent(args: argparse.Namespace) -> None:
-    from satellite.agent import Agent, AgentConfig  # grpc: ~60 ms that `run` need not pay
+    import asyncio
+
+    from satellite.agent import Agent, AgentConfig  # grpc and asyncio: `run` need not pay them
 
     if args.policy_file is not None:
         installed = install_host_policy(args.data_dir, args.policy_file)
@@ -187,6 +188,8 @@ def _sandbox_status(data_dir: Path) -> dict[str, object]:
 
 def _dispatch(args: argparse.Namespace) -> int | None:
     if args.command == "agent":
+        import asyncio
+
         asyncio.run(_agent(args))
     elif args.command == "run":
         script_args = args.args[1:] if args.args[:1] == ["--"] else args.args

@@ -13,7 +13,6 @@ exit code; the record is then skipped with one warning. The fields are what metr
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import json
@@ -133,6 +132,8 @@ class RunLog:
 
 async def follow_run_log(data_dir: Path, logger: logging.Logger, interval: float = 1.0) -> None:
     """Log every run recorded from now on (the agent runs this beside itself until cancelled)."""
+    import asyncio  # here: `spk-satellite run` imports this module and needs no event loop
+
     run_log = RunLog(data_dir)
     inode, offset = _position(run_log.path)
     while True:
