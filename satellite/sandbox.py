@@ -18,6 +18,7 @@ of that uid on the host), and it costs no extra exec.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -92,6 +93,7 @@ except BlockingIOError as exc:
 """
 
 STUB_RESOLV = b"# no network in this sandbox\n"
+SCRATCH_PREFIX = "spk-run-"  # then the runner's pid: a dead runner's dir is found and removed
 _REPORT_CAP = 1 << 20
 _USERNS_HINTS = ("namespace", "uid map", "setting up uid", "No space left", "Operation not perm")
 
@@ -172,7 +174,8 @@ class Sandbox:
         policy, settings = req.policy, req.settings
         drop_to = self._preflight()
         script_fd = self._open_script()
-        self.scratch = Path(tempfile.mkdtemp(prefix="spk-run-"))
+        _remove_stale_scratch(drop_to[0] if drop_to else os.geteuid())
+        self.scratch = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-"))
         if drop_to is not None:
             os.chown(self.scratch, *drop_to)
         self._report_fd = self._tmpfile()
@@ -336,6 +339,27 @@ def _refused_limit(event: list[str], source: str) -> SandboxUnavailable:
         f" is {hard}): lower limits.{key} in {source} or raise the hard limit (ulimit -H,"
         " /etc/security/limits.conf); the script was not started"
     )
+
+
+def _remove_stale_scratch(owner: int) -> None:
+    """Scratch dirs of runners that died without cleaning up (SIGKILL), owned as ours would be."""
+    for path in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*-*"):
+        pid = path.name.removeprefix(SCRATCH_PREFIX).partition("-")[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        with contextlib.suppress(OSError):
+            if path.lstat().st_uid == owner and path.is_dir() and not path.is_symlink():
+                _remove_scratch(path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _remove_scratch(path: Path) -> None:

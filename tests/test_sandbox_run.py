@@ -476,3 +476,28 @@ def test_a_mandatory_policy_cannot_be_weakened_from_the_command_line(
     assert proc.returncode == 1 and "Error: [Errno" in proc.stderr  # EACCES or ENOENT inside
     assert not marker.exists()
     assert last_outcome(store)["sandbox"] == f"host policy {store.root / HOST_POLICY}"
+
+
+def test_a_killed_runner_takes_its_sandbox_along(
+    ready: Ready, tmp_path: Path, scratch_parent: Path
+) -> None:
+    store, _ = ready
+    path = script(tmp_path, "import time\nprint('up', flush=True)\ntime.sleep(60)\n", "long.py")
+    proc = subprocess.Popen(
+        run_argv(store, "--sandbox", str(path)),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TMPDIR": str(scratch_parent)},
+    )
+    assert proc.stdout is not None and proc.stdout.readline() == "up\n"
+    proc.kill()  # SIGKILL: no cleanup of its own
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while leftovers(str(path)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert leftovers(str(path)) == []  # --die-with-parent, then the pid namespace
+    (stale,) = scratch_parent.iterdir()  # the one thing SIGKILL leaves: its scratch dir...
+    after = cli(store, "--sandbox", str(script(tmp_path, "pass\n")), scratch_parent=scratch_parent)
+    assert after.returncode == 0, after.stderr
+    assert not stale.exists()  # ...which the next run from the same temp dir removes
