@@ -85,7 +85,7 @@ class SandboxPolicy:
             f"network {self.network}",
             f"timeout {_num(self.timeout_seconds, 's')}",
             f"cpu {_num(lim.cpu_seconds, 's')}",
-            f"memory {_num(lim.memory_bytes, ' bytes')}",
+            f"memory {_size_text(lim.memory_bytes)}",
             f"open files {_num(lim.open_files, '')}",
             f"processes {_num(lim.processes, '')}",
         ]
@@ -98,6 +98,15 @@ class SandboxPolicy:
 
 def _num(value: float | None, unit: str) -> str:
     return "unlimited" if value is None else f"{value:g}{unit}"
+
+
+def _size_text(value: int | None) -> str:
+    if value is None:
+        return "unlimited"
+    for unit in ("TiB", "GiB", "MiB", "KiB"):
+        if value >= _UNITS[unit] and value % _UNITS[unit] == 0:
+            return f"{value // _UNITS[unit]} {unit}"
+    return f"{value} bytes"
 
 
 # A preset is a set of overrides, like a file; `--sandbox` alone means the host policy (or default).

@@ -74,6 +74,12 @@ def interpreter(python: str) -> tuple[str, list[Path]]:
         roots = {Path(sys.base_prefix), Path(sys.base_exec_prefix)}
     else:
         roots = {Path(real).parent.parent}  # <prefix>/bin/pythonX.Y
+        cfg = Path(real).parent.parent / "pyvenv.cfg"  # a venv made with --copies
+        if cfg.is_file():
+            for line in cfg.read_text().splitlines():
+                key, _, value = line.partition("=")
+                if key.strip() == "home" and value.strip():
+                    roots.add(Path(value.strip()).parent)
     covered = [Path(d) for d in SYSTEM_DIRS]
     return real, sorted(r for r in roots if not any(r.is_relative_to(c) for c in covered))
 

@@ -6,6 +6,7 @@ Pure parsing and file checks; the runs themselves are in tests/test_sandbox_run.
 from __future__ import annotations
 
 import os
+import sys
 import textwrap
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from satellite.host_policy import (
 )
 from satellite.sandbox import rlimits, script_env
 from satellite.sandbox_policy import Limits, SandboxPolicy, request_from
+from satellite.sandbox_view import interpreter
 from shared.errors import InvalidArgument, SandboxUnavailable
 
 
@@ -255,3 +257,25 @@ def test_sandbox_value_is_split_only_before_the_script() -> None:
     ]
     kept = ["run", "s.py", "--sandbox=x"]  # the script's own argument
     assert split_sandbox_value(kept) == kept
+
+
+def test_describe_is_for_people() -> None:
+    assert SandboxPolicy().describe() == (
+        "default: network none, timeout 3600s, cpu 3600s, memory 4 GiB, open files 1024,"
+        " processes 256"
+    )
+
+
+def test_the_interpreter_and_what_it_needs_in_the_view(tmp_path: Path) -> None:
+    real, roots = interpreter(sys.executable)
+    assert real == os.path.realpath(sys.executable)  # the venv's python resolved: -I -S needs none
+    # Its prefix is bound unless the system dirs already hold it (/usr/bin/python3).
+    assert roots == [] or any(Path(real).is_relative_to(r) for r in roots)
+    copied = tmp_path / "venv" / "bin" / "python3"  # `python -m venv --copies`: no symlink
+    copied.parent.mkdir(parents=True)
+    copied.write_bytes(b"")
+    (tmp_path / "venv" / "pyvenv.cfg").write_text("home = /opt/py/bin\nversion = 3.11.7\n")
+    assert interpreter(str(copied)) == (
+        str(copied),
+        sorted([tmp_path / "venv", Path("/opt/py")]),
+    )
