@@ -11,6 +11,11 @@ inherits so the pin lives exactly as long as the run) and a flip during the run 
 for it. Bytecode goes to `trees/<hash>/pycache/` via -X pycache_prefix: imports stay fast after
 the first run, the tree itself stays byte-for-byte what drift checks expect, and the cache is
 deleted with its tree.
+
+With `--sandbox`, or whenever the data dir has a host policy (satellite/host_policy.py), the same
+interpreter and tree run inside bubblewrap instead (satellite/sandbox.py, docs/sandbox.md): the
+pin is then held here (the sandbox cannot outlive this process), and a sandbox that cannot be set
+up refuses the run. Every run's outcome goes to the data dir's run log (satellite/run_outcome.py).
 """
 
 from __future__ import annotations
