@@ -68,12 +68,16 @@ if script:
     os._exit(128 - code if code < 0 else code)
 import runpy, site
 report("started", os.getpid())
-_fork = os.fork
+_fork, hit = os.fork, set()
+def limit(name):  # once per process: a fork loop that survives its errors must not flood
+    if name not in hit:
+        hit.add(name)
+        report("limit", name)
 def fork():
     try:
         return _fork()
     except BlockingIOError:
-        report("limit", "processes")
+        limit("processes")
         raise
 os.fork = fork
 site.setquit(); site.setcopyright(); site.sethelper()
@@ -83,12 +87,12 @@ sys.argv = sys.argv[5:]
 try:
     runpy.run_path(sys.argv[0], run_name="__main__")
 except MemoryError:
-    report("limit", "memory")
+    limit("memory")
     raise
 except BlockingIOError as exc:
     frames = __import__("traceback").walk_tb(exc.__traceback__)
     if any(f.f_code.co_name == "_execute_child" for f, _ in frames):
-        report("limit", "processes")
+        limit("processes")
     raise
 """
 
