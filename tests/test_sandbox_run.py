@@ -262,6 +262,7 @@ def test_imports_come_from_the_tree_only(ready: Ready, tmp_path: Path) -> None:
     for blocked in ("peewee", "pip", "grpc"):  # all installed in the agent's venv
         assert result[blocked].startswith("ImportError"), blocked
     assert str(store.tree_site(lockfile_hash)) in result["path"]
+    assert not any("site-packages" in p and lockfile_hash not in p for p in result["path"])
     assert not (store.trees.dir(lockfile_hash) / "pycache").exists()  # nothing written
 
 
