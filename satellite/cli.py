@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import dataclasses
+import contextlib
 import ipaddress
 import json
 import logging
@@ -13,13 +12,14 @@ import sys
 from pathlib import Path
 
 from satellite import runner
-from satellite.agent import Agent, AgentConfig
+from satellite.host_policy import host_policy_path, install_host_policy, load_host_policy
+from satellite.run_outcome import RunLog, describe_record, follow_run_log
 from satellite.store import SatelliteStore
-from shared import tags
 from shared.cli import run_command
 from shared.errors import SpkError
 
 DEFAULT_DATA_DIR = Path("spk-satellite-data")
+log = logging.getLogger("satellite.cli")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,6 +50,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     agent.add_argument("--no-drift-watch", action="store_true", help="disable drift repair")
     agent.add_argument(
+        "--policy-file",
+        type=Path,
+        help="a sandbox policy (TOML, owned by root) made mandatory for every run on this data"
+        " dir: linked as <data-dir>/sandbox-policy.toml (docs/sandbox.md)",
+    )
+    agent.add_argument(
         "--retry-base", type=float, default=2.0, help="first wait (s) before retrying a failed sync"
     )
     agent.add_argument(
@@ -68,8 +74,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     agent.add_argument("--log-level", default="INFO")
 
-    run = sub.add_parser("run", help="run a script against the current package tree")
+    run = sub.add_parser(
+        "run",
+        help="run a script against the current package tree",
+        usage="spk-satellite run [--data-dir DIR] [--sandbox[=POLICY]] script [args ...]",
+    )
     run.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    run.add_argument(
+        "--sandbox",
+        action="store_true",
+        help="run sandboxed (no network, read-only system, limits; docs/sandbox.md);"
+        " --sandbox=POLICY names a preset (default, loopback, network) or a policy file."
+        " A host policy (<data-dir>/sandbox-policy.toml) sandboxes every run regardless",
+    )
+    run.add_argument("--sandbox-policy", help=argparse.SUPPRESS)  # what --sandbox=X becomes
     run.add_argument("script", type=Path)
     run.add_argument("args", nargs=argparse.REMAINDER)
 
@@ -85,7 +103,18 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _read(path: Path, flag: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise SpkError(f"cannot read {flag} {path}: {exc.strerror}") from None
+
+
 def _print_env(name: str, as_json: bool) -> None:
+    import dataclasses
+
+    from shared import tags
+
     host = tags.describe_host()
     suggested = name or f"{host.abi}-{host.best_platform}"
     if as_json:
@@ -105,14 +134,14 @@ def _print_env(name: str, as_json: bool) -> None:
     print(host.add_command(suggested))
 
 
-def _read(path: Path, flag: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise SpkError(f"cannot read {flag} {path}: {exc.strerror}") from None
-
-
 async def _agent(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from satellite.agent import Agent, AgentConfig  # grpc and asyncio: `run` need not pay them
+
+    if args.policy_file is not None:
+        installed = install_host_policy(args.data_dir, args.policy_file)
+        log.info("script runs on this host are sandboxed: %s", installed.policy.describe())
     try:
         token = args.token_file.read_text().strip()
     except OSError as exc:
@@ -147,6 +176,8 @@ async def _agent(args: argparse.Namespace) -> int:
     agent = Agent.from_config(config)
     loop = asyncio.get_running_loop()
     task = agent.start()
+    # Runs record their outcome in the data dir; the agent's log carries them (run_outcome.py).
+    runs = asyncio.create_task(follow_run_log(args.data_dir, logging.getLogger("satellite.runs")))
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, task.cancel)  # shutdown(): cancel the run, which unwinds
     try:
@@ -157,6 +188,10 @@ async def _agent(args: argparse.Namespace) -> int:
         if exc is not agent.worker_error:
             raise
         return 1  # the agent logged it with its traceback; a supervisor restarts us
+    finally:
+        runs.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runs
     return 0
 
 
@@ -172,29 +207,73 @@ def is_loopback_target(target: str) -> bool:
 
 def _print_status(store: SatelliteStore, as_json: bool) -> None:
     info = runner.status(store)
+    info.update(_sandbox_status(store.root))
     if as_json:
         print(json.dumps(info, indent=2, sort_keys=True))
         return
     for key in ("state", "desired_hash", "current_hash", "sync_status", "last_error"):
         print(f"{key:>15}: {info.get(key) or '-'}")
     print(f"{'tree size':>15}: {info.get('tree_size_bytes', 0)} bytes")
+    print(f"{'sandbox':>15}: {info['sandbox']}")
+    runs = info["last_runs"]
+    assert isinstance(runs, list)
+    for record in runs:
+        print(f"{'run':>15}: {describe_record(record)}")
+
+
+def _sandbox_status(data_dir: Path) -> dict[str, object]:
+    """The host policy (or why runs are refused) and the last recorded runs."""
+    try:
+        host = load_host_policy(data_dir)
+        sandbox = f"mandatory, {host.policy.describe()}" if host else "optional (--sandbox)"
+    except SpkError as exc:
+        sandbox = f"every run refused: {exc.message}"
+    return {
+        "sandbox": sandbox,
+        "host_policy": str(host_policy_path(data_dir)),
+        "last_runs": RunLog(data_dir).last(5),
+    }
 
 
 def _dispatch(args: argparse.Namespace) -> int | None:
     if args.command == "agent":
+        import asyncio
+
         return asyncio.run(_agent(args))
     elif args.command == "run":
         script_args = args.args[1:] if args.args[:1] == ["--"] else args.args
-        return runner.run_script(SatelliteStore(args.data_dir), args.script, script_args)
-    elif args.command == "status":
-        _print_status(SatelliteStore(args.data_dir), args.json)
+        sandbox = args.sandbox_policy if args.sandbox_policy is not None else None
+        if sandbox is None and args.sandbox:
+            sandbox = ""
+        store = SatelliteStore(args.data_dir)
+        return runner.run_script(store, args.script, script_args, sandbox=sandbox)
     elif args.command == "env":
         _print_env(args.name, args.json)
+    elif args.command == "status":
+        _print_status(SatelliteStore(args.data_dir), args.json)
     return 0
 
 
+def split_sandbox_value(argv: list[str]) -> list[str]:
+    """`--sandbox=POLICY` before the script becomes `--sandbox-policy POLICY`, so that a bare
+    `--sandbox script.py` does not take the script for a policy (argparse's nargs="?" would)."""
+    out = list(argv)
+    if "run" not in out:
+        return out
+    i = out.index("run") + 1
+    while i < len(out) and out[i].startswith("-") and out[i] != "--":
+        if out[i].startswith("--sandbox="):
+            out[i : i + 1] = ["--sandbox-policy", out[i].partition("=")[2]]
+            i += 2
+        elif out[i] == "--data-dir":
+            i += 2
+        else:
+            i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(split_sandbox_value(sys.argv[1:] if argv is None else argv))
     logging.getLogger("watchdog").setLevel(logging.INFO)  # its DEBUG logs every inotify event
     level = getattr(args, "log_level", "WARNING")
     return run_command("spk-satellite", level, lambda: _dispatch(args))

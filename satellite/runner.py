@@ -11,23 +11,30 @@ inherits so the pin lives exactly as long as the run) and a flip during the run 
 for it. Bytecode goes to `trees/<hash>/pycache/` via -X pycache_prefix: imports stay fast after
 the first run, the tree itself stays byte-for-byte what drift checks expect, and the cache is
 deleted with its tree.
+
+With `--sandbox`, or whenever the data dir has a host policy (satellite/host_policy.py), the same
+interpreter and tree run inside bubblewrap instead (satellite/sandbox.py, docs/sandbox.md): the
+pin is then held here (the sandbox cannot outlive this process), and a sandbox that cannot be set
+up refuses the run. Every run's outcome goes to the data dir's run log (satellite/run_outcome.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import subprocess
 import sys
-import threading
-from collections.abc import Callable, Iterator, Sequence
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 
+from satellite.host_policy import run_policy
+from satellite.run_outcome import RunLog, RunOutcome, classify, peak_rss_bytes
+from satellite.sandbox import Sandbox, SandboxRequest
+from satellite.sandbox_run import Ended, run_sandboxed
 from satellite.store import SatelliteStore
 from satellite.store.trees import TreePin
+from satellite.supervise import ChildSpec, run_child
 from shared.errors import FailedPrecondition, NotFound
 
 # argv after -c: [tree site-packages or "", script, *script args]
@@ -41,7 +48,6 @@ sys.argv = sys.argv[2:]
 runpy.run_path(script, run_name="__main__")
 """
 
-FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _PIN_ATTEMPTS = 3
 
 
@@ -78,20 +84,101 @@ def run_script(
     args: Sequence[str] = (),
     python: str = sys.executable,
     env: dict[str, str] | None = None,
+    sandbox: str | None = None,
 ) -> int:
     """Run `script` with `args`; returns its exit code (128+N when killed by signal N).
 
-    Raises FailedPrecondition when the desired packages are not materialised here.
+    `sandbox`: None (no --sandbox), "" (--sandbox) or a preset name or policy file; a host
+    policy (satellite/host_policy.py) sandboxes the run whatever this says. Raises
+    FailedPrecondition when the desired packages are not materialised here, SandboxUnavailable
+    (the script never started) when the sandbox the run needs cannot be set up.
     """
+    return run_and_report(store, script, args, python, env, sandbox).exit_code
+
+
+def run_and_report(
+    store: SatelliteStore,
+    script: Path | str,
+    args: Sequence[str] = (),
+    python: str = sys.executable,
+    env: dict[str, str] | None = None,
+    sandbox: str | None = None,
+) -> RunOutcome:
+    """run_script, returning the whole outcome (also recorded in the data dir's run log)."""
+    chosen = run_policy(store.root, sandbox)  # before anything else: an unusable policy refuses
     resolution = resolve(store)
     if resolution.state == "not_ready":
         raise FailedPrecondition(resolution.message)
+    started_at = time.time()
     with contextlib.ExitStack() as stack:
         pin = None
         if resolution.state == "ready":
             assert resolution.current_hash is not None
             pin = _pin(stack, store, resolution.current_hash)
-        return _run_child(_command(python, pin, Path(script), args), pin, env)
+        if chosen.policy is None:
+            ended = _run_plain(_command(python, pin, Path(script), args), pin, env)
+            source, cpu_limit = "", None
+        else:
+            caller_env = env if env is not None else dict(os.environ)
+            request = SandboxRequest(
+                chosen.policy,
+                chosen.settings,
+                store.root,
+                pin,
+                Path(script),
+                args,
+                python,
+                caller_env,
+            )
+            ended = run_sandboxed(stack.enter_context(Sandbox(request)), chosen.policy)
+            source, cpu_limit = chosen.policy.source, chosen.policy.limits.cpu_seconds
+        outcome = _outcome(script, pin, source, started_at, ended, cpu_limit)
+    RunLog(store.root).append(outcome)
+    if outcome.stopped_by:
+        print(f"spk-satellite: {outcome.describe()}", file=sys.stderr)
+    return outcome
+
+
+def _run_plain(cmd: list[str], pin: TreePin | None, env: dict[str, str] | None) -> Ended:
+    # A terminal sends ^C to the whole foreground group, child included, so forwarding SIGINT
+    # there would deliver it twice. Without a terminal the child gets its own process group
+    # and every signal reaches it exactly once, through us.
+    interactive = _stdin_is_tty()
+    fds = (pin.fd,) if pin is not None else ()
+    spec = ChildSpec(cmd, env, fds, own_group=not interactive, forward_sigint=not interactive)
+    waited = run_child(spec)
+    # ru_maxrss of a direct child starts at our own high-water mark (inherited at fork), so for
+    # a script smaller than this process the figure is an upper bound (docs/sandbox.md).
+    cpu = waited.usage.ru_utime + waited.usage.ru_stime
+    return Ended(waited.status, peak_rss_bytes(waited.usage), cpu, waited.duration, False)
+
+
+def _outcome(
+    script: Path | str,
+    pin: TreePin | None,
+    sandbox: str,
+    started_at: float,
+    ended: Ended,
+    cpu_limit: int | None,
+) -> RunOutcome:
+    signum = -ended.status if ended.status < 0 else None
+    code = 128 + signum if signum is not None else ended.status
+    stopped_by, hits = classify(
+        signum, ended.cpu_seconds, cpu_limit, ended.timed_out, ended.limits_reported
+    )
+    return RunOutcome(
+        script=str(script),
+        lockfile_hash=pin.lockfile_hash if pin is not None else None,
+        sandbox=sandbox,
+        started_at_unix=round(started_at, 3),
+        duration_seconds=round(ended.duration, 4),
+        exit_code=code,
+        signal=signum,
+        peak_memory_bytes=ended.peak_memory_bytes,
+        cpu_seconds=round(ended.cpu_seconds, 3),
+        stopped_by=stopped_by,
+        limits_hit=hits,
+    )
 
 
 def status(store: SatelliteStore) -> dict[str, object]:
@@ -136,56 +223,6 @@ def _command(python: str, pin: TreePin | None, script: Path, args: Sequence[str]
         cmd += ["-X", f"pycache_prefix={pin.pycache.absolute()}"]
     site_dir = str(pin.site.absolute()) if pin is not None else ""
     return [*cmd, "-c", BOOTSTRAP, site_dir, str(script.absolute()), *args]
-
-
-def _run_child(cmd: list[str], pin: TreePin | None, env: dict[str, str] | None) -> int:
-    # A terminal sends ^C to the whole foreground group, child included, so forwarding SIGINT
-    # there would deliver it twice. Without a terminal the child gets its own process group
-    # and every signal reaches it exactly once, through us.
-    interactive = _stdin_is_tty()
-    with _forwarding(skip_sigint=interactive) as started:
-        proc = subprocess.Popen(
-            cmd,
-            env=env,
-            pass_fds=(pin.fd,) if pin is not None else (),
-            process_group=None if interactive else 0,
-        )
-        started(proc)
-        code = proc.wait()
-    return 128 - code if code < 0 else code
-
-
-@contextlib.contextmanager
-def _forwarding(
-    skip_sigint: bool,
-) -> Iterator[Callable[[subprocess.Popen[bytes]], None]]:
-    """Forward SIGTERM/SIGINT/SIGHUP to the child while it runs (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield lambda _proc: None
-        return
-    child: list[subprocess.Popen[bytes]] = []
-    pending: list[int] = []
-
-    def forward(signum: int, _frame: FrameType | None) -> None:
-        if signum == signal.SIGINT and skip_sigint:
-            return  # the terminal already delivered it to the child; keep waiting for it
-        if child:
-            child[0].send_signal(signum)
-        else:
-            pending.append(signum)
-
-    def started(proc: subprocess.Popen[bytes]) -> None:
-        child.append(proc)
-        for signum in pending:
-            proc.send_signal(signum)
-
-    # Python-level handlers, not SIG_IGN: exec resets them, so the child starts with defaults.
-    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
-    try:
-        yield started
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def _stdin_is_tty() -> bool:

@@ -5,6 +5,7 @@ to gRPC status codes; satellite/client.py maps status codes back).
     ├── InvalidArgument           bad input: names the field and the rule
     ├── NotFound                  an unknown package, hash, blob or satellite
     ├── FailedPrecondition        refused now (install running, migration running, ...)
+    │   └── SandboxUnavailable    a run's sandbox cannot be set up here: names cause and fix
     ├── Unauthenticated / PermissionDenied
     ├── ResourceExhausted         a per-client cap (concurrent downloads, open streams) is reached
     ├── Unavailable               the other side is down or going away; try again later
@@ -48,6 +49,11 @@ class NotFound(SpkError):
 
 class FailedPrecondition(SpkError):
     pass
+
+
+class SandboxUnavailable(FailedPrecondition):
+    """A run needs a sandbox this host cannot set up (or an untrusted host policy); the script
+    never starts. The message names the cause and the fix."""
 
 
 class Unauthenticated(SpkError):

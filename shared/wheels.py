@@ -25,6 +25,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
 from shared.errors import UnsafeWheel
+from shared.tree_content import DEFAULT_CONTENT_POLICY, TreeContentPolicy, left_out
 from shared.wheel_checks import (
     DEFAULT_LIMITS,
     ZIP_ERRORS,
@@ -44,29 +45,39 @@ _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXE
 
 
 def inspect_wheel(
-    path: Path, limits: WheelLimits = DEFAULT_LIMITS, filename: str | None = None
+    path: Path,
+    limits: WheelLimits = DEFAULT_LIMITS,
+    filename: str | None = None,
+    content: TreeContentPolicy = DEFAULT_CONTENT_POLICY,
 ) -> WheelInfo:
     """Check the wheel at `path` completely without writing anything; raise UnsafeWheel."""
     wheel = filename or path.name
     with path.open("rb") as f, open_zip(f, wheel, limits) as zf:
         info, entries = plan(zf, f.fileno(), wheel, limits)
+        left_out(wheel, info, entries, content)  # what no tree may hold (shared.tree_content)
         for entry in entries:
             _copy_verified(zf, wheel, entry, None)
     return info
 
 
 def extract_wheel(
-    path: Path, dest: Path, limits: WheelLimits = DEFAULT_LIMITS, filename: str | None = None
+    path: Path,
+    dest: Path,
+    limits: WheelLimits = DEFAULT_LIMITS,
+    filename: str | None = None,
+    content: TreeContentPolicy = DEFAULT_CONTENT_POLICY,
 ) -> WheelInfo:
     """Check the wheel and unpack it into `dest` (created here, must not exist) as site-packages.
 
-    `<dist>.data/purelib` and `platlib` go to the root; other .data categories stay under
-    `<dist>.data/`. Files are 0o444 (0o555 when executable in the zip). On any failure `dest` is
-    removed and the error re-raised. Nothing is fsynced: the caller fsyncs and renames the tree.
+    `<dist>.data/purelib` and `platlib` go to the root; what shared.tree_content leaves out
+    (other .data categories, start-up hooks) is verified but not written. Files are 0o444 (0o555
+    when executable in the zip). On any failure `dest` is removed and the error re-raised.
+    Nothing is fsynced: the caller fsyncs and renames the tree.
     """
     wheel = filename or path.name
     with path.open("rb") as f, open_zip(f, wheel, limits) as zf:
         info, entries = plan(zf, f.fileno(), wheel, limits)
+        skipped = left_out(wheel, info, entries, content)
         # Created only now, so a structurally hostile wheel never touches the disk; an existing
         # dest raises FileExistsError and is left alone, since it is not ours to delete.
         dest.mkdir(mode=0o755, parents=True)
@@ -74,6 +85,9 @@ def extract_wheel(
             writer = _TreeWriter(dest.resolve(), wheel)
             hashes: dict[str, tuple[str, int]] = {}
             for entry in entries:
+                if entry.target in skipped:  # checked against RECORD all the same
+                    _copy_verified(zf, wheel, entry, None)
+                    continue
                 fd = writer.create_file(entry.target, entry.mode)
                 try:
                     hashes[entry.target] = (_copy_verified(zf, wheel, entry, fd), entry.size)

@@ -2,7 +2,8 @@
 
 The full bench is not run in CI; this keeps its code paths working: materialise vs pip, a core
 install vs pip download from a local pypiserver, pulls and the chunk sweep, the delta through a
-counting proxy, fan-out to agents hosted in worker processes, idle subscriptions.
+counting proxy, fan-out to agents hosted in worker processes, idle subscriptions, and the start-up
+of a sandboxed run next to an unsandboxed one.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def test_bench_smoke_writes_every_figure(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = out.read_text()
     assert "SMOKE run" in text
-    for figure in ("| 1 |", "| 2 |", "| 3 |", "| 4 |", "| 5 |"):
+    for figure in ("| 1 |", "| 2 |", "| 3 |", "| 4 |", "| 5 |", "| 6 |"):
         assert figure in text, text
     assert "re-flip to a built tree" in text
     assert "core RSS per idle subscription" in text
+    assert 'sandboxed print("hi")' in text and "unsandboxed spk-satellite run" in text

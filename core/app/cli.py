@@ -23,6 +23,7 @@ from core.storage.gc import GcPolicy
 from shared.cli import run_command
 from shared.errors import SpkError
 from shared.signing import public_key_pem
+from shared.tree_content import TreeContentPolicy
 
 log = logging.getLogger("spk-core")
 T = TypeVar("T", int, float)
@@ -87,6 +88,14 @@ def _parser() -> argparse.ArgumentParser:
         type=_non_negative(float),
         default=24.0,
         help="scheduled blob GC pass every this many hours; 0 turns it off (default 24)",
+    )
+    serve.add_argument(
+        "--allow-pth",
+        action="append",
+        default=[],
+        metavar="PACKAGE",
+        help="accept PACKAGE's wheels although they ship a start-up hook (top-level .pth,"
+        " sitecustomize); the hook is left out of every tree (repeatable; docs/sandbox.md)",
     )
     serve.add_argument(
         "--presign-blob-urls",
@@ -212,6 +221,7 @@ async def _serve(args: argparse.Namespace) -> None:
             presign_ttl_seconds=max(60, args.presign_ttl_seconds),
             base_url=_checked_base_url(args.blob_base_url),
         ),
+        content=TreeContentPolicy.allowing(args.allow_pth),
     )
     core = CoreServer(config)
     loop = asyncio.get_running_loop()

@@ -41,6 +41,7 @@ from shared.proto.scriptpkgs.v1 import (
     distribution_pb2,
     distribution_pb2_grpc,
 )
+from shared.tree_content import DEFAULT_CONTENT_POLICY, TreeContentPolicy
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE = 4 * 1024 * 1024
@@ -69,6 +70,8 @@ class CoreConfig:
     desired_poll_seconds: float = DESIRED_POLL_SECONDS
     gc: GcPolicy = field(default_factory=GcPolicy)  # blob GC: kept, grace, schedule (0: off)
     blob_urls: BlobUrlPolicy = field(default_factory=BlobUrlPolicy)  # bytes without the core
+    # Which packages may ship start-up hooks (.pth, sitecustomize): --allow-pth, tree_content.
+    content: TreeContentPolicy = DEFAULT_CONTENT_POLICY
 
     @property
     def shares_state(self) -> bool:
@@ -178,7 +181,7 @@ class CoreServer:
         self.hub.publish(await db.run(load_desired))
         store = storage.registry  # writes to the active backend, reads fall back across all
         self.installer = installer = Installer(
-            db, box, key, store, self.hub, cfg.data_dir / "work", storage.lock
+            db, box, key, store, self.hub, cfg.data_dir / "work", storage.lock, cfg.content
         )
         stack.push_async_callback(installer.cancel)
         storage_ops = storage.bind(self.hub, key, cfg.gc)

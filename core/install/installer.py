@@ -39,6 +39,7 @@ from shared.environments import Environment, supported_tags
 from shared.errors import FailedPrecondition, IntegrityError, SpkError
 from shared.manifest import Manifest, ManifestEntry
 from shared.tags import native_platform
+from shared.tree_content import DEFAULT_CONTENT_POLICY, TreeContentPolicy
 from shared.wheels import check_identity, inspect_wheel
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,7 @@ class Installer:
         hub: Hub,
         work_dir: Path,
         lock: InstallerLock | None = None,
+        content: TreeContentPolicy = DEFAULT_CONTENT_POLICY,
     ) -> None:
         self._db = db
         # Shared with GC, migration and rollback: one of them at a time (and one core instance).
@@ -101,6 +103,7 @@ class Installer:
         self._hub = hub
         self._work_dir = work_dir
         self._uv_cache = work_dir.parent / "uv-cache"
+        self._content = content  # start-up hooks allowed (shared.tree_content)
         self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
 
@@ -347,7 +350,7 @@ class Installer:
         # The index's sha256 was checked while downloading. pip checks no more than that; we
         # check the archive, RECORD, METADATA against the file name, and the name against the
         # resolution: an index must not serve one project or release in place of another.
-        info = inspect_wheel(fetched.path, filename=wheel.filename)
+        info = inspect_wheel(fetched.path, filename=wheel.filename, content=self._content)
         check_identity(info, wheel.name, wheel.version)
         self._store.put_file(wheel.sha256, fetched.path)
         return fetched.size, self._store.name

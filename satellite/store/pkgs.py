@@ -37,6 +37,7 @@ from shared.errors import IntegrityError, StoreError
 from shared.fsutil import exchange, fsync_dir
 from shared.hashing import sha256_file
 from shared.manifest import ManifestEntry
+from shared.tree_content import AT_SATELLITE
 from shared.wheels import extract_wheel
 
 SITE = "site-packages"
@@ -210,7 +211,7 @@ class PkgDir:
         tmp = self.root / temp_name(sha)
         tmp.mkdir()
         try:
-            info = extract_wheel(blob, tmp / SITE, filename=entry.filename)
+            info = extract_wheel(blob, tmp / SITE, filename=entry.filename, content=AT_SATELLITE)
             if canonicalize_name(info.name) != canonicalize_name(entry.name) or Version(
                 info.version
             ) != Version(entry.version):

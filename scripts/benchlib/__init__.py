@@ -6,6 +6,8 @@
     transfer.py     figure 2: satellite pull vs nginx+curl, peak RSS; chunk-size sweep; delta (3)
     fanout.py       figure 4: 200 agents in a few processes, core RSS per idle subscription
     install.py      figure 5: core install vs `pip download` from the same local index
+    sandbox.py      figure 6: sandboxed vs unsandboxed `spk-satellite run` start-up (issue 16),
+                    and the bare mechanisms (bwrap one/two layers, unshare + prlimit)
     report.py       the table printed and written to docs/benchmarks.md
 
 Not run in CI; `--smoke` (tiny synthetic wheels, one round, no uv/nginx/PyPI) is, by

@@ -7,12 +7,20 @@ import sys
 import tempfile
 from pathlib import Path
 
-from scripts.benchlib import environments, fanout, install, materialise, report, transfer
+from scripts.benchlib import (
+    environments,
+    fanout,
+    install,
+    materialise,
+    report,
+    sandbox,
+    transfer,
+)
 from scripts.benchlib.common import REPO, Bench, format_row, remove_tree
 from scripts.benchlib.workload import prepare
 from tests.index_server import PackageIndex
 
-FIGURES = ("materialise", "install", "environments", "transfer", "delta", "fanout")
+FIGURES = ("materialise", "install", "environments", "transfer", "delta", "fanout", "sandbox")
 ANALYSIS = REPO / "docs" / "benchmarks-analysis.md"
 
 
@@ -57,6 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     bench.note_load("start")
     try:
+        if bench.wants("sandbox"):  # needs no workload: first, while the machine is quiet
+            sandbox.run(bench)
+            bench.note_load("after figure 6")
+        if bench.only == {"sandbox"}:
+            return _finish(args, bench, "figure 6 only (no workload)", work)
         workload = prepare(bench)
         described = f"{workload.name}, {len(workload.wheels)} wheels, {workload.size / 1e6:.1f} MB"
         if bench.wants("materialise"):
@@ -87,6 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.keep:
             remove_tree(work)
+    return _finish(args, bench, described, work)
+
+
+def _finish(args: argparse.Namespace, bench: Bench, described: str, work: Path) -> int:
+    if not args.keep:
+        remove_tree(work)
     print("\nsummary:")
     for row in bench.rows:
         print(f"  {format_row(row)}")
