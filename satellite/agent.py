@@ -255,11 +255,15 @@ class Agent:
     def _on_result(self, result: ReconcileResult) -> None:
         self.last_result = result
         if result.ok:
+            by_url = f", {result.blobs_by_url} from URLs" if result.blobs_by_url else ""
+            fell_back = f", {result.url_fallbacks} fell back" if result.url_fallbacks else ""
             log.info(
-                "%s %s (%d blobs, %d bytes, %d ms)",
+                "%s %s (%d blobs%s%s, %d bytes, %d ms)",
                 result.outcome.value,
                 result.lockfile_hash[:12] or "(nothing desired)",
                 result.blobs_pulled,
+                by_url,
+                fell_back,
                 result.bytes_pulled,
                 result.duration_ms,
             )

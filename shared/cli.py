@@ -17,6 +17,11 @@ def run_command(prog: str, log_level: str, command: Callable[[], int | None]) ->
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # httpx logs every request's full URL at INFO and httpcore every step at DEBUG: the query
+    # of a presigned blob URL is a bearer secret, and the steps are noise. Our own code logs
+    # what an operator needs (the host, the outcome).
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     # grpcio and fork: our subprocesses are spawned, never forked from a live channel.
     os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
     try:

@@ -5,16 +5,17 @@ fake clock."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from core.state.db import BlobRecord, Lockfile
-from core.state.locks import Activity
+from core.state.locks import Activity, InstallerLock
 from core.storage.backends import StoreRegistry
 from core.storage.blobstore import FilesystemBlobStore
-from core.storage.gc import RETRY_SECONDS, BlobAge, BlobGc, GcPolicy, ReleaseBlobs, plan_gc
+from core.storage.gc import RETRY_SECONDS, BlobAge, BlobGc, GcPolicy, GcRun, ReleaseBlobs, plan_gc
 from shared.errors import FailedPrecondition, StoreError
 from tests.storage_env import StorageEnv
 
@@ -230,3 +231,59 @@ async def test_a_blob_without_an_index_row_is_never_a_candidate(env: StorageEnv)
     gc = BlobGc(env.database, env.lock, env.registry, GcPolicy(grace_seconds=0), Clock(T0))
     assert (await gc.run(dry_run=False)).candidates == 0
     assert env.fs.has(sha)
+
+
+class SharedClock:
+    """One fake wall clock for several schedules; the test moves it, sleepers wake when due."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        until = self.now + seconds
+        while self.now < until:
+            await asyncio.sleep(0.001)
+
+
+async def test_instances_sharing_postgres_run_one_scheduled_pass_per_interval(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    # Two core instances (each its own installer lock, i.e. its own Postgres session) run the
+    # schedule over one shared state: a pass per interval for the deployment, not per instance.
+    env = StorageEnv(tmp_path, postgres_url)
+    try:
+        clock = SharedClock(T0)
+        policy = GcPolicy(keep_previous=1, grace_seconds=DAY, interval_seconds=H)
+        passes: list[tuple[str, float]] = []
+
+        class Counted(BlobGc):
+            def __init__(self, name: str) -> None:
+                super().__init__(env.database, InstallerLock(env.db), env.registry, policy, clock)
+                self.name = name
+
+            async def _run_locked(self, dry_run: bool) -> GcRun:
+                passes.append((self.name, clock.now))
+                return await super()._run_locked(dry_run)
+
+        async def late_sleep(seconds: float) -> None:  # b wakes a minute after a: after a's pass
+            await clock.sleep(seconds + 60)
+
+        schedules = [
+            asyncio.create_task(Counted("a").run_schedule(clock.sleep)),
+            asyncio.create_task(Counted("b").run_schedule(late_sleep)),
+        ]
+        for _ in range(5 * 60):  # five hours in one-minute steps
+            await asyncio.sleep(0.01)
+            clock.now += 60
+        await asyncio.sleep(0.2)
+        for task in schedules:
+            task.cancel()
+        await asyncio.gather(*schedules, return_exceptions=True)
+        times = [when for _, when in passes]
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        assert len(passes) >= 4 and all(gap >= H for gap in gaps), passes
+    finally:
+        env.close()

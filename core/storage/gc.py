@@ -246,6 +246,22 @@ class BlobGc:
         finally:
             await lease.release()
 
+    async def _run_if_due(self) -> GcRun | None:
+        """A scheduled pass: under the lock, and only if no instance ran one since we looked.
+
+        Every instance sharing the state wakes at the same due time; re-reading the state under
+        the lock is what makes the deployment run one pass per interval, not one per instance
+        (the one that gets the lock second sees the first one's finished_at).
+        """
+        lease = await self._lock.acquire(Activity.GC)
+        try:
+            due = self.next_run_at(await self.state())
+            if due is not None and due > self._clock():
+                return None
+            return await self._run_locked(dry_run=False)
+        finally:
+            await lease.release()
+
     async def _run_locked(self, dry_run: bool) -> GcRun:
         desired, history, blobs = await self._db.run(load_inputs)
         plan = plan_gc(desired, history, blobs, self.policy, int(self._clock()))
@@ -311,7 +327,7 @@ class BlobGc:
                 await sleep(min(wait, MAX_NAP_SECONDS))
                 continue
             try:
-                await self.run(dry_run=False)
+                await self._run_if_due()
             except FailedPrecondition as exc:
                 log.info("scheduled blob GC postponed: %s", exc.message)
                 await sleep(min(RETRY_SECONDS, self.policy.interval_seconds))

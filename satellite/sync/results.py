@@ -41,6 +41,8 @@ class ReconcileResult:
     tree_built: bool = False
     duration_ms: int = 0
     trees_collected: tuple[str, ...] = ()
+    blobs_by_url: int = 0  # of blobs_pulled: from a URL (object store, CDN), not the core
+    url_fallbacks: int = 0
     # From repair_tree rather than reconcile_to_hash: a failed repair is retried as a repair.
     drift_repair: bool = False
     exception: BaseException | None = field(default=None, compare=False, repr=False)
@@ -69,6 +71,8 @@ def make_result(
         pkgs_unpacked=progress.pkgs_unpacked,
         tree_built=progress.tree_built,
         duration_ms=max(0, round(duration_s * 1000)),
+        blobs_by_url=progress.blobs_by_url,
+        url_fallbacks=progress.url_fallbacks,
         drift_repair=drift_repair,
         exception=exception,
     )

@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 from satellite.sandbox_view import SETPRIV, SYSTEM_DIRS, interpreter
-from satellite.store import AgentState, SatelliteStore
+from satellite.store import SatelliteStore
+from satellite.sync import AgentState
 from scripts.benchlib.common import PYTHON, Bench, Row, child_env, median, run_timed
 from tests.test_runner import build_tree
 
