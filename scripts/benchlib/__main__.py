@@ -14,13 +14,23 @@ from scripts.benchlib import (
     materialise,
     report,
     sandbox,
+    scale,
     transfer,
 )
 from scripts.benchlib.common import REPO, Bench, format_row, remove_tree
 from scripts.benchlib.workload import prepare
 from tests.index_server import PackageIndex
 
-FIGURES = ("materialise", "install", "environments", "transfer", "delta", "fanout", "sandbox")
+FIGURES = (
+    "materialise",
+    "install",
+    "environments",
+    "transfer",
+    "delta",
+    "fanout",
+    "sandbox",
+    "scale",
+)
 ANALYSIS = REPO / "docs" / "benchmarks-analysis.md"
 
 
@@ -76,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             materialise.run(bench, workload)
             bench.note_load("after figure 1")
         wants_core = any(
-            bench.wants(f) for f in ("install", "environments", "transfer", "delta", "fanout")
+            bench.wants(f)
+            for f in ("install", "environments", "transfer", "delta", "fanout", "scale")
         )
         if wants_core:
             with PackageIndex(workload.index_dir) as index:
@@ -97,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
                 if bench.wants("fanout"):
                     fanout.run(bench, workload, index)
                     bench.note_load("after figure 4")
+                if bench.wants("scale"):
+                    scale.run(bench, workload, index)
+                    bench.note_load("after figure 8")
     finally:
         if not args.keep:
             remove_tree(work)

@@ -2,6 +2,7 @@
 writer), timed from the manifest request to the last verified, fsynced, renamed blob.
 
     python -m scripts.benchlib.pull CORE TOKEN_FILE KEY_FILE DATA_DIR HASH [SHA ...]
+    python -m scripts.benchlib.pull --base-url URL CORE ...   # blob bytes over HTTP instead
 
 Prints one JSON line: seconds, bytes, blobs, peak RSS before and after (KiB).
 """
@@ -16,8 +17,9 @@ import time
 from pathlib import Path
 
 from satellite.client import ClientConfig, GrpcCoreClient
+from satellite.http_blobs import HttpBlobs
 from satellite.store import AsyncStore, SatelliteStore
-from satellite.sync.materialiser import pull_blobs
+from satellite.sync.materialiser import find_sources, pull_blobs
 from satellite.sync.results import Progress
 from scripts.benchlib.common import rss_kib
 from shared.signing import load_public_key_pem, verify_manifest
@@ -25,7 +27,7 @@ from shared.signing import load_public_key_pem, verify_manifest
 PULL_CONCURRENCY = 4  # AgentConfig.pull_concurrency's default
 
 
-async def _main(argv: list[str]) -> dict[str, object]:
+async def _main(argv: list[str], base_url: str) -> dict[str, object]:
     core, token, key_pem, data_dir, lockfile_hash, *only = argv
     store = SatelliteStore(Path(data_dir))
     public = load_public_key_pem(key_pem)
@@ -37,8 +39,14 @@ async def _main(argv: list[str]) -> dict[str, object]:
         verify_manifest(manifest, public)
         entries = [e for e in manifest.entries if not only or e.sha256 in only]
         progress = Progress()
-        await pull_blobs(entries, AsyncStore(store), client, progress, PULL_CONCURRENCY)
+        urls = HttpBlobs() if base_url else None
+        sources = await find_sources(entries, client, urls, base_url)
+        await pull_blobs(entries, AsyncStore(store), sources, progress, PULL_CONCURRENCY)
         seconds = time.perf_counter() - start
+        if urls is not None:
+            await urls.close()
+            if progress.url_fallbacks:
+                raise RuntimeError(f"{progress.url_fallbacks} blobs fell back to the core")
     finally:
         await client.close()
     return {
@@ -52,6 +60,9 @@ async def _main(argv: list[str]) -> dict[str, object]:
 
 if __name__ == "__main__":
     args = sys.argv[1:]
+    base = ""
+    if args[0] == "--base-url":
+        base, args = args[1], args[2:]
     args[1] = Path(args[1]).read_text().strip()  # token file -> token
     args[2] = Path(args[2]).read_text()  # key file -> PEM
-    print(json.dumps(asyncio.run(_main(args))), flush=True)
+    print(json.dumps(asyncio.run(_main(args, base))), flush=True)

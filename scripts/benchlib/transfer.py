@@ -8,6 +8,7 @@ import os
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 from scripts.benchlib.common import (
     PYTHON,
@@ -83,8 +84,13 @@ class Puller:
         self.token_file.write_text(core.create_satellite(name))
         self.key_file = export_signing_key(core, home / "core-key.pem")  # type: ignore[arg-type]
 
-    def pull(self, data_dir: Path, lockfile_hash: str, *only: str) -> dict[str, float]:
-        argv = [PYTHON, "-m", "scripts.benchlib.pull", self.core.target, str(self.token_file)]
+    def pull(
+        self, data_dir: Path, lockfile_hash: str, *only: str, base_url: str = ""
+    ) -> dict[str, float]:
+        argv = [PYTHON, "-m", "scripts.benchlib.pull"]
+        if base_url:
+            argv += ["--base-url", base_url]
+        argv += [self.core.target, str(self.token_file)]
         argv += [str(self.key_file), str(data_dir), lockfile_hash, *only]
         os.sync()
         out = subprocess.run(argv, check=True, capture_output=True, text=True, env=child_env())
@@ -176,8 +182,75 @@ def run_transfer(bench: Bench, work: Workload, core: BenchCore) -> str:
             note=f"before pulling: {hwm['hwm_before_kib'] / 1024:.1f} MiB",
         )
     )
+    _over_http(bench, core, puller, lockfile_hash, manifest, big_sha)
     _chunk_sweep(bench, core, puller, lockfile_hash, big_sha)
     return lockfile_hash
+
+
+def _over_http(
+    bench: Bench,
+    core: BenchCore,
+    puller: Puller,
+    lockfile_hash: str,
+    manifest: Any,
+    big_sha: str,
+) -> None:
+    """Figure 2 again with the bytes from nginx serving the blob store (contrib/nginx/
+    spk-blobs.conf, as a CDN origin would): the agent's HTTP path, verified and fsynced, against
+    `curl -o` of the same files from the same nginx."""
+    if bench.smoke and ensure_nginx() is None:
+        return
+    from tests.nginx_process import Nginx as ContribNginx
+
+    entries = list(manifest.entries)
+    total = sum(e.size for e in entries)
+    ours, curls = [], []
+    with ContribNginx(bench.work / "cdn", blobs_root=core.data_dir) as cdn:
+        base = cdn.blob_base_url
+        for r in range(bench.rounds):
+            data = bench.scratch(f"http-pull-{r}")
+            result = puller.pull(data, lockfile_hash, base_url=base)
+            assert result["bytes"] == total, (result, total)
+            ours.append(result["seconds"])
+            remove_tree(data)
+            dest = bench.scratch(f"http-curl-{r}")
+            argv = ["curl", "-s", "--fail"]
+            for e in entries:
+                argv += ["-o", str(dest / e.filename), f"{base}/{e.sha256[:2]}/{e.sha256}.whl"]
+            os.sync()
+            start = time.perf_counter()
+            subprocess.run(argv, check=True)
+            curls.append(time.perf_counter() - start)
+            remove_tree(dest)
+        hwm = puller.pull(bench.scratch("http-pull-big"), lockfile_hash, big_sha, base_url=base)
+    peer = median(curls)
+    bench.add(
+        Row(
+            "2",
+            f"pull {len(entries)} blobs, {total / 1e6:.0f} MB over HTTP from nginx"
+            " (verified, fsynced)",
+            median(ours),
+            "s",
+            "curl -o from the same nginx",
+            peer,
+            "<= 1.5x",
+            median(ours) <= 1.5 * peer,
+        )
+    )
+    bench.add(
+        Row(
+            "2",
+            "HTTP pull process peak RSS, big blob",
+            hwm["hwm_kib"] / 1024,
+            "MiB",
+            target="<= 100 MiB",
+            met=hwm["hwm_kib"] <= 100 * 1024,
+        )
+    )
+    bench.notes.append(
+        f"figure 2 over HTTP rounds (s): pull {', '.join(f'{v:.3f}' for v in ours)};"
+        f" curl {', '.join(f'{v:.3f}' for v in curls)}"
+    )
 
 
 def _chunk_sweep(
