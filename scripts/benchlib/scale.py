@@ -110,11 +110,7 @@ def _storm(bench: Bench, core: BenchCore, n: int, target: str) -> None:
             break
         time.sleep(0.25)
     back = samples[-1][0] - killed
-    rates = [
-        (b[1] - a[1]) / (b[0] - a[0])
-        for a, b in zip(samples, samples[1:], strict=False)
-        if b[0] > a[0]
-    ]
+    rates = [(b[1] - a[1]) / (b[0] - a[0]) for a, b in itertools.pairwise(samples) if b[0] > a[0]]
     rows = core.admin().ListSatellites().satellites
     on_target = sum(1 for s in rows if s.current_hash == target and s.connected)
     bench.add(
