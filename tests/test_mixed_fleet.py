@@ -331,3 +331,62 @@ def test_bad_environments_are_refused_naming_the_field(
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert (err.value.details() or "").startswith(f"{field}: ")
     assert [e.name for e in admin.ListEnvironments().environments] == ["default"]
+
+
+def test_size_caps_rollback_and_gc_work_per_release(
+    core: CoreProcess, package_index: PackageIndex, wheel_dir: Path
+) -> None:
+    """Foreign environments need no host to test the release model: a Windows one here."""
+    build_wheel(WheelSpec("tool", "1.0"), wheel_dir)
+    build_wheel(WheelSpec("tool", "2.0"), wheel_dir)
+    fat = {"tool_win/blob.bin": os.urandom(600_000)}
+    build_wheel(WheelSpec("tool-win", "1.0", files=fat, tag="py3-none-win_amd64"), wheel_dir)
+    build_wheel(
+        WheelSpec("tool", "3.0", requires=['tool-win==1.0; sys_platform == "win32"']), wheel_dir
+    )
+    admin = setup_core(core, package_index)
+    add_env(admin, "win", "3.12", "win_amd64")
+    pins = lambda v: apb.SetPackagesRequest(  # noqa: E731
+        packages=[apb.PackageSpec(name="tool", version=v)]
+    )
+    admin.SetPackages(pins("1.0"))
+    first = admin.install_and_wait()
+    admin.SetPackages(pins("2.0"))
+    second = admin.install_and_wait()
+    assert first.status == second.status == apb.INSTALL_STATUS_READY, second.error
+    assert [r.sequence for r in admin.ListReleases().releases] == [2, 1]
+
+    # The cap holds per environment: only the Windows manifest is over it, and that fails the
+    # whole release, naming the environment; release 2 stays desired everywhere.
+    admin.SetSizeCap(apb.SizeCap(warn_bytes=100_000, block_bytes=300_000))
+    admin.SetPackages(pins("3.0"))
+    blocked = admin.install_and_wait()
+    assert blocked.status == apb.INSTALL_STATUS_ERROR
+    assert (
+        blocked.error.startswith("environment win: install size") and "block limit" in blocked.error
+    )
+    assert [(e.name, e.status) for e in blocked.environments] == [
+        ("default", "built"),
+        ("win", "error"),
+    ]
+    assert admin.GetInstallState().release_sequence == 2
+    assert [r.sequence for r in admin.ListReleases().releases] == [2, 1]
+
+    # Rollback takes a release back whole: both its manifests, re-signed as release 3.
+    old = {m.environment: m.lockfile_hash for m in admin.ListReleases().releases[1].manifests}
+    admin.Rollback(apb.RollbackRequest(release_sequence=1))
+    newest = admin.ListReleases().releases[0]
+    assert newest.sequence == 3 and newest.current
+    assert {m.environment: m.lockfile_hash for m in newest.manifests} == old
+    for env, lockfile_hash in old.items():
+        manifest = admin.GetManifest(apb.AdminGetManifestRequest(environment=env))
+        assert manifest.lockfile_hash == lockfile_hash and manifest.sequence == 3
+
+    # Blob GC keeps whole releases: the desired one (3 = 1's manifests) and the newest other
+    # (2). The only candidates are the two wheels of the blocked install (tool 3.0 and the fat
+    # Windows one), still within their grace period.
+    run = admin.GcBlobs(apb.GcBlobsRequest(dry_run=True))
+    kept = set(run.kept_lockfiles)
+    assert set(old.values()) <= kept
+    assert {m.lockfile_hash for m in admin.ListReleases().releases[1].manifests} <= kept
+    assert run.candidates == run.kept_within_grace == 2 and not run.deleted_sha256

@@ -13,7 +13,8 @@ from core.state.db import InstallStateRow, now
 
 @dataclass
 class EnvProgress:
-    """One environment's part of an install: pending -> resolving -> fetching -> ready | error."""
+    """One environment's part of an install: pending -> resolving -> fetching -> built -> ready;
+    error (this environment failed) or cancelled (another one did, before this one finished)."""
 
     name: str
     status: str

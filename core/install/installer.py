@@ -205,9 +205,11 @@ class Installer:
             await self._fail(progress, f"internal error: {type(exc).__name__}; see the core log")
 
     async def _fail(self, progress: list[EnvProgress], message: str) -> None:
+        # The environment that failed says "error" already; the others were not published
+        # because of it ("built": checked and fine; "cancelled": stopped half-way).
         for p in progress:
-            if p.status != "ready":
-                p.status, p.error = "error", p.error or message
+            if p.status in ("pending", "resolving", "fetching"):
+                p.status = "cancelled"
         await self._set(
             status="error", error=message, finished_at=now(), phase="", environments=progress
         )
@@ -247,6 +249,8 @@ class Installer:
             if block:
                 p.status, p.error = "error", block
                 blocked.append(f"environment {env.name}: {block}")
+            else:
+                p.status = "built"
         default = built.manifests[built.order[0]]
         await self._set(
             attempted_hash=default.lockfile_hash,

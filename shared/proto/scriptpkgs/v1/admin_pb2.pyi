@@ -544,7 +544,9 @@ class EnvironmentInstall(_message.Message):
     WARNINGS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     status: _builtins.str
-    """pending | resolving | fetching | ready | error"""
+    """pending | resolving | fetching | built (checked, not yet published) | ready (published) |
+    error (this environment failed) | cancelled (another one failed first)
+    """
     lockfile_hash: _builtins.str
     """attempted, then published"""
     wheels: _builtins.int
