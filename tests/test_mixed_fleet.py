@@ -346,9 +346,10 @@ def test_size_caps_rollback_and_gc_work_per_release(
     )
     admin = setup_core(core, package_index)
     add_env(admin, "win", "3.12", "win_amd64")
-    pins = lambda v: apb.SetPackagesRequest(  # noqa: E731
-        packages=[apb.PackageSpec(name="tool", version=v)]
-    )
+
+    def pins(version: str) -> apb.SetPackagesRequest:
+        return apb.SetPackagesRequest(packages=[apb.PackageSpec(name="tool", version=version)])
+
     admin.SetPackages(pins("1.0"))
     first = admin.install_and_wait()
     admin.SetPackages(pins("2.0"))
