@@ -26,6 +26,7 @@ from scripts.benchlib.fanout import _expect, _one_change, _spawn
 from scripts.benchlib.workload import Workload, pin_of
 from tests.index_server import PackageIndex
 from tests.satellite_process import export_signing_key
+from tests.wheelfactory import WheelSpec, build_wheel
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -144,15 +145,21 @@ def run(bench: Bench, work: Workload, index: PackageIndex) -> None:
         results = [_one_change(core, procs, pin_of(w), work) for w in work.changes[:rounds]]
         cpu = (_cpu_seconds(core.pid) - cpu_before) / rounds
         _fan_out_rows(bench, "one core", results, n)
+        # The control cost alone: a change of a few KB (no bytes worth counting to serve).
+        small = build_wheel(WheelSpec("spkbench-small", "1.0"), work.index_dir)
+        cpu_before = _cpu_seconds(core.pid)
+        _one_change(core, procs, pin_of(small), work)
+        control = _cpu_seconds(core.pid) - cpu_before
         served_mb = n * work.changes[0].stat().st_size / 1e6
         bench.add(
             Row(
                 "8",
-                f"core CPU per fan-out to {n} agents (all its RPCs)",
+                f"core CPU per fan-out of the 1 MiB change to {n} agents (all its RPCs)",
                 cpu,
                 "s",
-                note=f"{cpu / served_mb * 1000:.2f} ms per MB served; RSS"
-                f" {(loaded - idle) / n:.1f} KiB per agent connection",
+                note=f"a {small.stat().st_size / 1000:.0f} kB change: {control:.2f} s (control"
+                f" only); so bytes cost {(cpu - control) / served_mb * 1000:.2f} ms per MB"
+                f" served; RSS {(loaded - idle) / n:.1f} KiB per agent connection",
             )
         )
         last = results[-1][4]
