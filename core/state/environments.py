@@ -40,20 +40,25 @@ def ensure_default() -> list[Environment]:
     """A new core serves its own interpreter, exactly as before environments existed."""
     with database_proxy.atomic():
         if not EnvironmentRow.select().exists():
-            _insert(Environment(DEFAULT_NAME, native_target()), position=0)
+            insert_environment(Environment(DEFAULT_NAME, native_target()), position=0)
         return list_environments()
 
 
-def _insert(env: Environment, position: int) -> None:
-    t = env.target
-    EnvironmentRow.insert(
-        name=env.name,
-        python_version=t.python_version,
-        implementation=t.implementation,
-        abi=t.abi,
-        platform=t.platform,
-        position=position,
-    ).execute()
+def _fields(target: TargetEnvironment) -> dict[str, str]:
+    return {
+        "python_version": target.python_version,
+        "implementation": target.implementation,
+        "abi": target.abi,
+        "platform": target.platform,
+    }
+
+
+def insert_environment(env: Environment, position: int) -> None:
+    EnvironmentRow.insert(name=env.name, position=position, **_fields(env.target)).execute()
+
+
+def _update(env: Environment) -> None:
+    EnvironmentRow.update(**_fields(env.target)).where(EnvironmentRow.name == env.name).execute()
 
 
 def add_environment(name: str, target: TargetEnvironment) -> Environment:
@@ -69,15 +74,9 @@ def add_environment(name: str, target: TargetEnvironment) -> Environment:
         row = EnvironmentRow.get_or_none(EnvironmentRow.name == env.name)
         if row is None:
             top = EnvironmentRow.select(pw.fn.MAX(EnvironmentRow.position)).scalar()
-            _insert(env, position=(top or 0) + 1)
+            insert_environment(env, position=(top or 0) + 1)
         else:
-            t = env.target
-            EnvironmentRow.update(
-                python_version=t.python_version,
-                implementation=t.implementation,
-                abi=t.abi,
-                platform=t.platform,
-            ).where(EnvironmentRow.name == env.name).execute()
+            _update(env)
     return env
 
 
@@ -103,11 +102,5 @@ def set_default_target(target: TargetEnvironment | None) -> Environment:
             env = Environment(default.name, native_target())
         else:
             env = validate_environment(default.name, target, field="target")
-        t = env.target
-        EnvironmentRow.update(
-            python_version=t.python_version,
-            implementation=t.implementation,
-            abi=t.abi,
-            platform=t.platform,
-        ).where(EnvironmentRow.name == default.name).execute()
+        _update(env)
     return env

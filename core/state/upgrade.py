@@ -17,7 +17,8 @@ from core.state.db import (
     ReleaseManifest,
     Setting,
 )
-from core.state.environments import DEFAULT_NAME, native_target
+from core.state.environments import DEFAULT_NAME, insert_environment, native_target
+from shared.environments import Environment
 from shared.manifest import Manifest, TargetEnvironment
 
 REGISTRY_KEY = "registry"
@@ -39,15 +40,7 @@ def _old_target() -> TargetEnvironment:
 def first_environment_from_history() -> None:
     if EnvironmentRow.select().exists():
         return
-    target = _old_target()
-    EnvironmentRow.insert(
-        name=DEFAULT_NAME,
-        python_version=target.python_version,
-        implementation=target.implementation,
-        abi=target.abi,
-        platform=target.platform,
-        position=0,
-    ).execute()
+    insert_environment(Environment(DEFAULT_NAME, _old_target()), position=0)
     for row in Lockfile.select():
         Release.insert(
             sequence=row.sequence, created_at=row.created_at

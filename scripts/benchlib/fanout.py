@@ -39,6 +39,35 @@ def _expect(proc: subprocess.Popen[str], word: str) -> None:
         raise RuntimeError(f"worker said {line!r}, expected {word!r} (exit {proc.poll()})")
 
 
+def start_agents(
+    bench: Bench,
+    core: BenchCore,
+    target: str,
+    home: Path,
+    base: str,
+    workers: int,
+    per: int,
+    prefix: str,
+) -> list[subprocess.Popen[str]]:
+    """`workers` processes of `per` agents each, connected to `target`, all on `base`."""
+    key = export_signing_key(core, home / "core-key.pem")  # type: ignore[arg-type]
+    procs = []
+    for w in range(workers):
+        specs = []
+        for a in range(per):
+            name = f"{prefix}-{w}-{a}"
+            data_dir = str((bench.agents_dir or home / "agents") / name)
+            specs.append({"name": name, "token": core.create_satellite(name), "data_dir": data_dir})
+        spec_file = home / f"worker-{w}.json"
+        spec_file.write_text(json.dumps(specs))
+        procs.append(
+            _spawn("scripts.benchlib.fanout_worker", target, str(key), base, str(spec_file))
+        )
+    for proc in procs:
+        _expect(proc, "converged")
+    return procs
+
+
 def run(bench: Bench, work: Workload, index: PackageIndex) -> None:
     workers, per_worker = (2, 3) if bench.smoke else (4, 50)
     subs_workers, per_subs = (2, 10) if bench.smoke else (4, 250)
@@ -51,24 +80,7 @@ def run(bench: Bench, work: Workload, index: PackageIndex) -> None:
         core.configure(index.url)
         core.set_packages([pin_of(work.tiny)])
         base, _ = core.install()
-        key = export_signing_key(core, home / "core-key.pem")  # type: ignore[arg-type]
-        for w in range(workers):
-            specs = []
-            for a in range(per_worker):
-                name = f"fan-{w}-{a}"
-                data_dir = str((bench.agents_dir or home / "agents") / name)
-                specs.append(
-                    {"name": name, "token": core.create_satellite(name), "data_dir": data_dir}
-                )
-            spec_file = home / f"worker-{w}.json"
-            spec_file.write_text(json.dumps(specs))
-            procs.append(
-                _spawn(
-                    "scripts.benchlib.fanout_worker", core.target, str(key), base, str(spec_file)
-                )
-            )
-        for proc in procs:
-            _expect(proc, "converged")
+        procs = start_agents(bench, core, core.target, home, base, workers, per_worker, "fan")
 
         rounds = [_one_change(core, procs, pin_of(w), work) for w in work.changes]
         for proc in procs:

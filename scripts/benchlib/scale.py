@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import itertools
-import json
 import os
 import subprocess
 import time
@@ -22,37 +21,15 @@ from pathlib import Path
 
 from scripts.benchlib.common import Bench, Row, median, rss_kib
 from scripts.benchlib.cores import BenchCore
-from scripts.benchlib.fanout import _expect, _one_change, _spawn
+from scripts.benchlib.fanout import _one_change, start_agents
 from scripts.benchlib.workload import Workload, pin_of
 from tests.index_server import PackageIndex
-from tests.satellite_process import export_signing_key
 from tests.wheelfactory import WheelSpec, build_wheel
 
 
 def _cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _start_agents(
-    bench: Bench, core: BenchCore, target: str, home: Path, base: str, workers: int, per: int
-) -> list[subprocess.Popen[str]]:
-    key = export_signing_key(core, home / "core-key.pem")  # type: ignore[arg-type]
-    procs = []
-    for w in range(workers):
-        specs = []
-        for a in range(per):
-            name = f"scale-{w}-{a}"
-            data_dir = str((bench.agents_dir or home / "agents") / name)
-            specs.append({"name": name, "token": core.create_satellite(name), "data_dir": data_dir})
-        spec_file = home / f"worker-{w}.json"
-        spec_file.write_text(json.dumps(specs))
-        procs.append(
-            _spawn("scripts.benchlib.fanout_worker", target, str(key), base, str(spec_file))
-        )
-    for proc in procs:
-        _expect(proc, "converged")
-    return procs
 
 
 def _stop_agents(procs: list[subprocess.Popen[str]]) -> None:
@@ -139,7 +116,7 @@ def run(bench: Bench, work: Workload, index: PackageIndex) -> None:
         core.set_packages([pin_of(work.tiny)])
         base, _ = core.install()
         idle = rss_kib(core.pid)
-        procs = _start_agents(bench, core, core.target, home, base, workers, per)
+        procs = start_agents(bench, core, core.target, home, base, workers, per, "scale")
         loaded = rss_kib(core.pid)
         cpu_before = _cpu_seconds(core.pid)
         results = [_one_change(core, procs, pin_of(w), work) for w in work.changes[:rounds]]
@@ -193,7 +170,7 @@ def _two_instances(
             core.configure(index.url)
             core.set_packages([pin_of(work.tiny)])
             base, _ = core.install()
-            procs = _start_agents(bench, core, lb.grpc_target, home, base, workers, per)
+            procs = start_agents(bench, core, lb.grpc_target, home, base, workers, per, "scale")
             results = [_one_change(core, procs, pin_of(w), work) for w in work.changes[:rounds]]
             _fan_out_rows(bench, "two instances behind nginx", results, workers * per)
         finally:
