@@ -85,6 +85,13 @@ def _parser() -> argparse.ArgumentParser:
         default=24.0,
         help="scheduled blob GC pass every this many hours; 0 turns it off (default 24)",
     )
+    serve.add_argument(
+        "--audit-interval-hours",
+        type=_non_negative(float),
+        default=24.0,
+        help="audit the desired release against the advisory source every this many hours;"
+        " 0 turns the schedule off (audits after each publish and on demand remain; default 24)",
+    )
     serve.add_argument("--log-level", default="INFO")
 
     tok = sub.add_parser("admin-token", help="manage admin tokens")
@@ -144,6 +151,7 @@ async def _serve(args: argparse.Namespace) -> None:
             grace_seconds=round(args.gc_grace_hours * 3600),
             interval_seconds=round(args.gc_interval_hours * 3600),
         ),
+        audit_interval_seconds=round(args.audit_interval_hours * 3600),
     )
     core = CoreServer(config)
     loop = asyncio.get_running_loop()

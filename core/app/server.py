@@ -21,11 +21,13 @@ from grpc_reflection.v1alpha import reflection_pb2 as refl_pb2
 from core.api.admin_service import AdminService
 from core.api.auth import AuthInterceptor, TransportPolicy
 from core.api.distribution_service import DistributionService
+from core.api.release_tools import ReleaseTools
 from core.api.storage_service import StorageOps
 from core.app.storage_runtime import StorageRuntime
 from core.fanout import notify
 from core.fanout.desired import load_desired
 from core.fanout.hub import Desired, Hub
+from core.install.audit import DAY_SECONDS, Auditor
 from core.install.install_state import recover_stale_install, remove_stale_work
 from core.install.installer import Installer
 from core.state import environments, lockfiles, tokens
@@ -67,6 +69,7 @@ class CoreConfig:
     # made by another core instance (or straight in the database) to this instance's streams.
     desired_poll_seconds: float = DESIRED_POLL_SECONDS
     gc: GcPolicy = field(default_factory=GcPolicy)  # blob GC: kept, grace, schedule (0: off)
+    audit_interval_seconds: int = DAY_SECONDS  # scheduled audit of the desired release; 0: off
 
 
 def server_credentials(config: CoreConfig) -> grpc.ServerCredentials | None:
@@ -168,13 +171,16 @@ class CoreServer:
         await db.run(environments.ensure_default)
         self.hub.publish(await db.run(load_desired))
         store = storage.registry  # writes to the active backend, reads fall back across all
+        auditor = Auditor(db, box, cfg.audit_interval_seconds)
+        stack.push_async_callback(auditor.close)  # after the installer's cancel (LIFO)
         self.installer = installer = Installer(
-            db, box, key, store, self.hub, cfg.data_dir / "work", storage.lock
+            db, box, key, store, self.hub, cfg.data_dir / "work", storage.lock, auditor
         )
         stack.push_async_callback(installer.cancel)
+        tools = ReleaseTools(db, box, auditor, store)
         storage_ops = storage.bind(self.hub, key, cfg.gc)
         await storage.migrator.resume_if_stuck()  # before serving, so no install can slip in
-        server = self._build_server(db, box, installer, storage_ops, store, key.public_key())
+        server = self._build_server(db, box, installer, storage_ops, store, key.public_key(), tools)
         credentials = server_credentials(cfg)
         try:
             if credentials is None:
@@ -193,6 +199,7 @@ class CoreServer:
         if cfg.database_url and cfg.database_url.startswith(("postgres://", "postgresql://")):
             self._start_notify(cfg.database_url, db)
         storage.start_background()
+        self._spawn(auditor.run_schedule(), "audit-schedule")
         log.info(
             "core listening on %s (port %d, %s), data dir %s",
             cfg.listen,
@@ -209,6 +216,7 @@ class CoreServer:
         storage_ops: StorageOps,
         store: BlobStore,
         public_key: Ed25519PublicKey,
+        tools: ReleaseTools,
     ) -> grpc.aio.Server:
         cfg = self.config
         server = grpc.aio.server(
@@ -233,7 +241,7 @@ class CoreServer:
             ],
         )
         admin_pb2_grpc.add_PackageAdminServicer_to_server(
-            AdminService(db, box, installer, self.hub, storage_ops), server
+            AdminService(db, box, installer, self.hub, storage_ops, tools), server
         )
         distribution_pb2_grpc.add_PackageDistributionServicer_to_server(
             DistributionService(db, self.hub, store, public_key), server
