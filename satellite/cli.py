@@ -12,7 +12,7 @@ import signal
 import sys
 from pathlib import Path
 
-from satellite import runner
+from satellite import editor, runner
 from satellite.agent import Agent, AgentConfig
 from satellite.store import SatelliteStore
 from shared import tags
@@ -71,6 +71,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     env.add_argument("--name", default="", help="the environment name to suggest")
     env.add_argument("--json", action="store_true", help="interpreter, abi and every platform tag")
+    env.add_argument(
+        "--paths",
+        action="store_true",
+        help="print the current tree's site-packages for editors (--json: with the interpreter)",
+    )
+    env.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="with --paths")
     return p
 
 
@@ -175,6 +181,8 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         return runner.run_script(SatelliteStore(args.data_dir), args.script, script_args)
     elif args.command == "status":
         _print_status(SatelliteStore(args.data_dir), args.json)
+    elif args.command == "env" and args.paths:
+        editor.print_paths(SatelliteStore(args.data_dir), args.json)  # satellite/editor.py
     elif args.command == "env":
         _print_env(args.name, args.json)
     return 0
