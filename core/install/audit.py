@@ -394,7 +394,8 @@ class Auditor:
             try:
                 due = await self.next_run_for_desired()
                 if due is None or due > self._clock():
-                    wait = MAX_NAP_SECONDS if due is None else due - self._clock()
+                    # Nothing published yet: look again after one interval (or a nap).
+                    wait = self.interval_seconds if due is None else due - self._clock()
                     await asyncio.sleep(min(max(wait, 1.0), MAX_NAP_SECONDS))
                     continue
                 await self.audit_release(await self._db.run(releases.desired_sequence), "schedule")
