@@ -95,7 +95,10 @@ def test_osv_severity_takes_the_highest_readable_claim() -> None:
     assert osv_severity({"database_specific": {"severity": "MODERATE"}}) == ("medium", "MODERATE")
     vector = "CVSS:3.1/AV:N/AC:L/PR:N/UI:N/S:U/C:H/I:H/A:H"
     got = osv_severity(
-        {"database_specific": {"severity": "LOW"}, "severity": [{"type": "CVSS_V3", "score": vector}]}
+        {
+            "database_specific": {"severity": "LOW"},
+            "severity": [{"type": "CVSS_V3", "score": vector}],
+        }
     )
     assert got == ("critical", f"{vector} (base 9.8)")
     v4 = "CVSS:4.0/AV:N/AC:L/AT:N/PR:N/UI:N/VC:H/VI:H/VA:H/SC:N/SI:N/SA:N"
@@ -264,7 +267,9 @@ async def test_an_index_without_advisories_is_unknown_not_clean(adv: AdvisorySer
     nothing_known = await audit_manifests(
         [("default", _manifest(("delta", "1.0")))], _json(adv), REGISTRY
     )
-    assert nothing_known.status == "unknown" and "knows none of the 1 packages" in nothing_known.reason
+    assert (
+        nothing_known.status == "unknown" and "knows none of the 1 packages" in nothing_known.reason
+    )
 
 
 async def test_ignored_advisories_are_kept_but_not_counted(adv: AdvisoryServer) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -124,9 +125,7 @@ def test_exports_install_with_uv_and_pip_to_exactly_the_satellite_tree(
     admin = core.admin()
     admin.SetPackages(
         apb.SetPackagesRequest(
-            packages=[
-                apb.PackageSpec(name=n, version="1.0") for n in ("alpha", "ns-one", "ns-two")
-            ]
+            packages=[apb.PackageSpec(name=n, version="1.0") for n in ("alpha", "ns-one", "ns-two")]
         )
     )
     state = admin.install_and_wait()
@@ -162,10 +161,19 @@ def test_exports_install_with_uv_and_pip_to_exactly_the_satellite_tree(
             tmp_path / "t-pip-req",
         ),
         "uv + requirements": (
-            [_uv(), "pip", "install", *py, "--require-hashes", "-r", str(requirements),
-             "--index-url", package_index.url],
+            [
+                _uv(),
+                "pip",
+                "install",
+                *py,
+                "--require-hashes",
+                "-r",
+                str(requirements),
+                "--index-url",
+                package_index.url,
+            ],
             tmp_path / "t-uv-req",
-        ),  # fmt: skip
+        ),
     }
     for label, (argv, target) in targets.items():
         _run([*argv, "--target", str(target)], env)
@@ -191,10 +199,18 @@ def test_exports_install_with_uv_and_pip_to_exactly_the_satellite_tree(
     assert paths.stdout.strip() == str(tree_site.absolute())
     doc = json.loads(
         _run(
-            [sys.executable, "-m", "satellite.cli", "env", "--paths", "--json",
-             "--data-dir", str(sat.data_dir)],
+            [
+                sys.executable,
+                "-m",
+                "satellite.cli",
+                "env",
+                "--paths",
+                "--json",
+                "--data-dir",
+                str(sat.data_dir),
+            ],
             dict(os.environ),
-        ).stdout  # fmt: skip
+        ).stdout
     )
     assert doc["site_packages"] == str(tree_site.absolute())
     assert doc["interpreter"] == sys.executable and doc["interpreter_flags"] == ["-I", "-S"]
@@ -206,7 +222,9 @@ def test_tree_refuses_an_unknown_hash_and_a_foreign_dir(
 ) -> None:
     build_wheel(WheelSpec("beta", "2.0"), wheel_dir)
     admin = core.admin()
-    admin.SetPackages(apb.SetPackagesRequest(packages=[apb.PackageSpec(name="beta", version="2.0")]))
+    admin.SetPackages(
+        apb.SetPackagesRequest(packages=[apb.PackageSpec(name="beta", version="2.0")])
+    )
     state = admin.install_and_wait()
     assert state.status == apb.INSTALL_STATUS_READY, state.error
 
@@ -237,7 +255,9 @@ def test_exports_never_carry_credentials(
     admin.SetRegistryConfig(
         apb.SetRegistryConfigRequest(index_url=auth_package_index.url, auth_token=INDEX_TOKEN)
     )
-    admin.SetPackages(apb.SetPackagesRequest(packages=[apb.PackageSpec(name="beta", version="2.0")]))
+    admin.SetPackages(
+        apb.SetPackagesRequest(packages=[apb.PackageSpec(name="beta", version="2.0")])
+    )
     state = admin.install_and_wait()
     assert state.status == apb.INSTALL_STATUS_READY, state.error
     for fmt in ("pylock", "requirements"):
@@ -246,3 +266,34 @@ def test_exports_never_carry_credentials(
         assert INDEX_TOKEN not in export.content and "__token__" not in export.content
         assert "@" not in export.content  # no userinfo in any URL
         assert auth_package_index.url in export.content
+
+
+def test_releases_from_before_origins_export_and_materialise(tmp_path: Path) -> None:
+    """A core upgraded in place (schema 2 -> 4): its old releases have no recorded origins.
+    The export names the configured index and lets the installer find each pinned file; the
+    tree comes from the blobs as for any release."""
+    fixture_dir = Path(__file__).parent / "data" / "core-before-environments"
+    fixture = json.loads((fixture_dir / "fixture.json").read_text())
+    data = tmp_path / "core"
+    shutil.copytree(fixture_dir, data, ignore=shutil.ignore_patterns("fixture.json"))
+    os.chmod(data / "secret.key", 0o600)
+    core = CoreProcess(data, admin_token=fixture["admin_token"]).start()
+    try:
+        admin = core.admin()
+        index = admin.GetRegistryConfig().index_url
+        export = admin.GetReleaseExport(apb.GetReleaseExportRequest(format="pylock"))
+        assert export.lockfile_hash == fixture["desired"]
+        assert "url = " not in export.content  # never a guessed URL
+        assert export.content.count(f'index = "{index}"') == 2  # oldpkg, olddep
+        token_file = tmp_path / "admin.token"
+        token_file.write_text(fixture["admin_token"])
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SPK_")}
+        out = subprocess.run(
+            [sys.executable, "-m", "core.app.cli", "admin", "--core", core.target,
+             "--token-file", str(token_file), "tree", fixture["previous"], str(tmp_path / "ed")],
+            capture_output=True, text=True, timeout=120, env=env,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        assert (tmp_path / "ed" / "site-packages" / "oldpkg").is_dir()
+    finally:
+        core.stop()

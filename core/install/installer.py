@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -72,7 +72,8 @@ class _Built:
     order: list[str]  # environment names, the default first
     manifests: dict[str, Manifest]
     warnings: dict[str, list[str]]
-    origins: dict[str, dict[str, Origin]]  # environment -> sha256 -> where it came from
+    # environment -> sha256 -> where it came from (exports name it; not part of the manifest)
+    origins: dict[str, dict[str, Origin]] = field(default_factory=dict)
 
 
 def check_fits(env: Environment, native: str, wheels: Sequence[LockedWheel]) -> None:
@@ -241,7 +242,7 @@ class Installer:
             check_fits(env, native, wheels)
         unique = {w.sha256: w for wheels in locks for w in wheels}
         sizes = await self._obtain_all(list(unique.values()), config.settings)
-        built = _Built([e.name for e in envs], {}, {}, {})
+        built = _Built([e.name for e in envs], {}, {})
         blocked: list[str] = []
         for env, wheels, p in zip(envs, locks, progress, strict=True):
             entries = [
@@ -382,7 +383,7 @@ class Installer:
             else:
                 release, _ = releases.publish_release(built.manifests, self._key, built.order)
             for name, manifest in built.manifests.items():
-                record_origins(manifest.lockfile_hash, built.origins[name])
+                record_origins(manifest.lockfile_hash, built.origins.get(name, {}))
             default = built.manifests[built.order[0]]
             progress = [
                 EnvProgress(
