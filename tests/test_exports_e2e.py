@@ -25,6 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grpc
 import pytest
 
 from shared.proto.scriptpkgs.v1 import admin_pb2 as apb
@@ -297,3 +298,45 @@ def test_releases_from_before_origins_export_and_materialise(tmp_path: Path) -> 
         assert (tmp_path / "ed" / "site-packages" / "oldpkg").is_dir()
     finally:
         core.stop()
+
+
+def test_read_tokens_export_and_stream_blobs_but_cannot_audit_or_set_policy(
+    core: CoreProcess, wheel_dir: Path
+) -> None:
+    wheel = build_wheel(WheelSpec("beta", "2.0", files={"beta.py": b"B = 2\n" * 40_000}), wheel_dir)
+    admin = core.admin()
+    admin.SetPackages(
+        apb.SetPackagesRequest(packages=[apb.PackageSpec(name="beta", version="2.0")])
+    )
+    assert admin.install_and_wait().status == apb.INSTALL_STATUS_READY
+    created = subprocess.run(
+        [sys.executable, "-m", "core.app.cli", "admin-token", "create", "--role", "read",
+         "--data-dir", str(core.data_dir)],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    reader = core.admin(token=created.stdout.strip())
+    sha = hashlib.sha256(wheel.read_bytes()).hexdigest()
+
+    def blob(offset: int) -> bytes:
+        request = apb.GetBlobRequest(sha256=sha, offset=offset)
+        chunks = list(reader.stub.GetBlob(request, metadata=reader.metadata, timeout=30))
+        assert all(c.total_size == wheel.stat().st_size for c in chunks)
+        return b"".join(c.data for c in chunks)
+
+    assert blob(0) == wheel.read_bytes()
+    assert blob(1000) == wheel.read_bytes()[1000:]  # resumable, like DownloadBlob
+    assert (
+        "beta==2.0"
+        in reader.GetReleaseExport(apb.GetReleaseExportRequest(format="requirements")).content
+    )
+    assert reader.GetAuditPolicy().source == "json"
+    for method, request in (
+        ("AuditRelease", apb.AuditReleaseRequest()),
+        ("SetAuditPolicy", apb.SetAuditPolicyRequest(block_severity="high")),
+    ):
+        with pytest.raises(grpc.RpcError) as err:
+            getattr(reader, method)(request)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.RpcError) as err:
+        list(reader.stub.GetBlob(apb.GetBlobRequest(sha256="ab" * 32), metadata=reader.metadata))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
