@@ -191,6 +191,13 @@ def test_a_blocking_policy_refuses_a_release_naming_packages_and_ids_and_keeps_t
     assert _cli(core, tmp_path, "audit-policy", "unignore", "CVE-2026-1111").returncode == 0
     fixed = _install(admin, ("alpha", "1.1"), ("delta", "1.0"))
     assert fixed.status == apb.INSTALL_STATUS_READY, fixed.error
+
+    # A rollback publishes a release too: it is audited, and never gated (the emergency exit).
+    rolled = admin.Rollback(apb.RollbackRequest(release_sequence=accepted.release_sequence))
+    assert rolled.status == apb.INSTALL_STATUS_READY
+    audit = _latest(admin, "publish").latest
+    assert audit.release_sequence == rolled.release_sequence
+    assert [a.id for a in audit.advisories if not a.ignored] == ["PYSEC-2026-11"]
     with pytest.raises(grpc.RpcError) as err:
         admin.SetAuditPolicy(
             apb.SetAuditPolicyRequest(

@@ -313,7 +313,9 @@ class AdminService(StorageAdminMixin, ReleaseToolsMixin, admin_pb2_grpc.PackageA
         )
 
     async def Rollback(self, request: pb.RollbackRequest, context: object) -> pb.InstallState:
-        await self._ops.rollback(request.lockfile_hash, sequence=request.release_sequence)
+        release = await self._ops.rollback(request.lockfile_hash, sequence=request.release_sequence)
+        # A rollback publishes a release too: audited like any (in the background, never gated).
+        self._tools.auditor.after_publish(release.sequence, None)
         return _install_pb(await self._installer.state())
 
     # ---- environments ----
