@@ -12,13 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from core.install.audit import (
-    audit_manifests,
-    block_message,
-    blocking,
-    json_api_base,
-    new_or_worse,
-)
+from core.install.audit import audit_manifests, json_api_base
+from core.install.findings import block_message, blocking, new_or_worse
 from core.install.severity import cvss3_base_score, osv_severity
 from core.state.audits import (
     Advisory,
