@@ -7,12 +7,13 @@ a hung source, and credentials that go only to the index's origin.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from core.install.audit import audit_manifests, json_api_base
+from core.install.audit import Auditor, FindingsCounter, audit_manifests, json_api_base
 from core.install.findings import block_message, blocking, new_or_worse
 from core.install.severity import cvss3_base_score, osv_severity
 from core.state.audits import (
@@ -304,3 +305,24 @@ async def test_off_and_underivable_sources_are_unknown_without_a_request(
     result = await audit_manifests(RELEASE, AuditPolicy(source="json"), devpi)
     assert result.status == "unknown" and "no JSON API can be derived" in result.reason
     assert adv.requests == []
+
+
+async def test_a_zero_interval_turns_the_schedule_off() -> None:
+    auditor = Auditor(None, None, interval_seconds=0)  # type: ignore[arg-type]
+    await asyncio.wait_for(auditor.run_schedule(), 1)  # returns at once, touching nothing
+    assert auditor.next_run_at(None) is None
+
+
+def test_the_findings_counter_feeds_metrics_hooks_and_survives_a_broken_one() -> None:
+    counter = FindingsCounter()
+    seen: list[tuple[str, int]] = []
+
+    def broken(severity: str, count: int) -> None:
+        raise RuntimeError("exporter down")
+
+    counter.subscribe(broken)
+    counter.subscribe(lambda severity, count: seen.append((severity, count)))
+    counter.add("high")
+    counter.add("unknown", 2)
+    assert seen == [("high", 1), ("unknown", 2)]
+    assert counter.totals == {"high": 1, "unknown": 2}
