@@ -11,7 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
-from satellite import runner
+from satellite import editor, runner
 from satellite.host_policy import host_policy_path, install_host_policy, load_host_policy
 from satellite.run_outcome import RunLog, describe_record, follow_run_log
 from satellite.store import SatelliteStore
@@ -100,6 +100,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     env.add_argument("--name", default="", help="the environment name to suggest")
     env.add_argument("--json", action="store_true", help="interpreter, abi and every platform tag")
+    env.add_argument(
+        "--paths",
+        action="store_true",
+        help="print the current tree's site-packages for editors (--json: with the interpreter)",
+    )
+    env.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="with --paths")
     return p
 
 
@@ -247,6 +253,8 @@ def _dispatch(args: argparse.Namespace) -> int | None:
             sandbox = ""
         store = SatelliteStore(args.data_dir)
         return runner.run_script(store, args.script, script_args, sandbox=sandbox)
+    elif args.command == "env" and args.paths:
+        editor.print_paths(SatelliteStore(args.data_dir), args.json)  # satellite/editor.py
     elif args.command == "env":
         _print_env(args.name, args.json)
     elif args.command == "status":

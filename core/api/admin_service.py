@@ -1,7 +1,8 @@
 """PackageAdmin servicer: thin translation between protobuf and the core's modules.
 
-Storage and blob GC methods live in core/api/storage_service.py (mixed in). Methods defined nowhere
-answer UNIMPLEMENTED (the generated base class does that).
+Storage and blob GC methods live in core/api/storage_service.py, audits, exports and GetBlob in
+core/api/release_tools.py (both mixed in). Methods defined nowhere answer UNIMPLEMENTED (the
+generated base class does that).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from core.api.auth import current_identity
+from core.api.release_tools import ReleaseTools, ReleaseToolsMixin
 from core.api.storage_service import StorageAdminMixin, StorageOps
 from core.fanout.desired import load_desired
 from core.fanout.hub import Hub
@@ -129,10 +131,17 @@ def fleet_summary(satellites: list[pb.Satellite]) -> list[pb.FleetSummary]:
     return [by_env[k] for k in sorted(by_env)]
 
 
-class AdminService(StorageAdminMixin, admin_pb2_grpc.PackageAdminServicer):
+class AdminService(StorageAdminMixin, ReleaseToolsMixin, admin_pb2_grpc.PackageAdminServicer):
     def __init__(
-        self, db: Database, box: SecretBox, installer: Installer, hub: Hub, ops: StorageOps
+        self,
+        db: Database,
+        box: SecretBox,
+        installer: Installer,
+        hub: Hub,
+        ops: StorageOps,
+        tools: ReleaseTools,
     ) -> None:
+        self._tools = tools  # audits, exports, blobs (core/api/release_tools.py)
         self._db = db
         self._box = box
         self._installer = installer
@@ -304,7 +313,9 @@ class AdminService(StorageAdminMixin, admin_pb2_grpc.PackageAdminServicer):
         )
 
     async def Rollback(self, request: pb.RollbackRequest, context: object) -> pb.InstallState:
-        await self._ops.rollback(request.lockfile_hash, sequence=request.release_sequence)
+        release = await self._ops.rollback(request.lockfile_hash, sequence=request.release_sequence)
+        # A rollback publishes a release too: audited like any (in the background, never gated).
+        self._tools.auditor.after_publish(release.sequence, None)
         return _install_pb(await self._installer.state())
 
     # ---- environments ----

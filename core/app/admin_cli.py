@@ -18,6 +18,7 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from core.app import release_cli
 from shared.errors import InvalidArgument, SpkError
 from shared.proto.scriptpkgs.v1 import admin_pb2 as pb
 from shared.proto.scriptpkgs.v1 import admin_pb2_grpc, common_pb2
@@ -35,6 +36,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--client-key", type=Path)
     p.add_argument("--json", action="store_true", help="print the protobuf JSON")
     cmd = p.add_subparsers(dest="admin_command", required=True)
+    release_cli.add_commands(cmd)  # audit, audit-policy, export, tree (core/app/release_cli.py)
 
     pk = cmd.add_parser("packages", help="the allowlist").add_subparsers(dest="op", required=True)
     pk.add_parser("list")
@@ -343,6 +345,10 @@ def _request(args: argparse.Namespace) -> tuple[str, Message]:
 
 def run(args: argparse.Namespace) -> int:
     """Returns the exit code: 0 ok, 1 a refused call or a failed install."""
+    if args.admin_command in release_cli.COMMANDS:
+        with _channel(args) as channel:
+            stub = admin_pb2_grpc.PackageAdminStub(channel)
+            return release_cli.run(args, _Admin(stub, _token(args)))
     method, request = _request(args)
     with _channel(args) as channel:
         admin = _Admin(admin_pb2_grpc.PackageAdminStub(channel), _token(args))

@@ -115,6 +115,13 @@ def _parser() -> argparse.ArgumentParser:
         help="a CDN or mirror serving the blob store read-only (<url>/ab/<sha256>.whl);"
         " satellites fetch from it, verify every byte, and fall back to this core",
     )
+    serve.add_argument(
+        "--audit-interval-hours",
+        type=_non_negative(float),
+        default=24.0,
+        help="audit the desired release against the advisory source every this many hours;"
+        " 0 turns the schedule off (audits after each publish and on demand remain; default 24)",
+    )
     serve.add_argument("--log-level", default="INFO")
 
     tok = sub.add_parser("admin-token", help="manage admin tokens")
@@ -222,6 +229,7 @@ async def _serve(args: argparse.Namespace) -> None:
             base_url=_checked_base_url(args.blob_base_url),
         ),
         content=TreeContentPolicy.allowing(args.allow_pth),
+        audit_interval_seconds=round(args.audit_interval_hours * 3600),
     )
     core = CoreServer(config)
     loop = asyncio.get_running_loop()

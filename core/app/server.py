@@ -21,11 +21,13 @@ from grpc_reflection.v1alpha import reflection_pb2 as refl_pb2
 from core.api.admin_service import AdminService
 from core.api.auth import AuthInterceptor, TransportPolicy
 from core.api.distribution_service import DistributionService
+from core.api.release_tools import ReleaseTools
 from core.api.storage_service import StorageOps
 from core.app.storage_runtime import StorageRuntime
 from core.fanout import notify
 from core.fanout.desired import load_desired
 from core.fanout.hub import Desired, Hub
+from core.install.audit import DAY_SECONDS, Auditor
 from core.install.install_state import recover_stale_install, remove_stale_work
 from core.install.installer import Installer
 from core.state import environments, lockfiles, tokens
@@ -69,6 +71,7 @@ class CoreConfig:
     # made by another core instance (or straight in the database) to this instance's streams.
     desired_poll_seconds: float = DESIRED_POLL_SECONDS
     gc: GcPolicy = field(default_factory=GcPolicy)  # blob GC: kept, grace, schedule (0: off)
+    audit_interval_seconds: int = DAY_SECONDS  # scheduled audit of the desired release; 0: off
     blob_urls: BlobUrlPolicy = field(default_factory=BlobUrlPolicy)  # bytes without the core
     # Which packages may ship start-up hooks (.pth, sitecustomize): --allow-pth, tree_content.
     content: TreeContentPolicy = DEFAULT_CONTENT_POLICY
@@ -180,13 +183,16 @@ class CoreServer:
         await db.run(environments.ensure_default)
         self.hub.publish(await db.run(load_desired))
         store = storage.registry  # writes to the active backend, reads fall back across all
+        auditor = Auditor(db, box, cfg.audit_interval_seconds)
+        stack.push_async_callback(auditor.close)  # after the installer's cancel (LIFO)
         self.installer = installer = Installer(
-            db, box, key, store, self.hub, cfg.data_dir / "work", storage.lock, cfg.content
+            db, box, key, store, self.hub, cfg.data_dir / "work", storage.lock, cfg.content, auditor
         )
         stack.push_async_callback(installer.cancel)
+        tools = ReleaseTools(db, box, auditor, store)
         storage_ops = storage.bind(self.hub, key, cfg.gc)
         await storage.migrator.resume_if_stuck()  # before serving, so no install can slip in
-        server = self._build_server(db, box, installer, storage_ops, store, key.public_key())
+        server = self._build_server(db, box, installer, storage_ops, store, key.public_key(), tools)
         credentials = server_credentials(cfg)
         try:
             if credentials is None:
@@ -205,6 +211,7 @@ class CoreServer:
         if cfg.shares_state and cfg.database_url:
             self._start_notify(cfg.database_url, db)
         storage.start_background()
+        self._spawn(auditor.run_schedule(), "audit-schedule")
         log.info(
             "core listening on %s (port %d, %s), data dir %s",
             cfg.listen,
@@ -221,6 +228,7 @@ class CoreServer:
         storage_ops: StorageOps,
         store: StoreRegistry,
         public_key: Ed25519PublicKey,
+        tools: ReleaseTools,
     ) -> grpc.aio.Server:
         cfg = self.config
         server = grpc.aio.server(
@@ -245,7 +253,7 @@ class CoreServer:
             ],
         )
         admin_pb2_grpc.add_PackageAdminServicer_to_server(
-            AdminService(db, box, installer, self.hub, storage_ops), server
+            AdminService(db, box, installer, self.hub, storage_ops, tools), server
         )
         distribution_pb2_grpc.add_PackageDistributionServicer_to_server(
             DistributionService(

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -25,15 +25,19 @@ from packaging.utils import parse_wheel_filename
 
 from core.fanout.desired import load_desired
 from core.fanout.hub import Hub
+from core.install.audit import Auditor
 from core.install.diagnosis import resolve_or_explain
+from core.install.exports import origin_for
 from core.install.fetch import FetchedWheel, Fetcher
 from core.install.install_state import EnvProgress, InstallState, read_state, update_state
 from core.install.uv_resolver import LockedWheel, clean_pins
 from core.state import allowlist, environments, releases, settings
+from core.state.audits import AuditResult
 from core.state.db import BlobRecord, Database, database_proxy, now
 from core.state.index_config import RegistrySettings
 from core.state.keys import SecretBox
 from core.state.locks import Activity, InstallerLock, Lease
+from core.state.origins import Origin, record_origins
 from core.storage.blobstore import BlobStore
 from shared.environments import Environment, supported_tags
 from shared.errors import FailedPrecondition, IntegrityError, SpkError
@@ -69,6 +73,8 @@ class _Built:
     order: list[str]  # environment names, the default first
     manifests: dict[str, Manifest]
     warnings: dict[str, list[str]]
+    # environment -> sha256 -> where it came from (exports name it; not part of the manifest)
+    origins: dict[str, dict[str, Origin]] = field(default_factory=dict)
 
 
 def check_fits(env: Environment, native: str, wheels: Sequence[LockedWheel]) -> None:
@@ -93,8 +99,10 @@ class Installer:
         work_dir: Path,
         lock: InstallerLock | None = None,
         content: TreeContentPolicy = DEFAULT_CONTENT_POLICY,
+        auditor: Auditor | None = None,
     ) -> None:
         self._db = db
+        self._auditor = auditor  # the audit policy's gate before publish; audits after it
         # Shared with GC, migration and rollback: one of them at a time (and one core instance).
         self._lock = lock or InstallerLock()
         self._box = box
@@ -180,10 +188,13 @@ class Installer:
         progress: list[EnvProgress] = []
         try:
             built = await self._build(progress)
+            checked = await self._audit_gate(built)
             state = await self._db.run(self._publish, built)
             self._hub.publish(await self._db.run(load_desired))
             event, self._changed = self._changed, asyncio.Event()
             event.set()
+            if self._auditor is not None:  # in the background: `ready` never waits for it
+                self._auditor.after_publish(state.release_sequence, checked)
             log.info(
                 "install ready: release %d, %s",
                 state.release_sequence,
@@ -214,6 +225,13 @@ class Installer:
             status="error", error=message, finished_at=now(), phase="", environments=progress
         )
 
+    async def _audit_gate(self, built: _Built) -> AuditResult | None:
+        """A blocking audit policy refuses the release here, before anything is published."""
+        if self._auditor is None or not await self._auditor.enforcing():
+            return None
+        await self._set(phase="auditing")
+        return await self._auditor.check_before_publish(built.manifests, built.order)
+
     # ---- building ----
 
     async def _build(self, progress: list[EnvProgress]) -> _Built:
@@ -239,6 +257,7 @@ class Installer:
             manifest = Manifest.build(entries, env.target)
             warnings, block = settings.check_size(manifest.total_size, cap)
             built.manifests[env.name] = manifest
+            built.origins[env.name] = {w.sha256: origin_for(w, config.settings) for w in wheels}
             built.warnings[env.name] = [f"environment {env.name}: {w}" for w in warnings]
             p.lockfile_hash, p.wheels, p.total_bytes = (
                 manifest.lockfile_hash,
@@ -370,6 +389,8 @@ class Installer:
                 assert release is not None
             else:
                 release, _ = releases.publish_release(built.manifests, self._key, built.order)
+            for name, manifest in built.manifests.items():
+                record_origins(manifest.lockfile_hash, built.origins.get(name, {}))
             default = built.manifests[built.order[0]]
             progress = [
                 EnvProgress(

@@ -169,6 +169,39 @@ class BlobChunk(BaseModel):
         primary_key = pw.CompositeKey("sha256", "seq")
 
 
+class WheelOrigin(BaseModel):
+    """Where each wheel of a published manifest came from, for exports (PEP 751 `url`, `index`).
+
+    Outside the signed manifest on purpose: the lockfile hash covers the manifest's canonical
+    bytes, and where a file was fetched does not change what it is. Never credentials: URLs are
+    stored without userinfo, query or fragment (core/install/exports.py `public_url`).
+    """
+
+    lockfile_hash = pw.CharField(max_length=64, index=True)
+    sha256 = pw.CharField(max_length=64)
+    url = pw.TextField(default="")  # the file as the resolver named it
+    index_url = pw.TextField(default="")  # the index it was resolved from
+
+    class Meta:
+        table_name = "wheel_origin"
+        primary_key = pw.CompositeKey("lockfile_hash", "sha256")
+
+
+class AuditRow(BaseModel):
+    """One vulnerability audit of a release (history: every audit is kept)."""
+
+    id = pw.AutoField()
+    sequence = pw.BigIntegerField(index=True)  # the release audited
+    checked_at = pw.BigIntegerField()
+    trigger = pw.CharField(max_length=16)  # publish | schedule | on-demand
+    source = pw.CharField(max_length=512)
+    status = pw.CharField(max_length=16)  # ok | unknown
+    result_json = pw.TextField()  # advisories, counts, warnings (core/state/audits.py)
+
+    class Meta:
+        table_name = "audit"
+
+
 ALL_MODELS: list[type[BaseModel]] = [
     SchemaVersion,
     Setting,
@@ -226,8 +259,19 @@ def _migration_3(db: pw.Database) -> None:
     first_environment_from_history()
 
 
+def _migration_4(db: pw.Database) -> None:
+    """Audits and exports: the audit history, and where each published wheel came from. Releases
+    published before this have no origins; exports then name the configured index instead."""
+    db.create_tables([WheelOrigin, AuditRow])
+
+
 # Append-only: each entry brings the schema from version i to i + 1.
-MIGRATIONS: list[Callable[[pw.Database], None]] = [_migration_1, _migration_2, _migration_3]
+MIGRATIONS: list[Callable[[pw.Database], None]] = [
+    _migration_1,
+    _migration_2,
+    _migration_3,
+    _migration_4,
+]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -1,4 +1,4 @@
-"""Unpacked wheels on a satellite (`pkgs/<sha256>/`) and the file-system helpers trees share.
+"""Unpacked wheels on a satellite (`pkgs/<sha256>/`): staging, batch durability, drift repair.
 
     pkgs/<sha256>/site-packages/   the wheel extracted by shared.wheels (RECORD-verified, 0o444)
     pkgs/<sha256>/.spk-complete    JSON: the wheel and every file's sha256 and size
@@ -14,146 +14,56 @@ package is never visible before its bytes are durable, and the set costs one syn
 one per package (sync(2) where syncfs is missing); fsync of every file was measured far slower
 (w31-shaped set, 3,999 files, loaded 2-core VM: fsync each 4.4 s, one syncfs 0.34 s).
 File hashes for the marker come from extraction itself (every file is hashed while it is written
-and checked against RECORD), so nothing is read back.
+and checked against RECORD), so nothing is read back. Extraction, the marker and the file-system
+helpers trees use are shared with `spk-core admin tree` (shared/tree_build.py).
 """
 
 from __future__ import annotations
 
-import ctypes
-import json
 import os
-import secrets
-import shutil
 import stat
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from packaging.utils import canonicalize_name
-from packaging.version import Version
-
 from satellite.store.blobs import checked_sha
-from shared.errors import IntegrityError, StoreError
 from shared.fsutil import exchange, fsync_dir
-from shared.hashing import sha256_file
 from shared.manifest import ManifestEntry
-from shared.tree_content import AT_SATELLITE
-from shared.wheels import extract_wheel
 
-SITE = "site-packages"
-PKG_MARKER = ".spk-complete"
-TMP_PREFIX = ".tmp-"
+# The unpack, hashing and sealing rules are shared with `spk-core admin tree` (an editor's copy
+# of a release); they live in shared/tree_build.py and are re-exported here for the store.
+from shared.tree_build import (
+    PKG_MARKER,
+    SITE,
+    TMP_PREFIX,
+    FileMap,
+    compare_files,
+    list_dirs,
+    package_files,
+    remove_dir,
+    scan_files,
+    seal,
+    syncfs,
+    temp_name,
+    unpack_package,
+)
 
-# relative path -> (sha256 hex, size)
-FileMap = dict[str, tuple[str, int]]
-
-
-def _load_syncfs() -> Callable[[int], int] | None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        func: Callable[[int], int] = libc.syncfs
-    except (OSError, AttributeError):
-        return None
-    return func
-
-
-_SYNCFS = _load_syncfs()
-
-
-def syncfs(path: Path) -> None:
-    """Flush every dirty page and inode of the file system holding `path`."""
-    if _SYNCFS is None:
-        os.sync()
-        return
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        if _SYNCFS(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), str(path))
-    finally:
-        os.close(fd)
-
-
-def temp_name(final_name: str) -> str:
-    return f"{TMP_PREFIX}{final_name}-{secrets.token_hex(4)}"
-
-
-def scan_files(root: Path, links: Mapping[str, str] | None = None) -> tuple[FileMap, list[str]]:
-    """Hash every regular file under `root`; anything else (symlink, fifo...) is a problem.
-
-    `links` (relative path -> expected link text) are the symlinks a tree is allowed to hold:
-    those are checked and followed, so what they point at is hashed like the rest.
-    """
-    files: FileMap = {}
-    problems: list[str] = []
-    allowed = links or {}
-
-    def walk(directory: str, prefix: str) -> None:
-        with os.scandir(directory) as it:
-            for item in sorted(it, key=lambda e: e.name):
-                rel = f"{prefix}{item.name}"
-                if item.is_symlink():
-                    if rel not in allowed:
-                        problems.append(f"unexpected symlink {rel}")
-                        continue
-                    if os.readlink(item.path) != allowed[rel]:
-                        problems.append(f"symlink {rel} points elsewhere")
-                        continue
-                    if not os.path.exists(item.path):
-                        problems.append(f"missing {rel} (dangling symlink)")
-                        continue
-                if item.is_dir():  # follows only the links allowed above
-                    walk(item.path, f"{rel}/")
-                elif item.is_file():
-                    path = Path(item.path)
-                    files[rel] = (sha256_file(path), item.stat().st_size)
-                else:
-                    problems.append(f"unexpected special file {rel}")
-
-    walk(str(root), "")
-    return files, problems
-
-
-def list_dirs(root: Path, links: Mapping[str, str] | None = None) -> set[str]:
-    """Relative paths of every directory below `root`, following only the allowed `links`."""
-    found: set[str] = set()
-    allowed = links or {}
-
-    def walk(directory: str, prefix: str) -> None:
-        with os.scandir(directory) as it:
-            for item in it:
-                rel = f"{prefix}{item.name}"
-                if item.is_symlink() and rel not in allowed:
-                    continue
-                if item.is_dir():
-                    found.add(rel)
-                    walk(item.path, f"{rel}/")
-
-    walk(str(root), "")
-    return found
-
-
-def seal(root: Path) -> None:
-    """Make every directory under (and including) `root` read-only, so nothing can be added.
-
-    Files are already 0o444; root ignores both, which is why drift checks hash everything.
-    """
-    for dirpath, _, _ in os.walk(root, topdown=False):
-        os.chmod(dirpath, 0o555)  # noqa: S103 -- read-only for everyone is the point
-
-
-def remove_dir(path: Path) -> None:
-    """Delete a sealed directory tree; missing is fine."""
-    if not path.exists() and not path.is_symlink():
-        return
-    if path.is_symlink() or not path.is_dir():
-        path.unlink()
-        return
-
-    # rmtree needs write permission on every directory it empties; sealed ones have none.
-    for dirpath, _, _ in os.walk(path):
-        os.chmod(dirpath, 0o755)  # noqa: S103 -- about to delete it
-    shutil.rmtree(path)
+__all__ = [
+    "PKG_MARKER",
+    "SITE",
+    "TMP_PREFIX",
+    "FileMap",
+    "PkgDir",
+    "StagedPkg",
+    "compare_files",
+    "is_plain_dir",
+    "list_dirs",
+    "remove_dir",
+    "scan_files",
+    "seal",
+    "syncfs",
+    "temp_name",
+]
 
 
 @dataclass(frozen=True)
@@ -182,14 +92,7 @@ class PkgDir:
 
     def files(self, sha256: str) -> FileMap:
         """The marker's file map; StoreError when the package is not unpacked."""
-        marker = self.dir(sha256) / PKG_MARKER
-        try:
-            raw = json.loads(marker.read_text())
-        except FileNotFoundError:
-            raise StoreError(f"package {sha256} is not unpacked on this satellite") from None
-        except ValueError as exc:
-            raise StoreError(f"package {sha256}: unreadable marker {marker}: {exc}") from None
-        return {rel: (str(v[0]), int(v[1])) for rel, v in raw["files"].items()}
+        return package_files(self.dir(sha256), sha256, where="on this satellite")
 
     def unpack(self, entry: ManifestEntry, blob: Path) -> Path:
         """Extract the (already verified) blob of `entry` durably; returns its site-packages dir."""
@@ -209,24 +112,8 @@ class PkgDir:
             return None
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / temp_name(sha)
-        tmp.mkdir()
         try:
-            info = extract_wheel(blob, tmp / SITE, filename=entry.filename, content=AT_SATELLITE)
-            if canonicalize_name(info.name) != canonicalize_name(entry.name) or Version(
-                info.version
-            ) != Version(entry.version):
-                raise IntegrityError(
-                    f"{entry.filename}: the wheel is {info.name} {info.version}, the manifest"
-                    f" says {entry.name} {entry.version}; refusing it"
-                )
-            marker = {
-                "format": 1,
-                "sha256": sha,
-                "filename": entry.filename,
-                "files": {rel: [h, size] for rel, (h, size) in sorted(info.hashes.items())},
-            }
-            (tmp / PKG_MARKER).write_text(json.dumps(marker, sort_keys=True))
-            seal(tmp / SITE)
+            unpack_package(entry, blob, tmp)
         except BaseException:
             remove_dir(tmp)
             raise
@@ -283,21 +170,6 @@ class PkgDir:
         os.rename(final, doomed)
         fsync_dir(self.root)
         remove_dir(doomed)
-
-
-def compare_files(expected: FileMap, actual: FileMap, label: str) -> list[str]:
-    problems: list[str] = []
-    for rel, (sha, size) in sorted(expected.items()):
-        got = actual.get(rel)
-        if got is None:
-            problems.append(f"{label}: missing {rel}")
-        elif got[0] != sha:
-            problems.append(
-                f"{label}: changed {rel} (expected sha256 {sha[:12]}, {size} bytes;"
-                f" found {got[0][:12]}, {got[1]} bytes)"
-            )
-    problems.extend(f"{label}: extra file {rel}" for rel in sorted(actual.keys() - expected.keys()))
-    return problems
 
 
 def is_plain_dir(path: Path) -> bool:

@@ -16,7 +16,8 @@ identical shared files (old-style `__init__.py`) link once and anything else cla
 Links share the package files just as hard links would: see pkgs.py for why drift checks compare
 against recorded hashes, and satellite/drift.py for why `pkgs/` is watched too. A tree is built
 in `trees/.tmp-<hash>-<rand>/` and renamed into place after one syncfs (only directory entries
-are new; the package files are already durable).
+are new; the package files are already durable). The clash rules and the links themselves are
+shared with `spk-core admin tree`, which builds the same tree for an editor (shared/tree_build.py).
 """
 
 from __future__ import annotations
@@ -31,22 +32,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from satellite.store.blobs import checked_sha
-from satellite.store.pkgs import (
-    SITE,
-    TMP_PREFIX,
-    FileMap,
-    PkgDir,
-    compare_files,
-    list_dirs,
-    remove_dir,
-    scan_files,
-    seal,
-    syncfs,
-    temp_name,
-)
+from satellite.store.pkgs import PkgDir
 from shared.errors import NotFound, StoreError
 from shared.fsutil import exchange, fsync_dir, write_bytes_atomic
 from shared.manifest import Manifest
+from shared.tree_build import (
+    SITE,
+    TMP_PREFIX,
+    FileMap,
+    claim_files,
+    link_tree,
+    remove_dir,
+    seal,
+    syncfs,
+    temp_name,
+    tree_problems,
+)
 
 TREE_META = ".spk-tree.json"
 PIN_FILE = ".spk-pin"
@@ -126,9 +127,9 @@ class TreeDir:
         site = tmp / SITE
         site.mkdir(parents=True)
         try:
-            files = _claim_files(manifest, pkgs)
+            files = claim_files(manifest, pkgs.files)
             to_pkgs = os.path.relpath(pkgs.root, self.root)
-            links = _link_tree(files, site, to_pkgs)
+            links = link_tree(files, site, to_pkgs)
             (tmp / PIN_FILE).touch(0o444)
             meta = {
                 "format": 2,
@@ -166,17 +167,8 @@ class TreeDir:
         """Missing, changed and extra files (and directories) compared with the recorded hashes."""
         meta = self.meta(lockfile_hash)
         site = self.site(lockfile_hash)
-        label = f"tree {lockfile_hash[:12]}"
-        if not site.is_dir():
-            return [f"{label}: {SITE} is missing"]
-        actual, problems = scan_files(site, meta.links)
-        problems = [f"{label}: {p}" for p in problems]
-        problems += compare_files(meta.files, actual, label)
-        expected_dirs = {rel.rpartition("/")[0] for rel in meta.files}
-        expected_dirs |= {d for rel in expected_dirs for d in _parents(rel)}
-        for extra in sorted(list_dirs(site, meta.links) - expected_dirs):
-            problems.append(f"{label}: extra directory {extra}")
-        return problems
+        files = {rel: (sha, size, "") for rel, (sha, size) in meta.files.items()}
+        return tree_problems(site, files, meta.links, f"tree {lockfile_hash[:12]}")
 
     def retire_others(self, current: str | None, now: float) -> list[str]:
         """Mark every tree except `current` as retired at `now`, unless it already is."""
@@ -288,85 +280,3 @@ class TreeDir:
                     inner.unlink()
                     removed.append(inner)
         return removed
-
-
-def _parents(rel: str) -> Iterator[str]:
-    while rel:
-        yield rel
-        rel = rel.rpartition("/")[0]
-
-
-def _claim_files(manifest: Manifest, pkgs: PkgDir) -> dict[str, tuple[str, int, str]]:
-    """Every file of the tree: rel -> (sha256, size, package sha). Refuses clashes by name."""
-    owners: dict[str, tuple[str, int, str]] = {}
-    owner_files: dict[str, str] = {}
-    for entry in manifest.entries:
-        for rel, (sha, size) in sorted(pkgs.files(entry.sha256).items()):
-            previous = owners.get(rel)
-            if previous is not None:
-                if previous[0] == sha:
-                    continue
-                raise StoreError(
-                    f"{owner_files[rel]} and {entry.filename} both install {rel} with different"
-                    " content; they cannot share one tree (fix the allowlist)"
-                )
-            owners[rel] = (sha, size, entry.sha256)
-            owner_files[rel] = entry.filename
-    _refuse_file_where_directory(owners, owner_files)
-    return owners
-
-
-def _refuse_file_where_directory(
-    owners: dict[str, tuple[str, int, str]], owner_files: dict[str, str]
-) -> None:
-    """A file of one wheel where another has a directory cannot share a tree.
-
-    Only paths under a top-level entry that several packages provide can clash (a package that
-    is both was refused when it was unpacked), so only those pay for the walk up their parents.
-    """
-    providers: dict[str, set[str]] = {}
-    for rel, (_, _, pkg) in owners.items():
-        providers.setdefault(rel.partition("/")[0], set()).add(pkg)
-    shared = {top for top, pkgs in providers.items() if len(pkgs) > 1}
-    dirs = {
-        parent
-        for rel in owners
-        if rel.partition("/")[0] in shared
-        for parent in _parents(rel.rpartition("/")[0])
-    }
-    for rel in sorted(dirs & owners.keys()):
-        inside = next(p for p in sorted(owners) if p.startswith(f"{rel}/"))
-        raise StoreError(
-            f"{owner_files[inside]} installs {inside}, which clashes with the file {rel} of"
-            f" {owner_files[rel]}; they cannot share one tree"
-        )
-
-
-def _link_tree(files: dict[str, tuple[str, int, str]], site: Path, to_pkgs: str) -> dict[str, str]:
-    """Create the links for `files` under `site`; returns rel -> link text (for the meta).
-
-    A path whose files all come from one package becomes one symlink; a directory shared by
-    several packages is created and its entries are handled the same way, one level down.
-    """
-    links: dict[str, str] = {}
-    site_str = str(site)
-
-    def place(prefix: str, members: list[str], depth: int) -> None:
-        # From trees/<hash>/site-packages/<prefix> up to the data dir, then into pkgs/.
-        up = "../" * (depth + 2) + to_pkgs
-        entries: dict[str, list[str]] = {}  # this level's entry -> the files at or under it
-        for rel in members:
-            entries.setdefault(prefix + rel[len(prefix) :].partition("/")[0], []).append(rel)
-        for rel in sorted(entries):
-            inside = entries[rel]
-            if rel in files or len({files[f][2] for f in inside}) == 1:
-                owner = files[rel if rel in files else inside[0]][2]  # shared identical: first
-                text = f"{up}/{owner}/{SITE}/{rel}"
-                os.symlink(text, os.path.join(site_str, rel))
-                links[rel] = text
-            else:
-                os.mkdir(os.path.join(site_str, rel), 0o755)
-                place(f"{rel}/", inside, depth + 1)
-
-    place("", list(files), 0)
-    return links

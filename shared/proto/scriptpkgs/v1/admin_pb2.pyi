@@ -1519,3 +1519,504 @@ class BlobGcState(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___BlobGcState: _TypeAlias = BlobGcState  # noqa: Y015
+
+@_typing.final
+class Advisory(_message.Message):
+    """---- audit ----
+    Severity: critical | high | medium | low | unknown (the source gave none; PyPI's JSON API never
+    does). OSV's database_specific.severity and CVSS v3 base scores are read; the highest wins.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    ALIASES_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    PACKAGE_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    FIXED_IN_FIELD_NUMBER: _builtins.int
+    SEVERITY_FIELD_NUMBER: _builtins.int
+    SEVERITY_SOURCE_FIELD_NUMBER: _builtins.int
+    ENVIRONMENTS_FIELD_NUMBER: _builtins.int
+    LINK_FIELD_NUMBER: _builtins.int
+    IGNORED_FIELD_NUMBER: _builtins.int
+    IGNORE_REASON_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """PYSEC-... or GHSA-... first; aliases merged into one"""
+    summary: _builtins.str
+    package: _builtins.str
+    """PEP 503 name"""
+    version: _builtins.str
+    """the version the release ships"""
+    severity: _builtins.str
+    severity_source: _builtins.str
+    """what the source said: "MODERATE", "CVSS:3.1/... (base 9.8)" """
+    link: _builtins.str
+    ignored: _builtins.bool
+    """on the policy's ignore list: shown, not counted, never blocks"""
+    ignore_reason: _builtins.str
+    @_builtins.property
+    def aliases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def fixed_in(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def environments(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """the release's environments that ship this version"""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        aliases: _abc.Iterable[_builtins.str] | None = ...,
+        summary: _builtins.str = ...,
+        package: _builtins.str = ...,
+        version: _builtins.str = ...,
+        fixed_in: _abc.Iterable[_builtins.str] | None = ...,
+        severity: _builtins.str = ...,
+        severity_source: _builtins.str = ...,
+        environments: _abc.Iterable[_builtins.str] | None = ...,
+        link: _builtins.str = ...,
+        ignored: _builtins.bool = ...,
+        ignore_reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "environments", b"environments", "fixed_in", b"fixed_in", "id", b"id", "ignore_reason", b"ignore_reason", "ignored", b"ignored", "link", b"link", "package", b"package", "severity", b"severity", "severity_source", b"severity_source", "summary", b"summary", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Advisory: _TypeAlias = Advisory  # noqa: Y015
+
+@_typing.final
+class SeverityCount(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEVERITY_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    severity: _builtins.str
+    count: _builtins.int
+    def __init__(
+        self,
+        *,
+        severity: _builtins.str = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "severity", b"severity"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SeverityCount: _TypeAlias = SeverityCount  # noqa: Y015
+
+@_typing.final
+class ReleaseAudit(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    RELEASE_SEQUENCE_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    CHECKED_AT_UNIX_FIELD_NUMBER: _builtins.int
+    TRIGGER_FIELD_NUMBER: _builtins.int
+    PACKAGES_CHECKED_FIELD_NUMBER: _builtins.int
+    ADVISORIES_FIELD_NUMBER: _builtins.int
+    COUNTS_FIELD_NUMBER: _builtins.int
+    NEW_ADVISORIES_FIELD_NUMBER: _builtins.int
+    WARNINGS_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    release_sequence: _builtins.int
+    status: _builtins.str
+    """ok | unknown (the source was unreachable or broken: reason)"""
+    reason: _builtins.str
+    source: _builtins.str
+    """"json https://pypi.org/pypi", "osv https://api.osv.dev", "off" """
+    checked_at_unix: _builtins.int
+    trigger: _builtins.str
+    """publish | schedule | on-demand"""
+    packages_checked: _builtins.int
+    """distinct (name, version) pairs the source answered for"""
+    @_builtins.property
+    def advisories(self) -> _containers.RepeatedCompositeFieldContainer[Global___Advisory]: ...
+    @_builtins.property
+    def counts(self) -> _containers.RepeatedCompositeFieldContainer[Global___SeverityCount]:
+        """every severity, ignored advisories not counted"""
+
+    @_builtins.property
+    def new_advisories(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """ids new or worse than at the previous complete audit"""
+
+    @_builtins.property
+    def warnings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """malformed records skipped, packages the source lacks"""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        release_sequence: _builtins.int = ...,
+        status: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        source: _builtins.str = ...,
+        checked_at_unix: _builtins.int = ...,
+        trigger: _builtins.str = ...,
+        packages_checked: _builtins.int = ...,
+        advisories: _abc.Iterable[Global___Advisory] | None = ...,
+        counts: _abc.Iterable[Global___SeverityCount] | None = ...,
+        new_advisories: _abc.Iterable[_builtins.str] | None = ...,
+        warnings: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["advisories", b"advisories", "checked_at_unix", b"checked_at_unix", "counts", b"counts", "id", b"id", "new_advisories", b"new_advisories", "packages_checked", b"packages_checked", "reason", b"reason", "release_sequence", b"release_sequence", "source", b"source", "status", b"status", "trigger", b"trigger", "warnings", b"warnings"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseAudit: _TypeAlias = ReleaseAudit  # noqa: Y015
+
+@_typing.final
+class AuditReleaseRequest(_message.Message):
+    """Name the release by sequence or by any of its manifests' hashes; neither: the desired one."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELEASE_SEQUENCE_FIELD_NUMBER: _builtins.int
+    LOCKFILE_HASH_FIELD_NUMBER: _builtins.int
+    release_sequence: _builtins.int
+    lockfile_hash: _builtins.str
+    def __init__(
+        self,
+        *,
+        release_sequence: _builtins.int = ...,
+        lockfile_hash: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lockfile_hash", b"lockfile_hash", "release_sequence", b"release_sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditReleaseRequest: _TypeAlias = AuditReleaseRequest  # noqa: Y015
+
+@_typing.final
+class GetAuditRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELEASE_SEQUENCE_FIELD_NUMBER: _builtins.int
+    LOCKFILE_HASH_FIELD_NUMBER: _builtins.int
+    HISTORY_FIELD_NUMBER: _builtins.int
+    release_sequence: _builtins.int
+    lockfile_hash: _builtins.str
+    history: _builtins.int
+    """older audits to return too (default 0, at most 100)"""
+    def __init__(
+        self,
+        *,
+        release_sequence: _builtins.int = ...,
+        lockfile_hash: _builtins.str = ...,
+        history: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["history", b"history", "lockfile_hash", b"lockfile_hash", "release_sequence", b"release_sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAuditRequest: _TypeAlias = GetAuditRequest  # noqa: Y015
+
+@_typing.final
+class GetAuditResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LATEST_FIELD_NUMBER: _builtins.int
+    HISTORY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def latest(self) -> Global___ReleaseAudit:
+        """unset: the release was never audited"""
+
+    @_builtins.property
+    def history(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReleaseAudit]:
+        """newest first, after `latest`"""
+
+    def __init__(
+        self,
+        *,
+        latest: Global___ReleaseAudit | None = ...,
+        history: _abc.Iterable[Global___ReleaseAudit] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["latest", b"latest"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["history", b"history", "latest", b"latest"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAuditResponse: _TypeAlias = GetAuditResponse  # noqa: Y015
+
+@_typing.final
+class AuditIgnore(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADVISORY_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    ADDED_BY_FIELD_NUMBER: _builtins.int
+    ADDED_AT_UNIX_FIELD_NUMBER: _builtins.int
+    advisory_id: _builtins.str
+    """matches the id or any alias"""
+    reason: _builtins.str
+    """required"""
+    added_by: _builtins.str
+    """set by the core"""
+    added_at_unix: _builtins.int
+    def __init__(
+        self,
+        *,
+        advisory_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        added_by: _builtins.str = ...,
+        added_at_unix: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["added_at_unix", b"added_at_unix", "added_by", b"added_by", "advisory_id", b"advisory_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditIgnore: _TypeAlias = AuditIgnore  # noqa: Y015
+
+@_typing.final
+class AuditPolicy(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    BLOCK_SEVERITY_FIELD_NUMBER: _builtins.int
+    UNKNOWN_AS_FIELD_NUMBER: _builtins.int
+    IGNORES_FIELD_NUMBER: _builtins.int
+    TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    INTERVAL_SECONDS_FIELD_NUMBER: _builtins.int
+    NEXT_RUN_UNIX_FIELD_NUMBER: _builtins.int
+    source: _builtins.str
+    """json (the index's JSON API) | osv | off"""
+    url: _builtins.str
+    """json: the API base (empty: derived from the index URL); osv: required"""
+    block_severity: _builtins.str
+    """empty: report only; else publishing at or above it is refused"""
+    unknown_as: _builtins.str
+    """how an advisory without a severity ranks for blocking (critical)"""
+    timeout_seconds: _builtins.int
+    """bound on a whole audit (also the most it delays an install)"""
+    interval_seconds: _builtins.int
+    """the schedule (spk-core serve --audit-interval-hours); 0: off"""
+    next_run_unix: _builtins.int
+    """the desired release's next scheduled audit; 0: none"""
+    @_builtins.property
+    def ignores(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditIgnore]: ...
+    def __init__(
+        self,
+        *,
+        source: _builtins.str = ...,
+        url: _builtins.str = ...,
+        block_severity: _builtins.str = ...,
+        unknown_as: _builtins.str = ...,
+        ignores: _abc.Iterable[Global___AuditIgnore] | None = ...,
+        timeout_seconds: _builtins.int = ...,
+        interval_seconds: _builtins.int = ...,
+        next_run_unix: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_severity", b"block_severity", "ignores", b"ignores", "interval_seconds", b"interval_seconds", "next_run_unix", b"next_run_unix", "source", b"source", "timeout_seconds", b"timeout_seconds", "unknown_as", b"unknown_as", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditPolicy: _TypeAlias = AuditPolicy  # noqa: Y015
+
+@_typing.final
+class GetAuditPolicyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAuditPolicyRequest: _TypeAlias = GetAuditPolicyRequest  # noqa: Y015
+
+@_typing.final
+class SetAuditPolicyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    BLOCK_SEVERITY_FIELD_NUMBER: _builtins.int
+    UNKNOWN_AS_FIELD_NUMBER: _builtins.int
+    IGNORES_FIELD_NUMBER: _builtins.int
+    REPLACE_IGNORES_FIELD_NUMBER: _builtins.int
+    TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    source: _builtins.str
+    """absent: keep"""
+    url: _builtins.str
+    block_severity: _builtins.str
+    """"" or "none": report only"""
+    unknown_as: _builtins.str
+    replace_ignores: _builtins.bool
+    """true: set ignores (possibly to none)"""
+    timeout_seconds: _builtins.int
+    @_builtins.property
+    def ignores(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditIgnore]: ...
+    def __init__(
+        self,
+        *,
+        source: _builtins.str | None = ...,
+        url: _builtins.str | None = ...,
+        block_severity: _builtins.str | None = ...,
+        unknown_as: _builtins.str | None = ...,
+        ignores: _abc.Iterable[Global___AuditIgnore] | None = ...,
+        replace_ignores: _builtins.bool = ...,
+        timeout_seconds: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_block_severity", b"_block_severity", "_source", b"_source", "_timeout_seconds", b"_timeout_seconds", "_unknown_as", b"_unknown_as", "_url", b"_url", "block_severity", b"block_severity", "source", b"source", "timeout_seconds", b"timeout_seconds", "unknown_as", b"unknown_as", "url", b"url"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_block_severity", b"_block_severity", "_source", b"_source", "_timeout_seconds", b"_timeout_seconds", "_unknown_as", b"_unknown_as", "_url", b"_url", "block_severity", b"block_severity", "ignores", b"ignores", "replace_ignores", b"replace_ignores", "source", b"source", "timeout_seconds", b"timeout_seconds", "unknown_as", b"unknown_as", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__block_severity: _TypeAlias = _typing.Literal["block_severity"]  # noqa: Y015
+    _WhichOneofArgType__block_severity: _TypeAlias = _typing.Literal["_block_severity", b"_block_severity"]  # noqa: Y015
+    _WhichOneofReturnType__source: _TypeAlias = _typing.Literal["source"]  # noqa: Y015
+    _WhichOneofArgType__source: _TypeAlias = _typing.Literal["_source", b"_source"]  # noqa: Y015
+    _WhichOneofReturnType__timeout_seconds: _TypeAlias = _typing.Literal["timeout_seconds"]  # noqa: Y015
+    _WhichOneofArgType__timeout_seconds: _TypeAlias = _typing.Literal["_timeout_seconds", b"_timeout_seconds"]  # noqa: Y015
+    _WhichOneofReturnType__unknown_as: _TypeAlias = _typing.Literal["unknown_as"]  # noqa: Y015
+    _WhichOneofArgType__unknown_as: _TypeAlias = _typing.Literal["_unknown_as", b"_unknown_as"]  # noqa: Y015
+    _WhichOneofReturnType__url: _TypeAlias = _typing.Literal["url"]  # noqa: Y015
+    _WhichOneofArgType__url: _TypeAlias = _typing.Literal["_url", b"_url"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__block_severity) -> _WhichOneofReturnType__block_severity | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__source) -> _WhichOneofReturnType__source | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__timeout_seconds) -> _WhichOneofReturnType__timeout_seconds | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__unknown_as) -> _WhichOneofReturnType__unknown_as | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__url) -> _WhichOneofReturnType__url | None: ...
+
+Global___SetAuditPolicyRequest: _TypeAlias = SetAuditPolicyRequest  # noqa: Y015
+
+@_typing.final
+class GetReleaseExportRequest(_message.Message):
+    """---- exports ----"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOCKFILE_HASH_FIELD_NUMBER: _builtins.int
+    ENVIRONMENT_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    lockfile_hash: _builtins.str
+    """empty: the desired manifest of `environment`"""
+    environment: _builtins.str
+    """empty: the default environment (or the hash's own)"""
+    format: _builtins.str
+    """pylock | requirements"""
+    def __init__(
+        self,
+        *,
+        lockfile_hash: _builtins.str = ...,
+        environment: _builtins.str = ...,
+        format: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["environment", b"environment", "format", b"format", "lockfile_hash", b"lockfile_hash"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetReleaseExportRequest: _TypeAlias = GetReleaseExportRequest  # noqa: Y015
+
+@_typing.final
+class ReleaseExport(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOCKFILE_HASH_FIELD_NUMBER: _builtins.int
+    ENVIRONMENT_FIELD_NUMBER: _builtins.int
+    RELEASE_SEQUENCE_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    FILENAME_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
+    lockfile_hash: _builtins.str
+    environment: _builtins.str
+    release_sequence: _builtins.int
+    format: _builtins.str
+    filename: _builtins.str
+    """pylock.toml | requirements.txt"""
+    content: _builtins.str
+    """never credentials"""
+    def __init__(
+        self,
+        *,
+        lockfile_hash: _builtins.str = ...,
+        environment: _builtins.str = ...,
+        release_sequence: _builtins.int = ...,
+        format: _builtins.str = ...,
+        filename: _builtins.str = ...,
+        content: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "environment", b"environment", "filename", b"filename", "format", b"format", "lockfile_hash", b"lockfile_hash", "release_sequence", b"release_sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseExport: _TypeAlias = ReleaseExport  # noqa: Y015
+
+@_typing.final
+class GetBlobRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHA256_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    sha256: _builtins.str
+    offset: _builtins.int
+    def __init__(
+        self,
+        *,
+        sha256: _builtins.str = ...,
+        offset: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["offset", b"offset", "sha256", b"sha256"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetBlobRequest: _TypeAlias = GetBlobRequest  # noqa: Y015
+
+@_typing.final
+class AdminBlobChunk(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    TOTAL_SIZE_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    offset: _builtins.int
+    """position of data[0] in the blob"""
+    total_size: _builtins.int
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+        offset: _builtins.int = ...,
+        total_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "offset", b"offset", "total_size", b"total_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AdminBlobChunk: _TypeAlias = AdminBlobChunk  # noqa: Y015

@@ -192,6 +192,36 @@ class PackageAdminStub:
                 request_serializer=scriptpkgs_dot_v1_dot_admin__pb2.GetBlobGcStateRequest.SerializeToString,
                 response_deserializer=scriptpkgs_dot_v1_dot_admin__pb2.BlobGcState.FromString,
                 _registered_method=True)
+        self.AuditRelease = channel.unary_unary(
+                '/scriptpkgs.v1.PackageAdmin/AuditRelease',
+                request_serializer=scriptpkgs_dot_v1_dot_admin__pb2.AuditReleaseRequest.SerializeToString,
+                response_deserializer=scriptpkgs_dot_v1_dot_admin__pb2.ReleaseAudit.FromString,
+                _registered_method=True)
+        self.GetAudit = channel.unary_unary(
+                '/scriptpkgs.v1.PackageAdmin/GetAudit',
+                request_serializer=scriptpkgs_dot_v1_dot_admin__pb2.GetAuditRequest.SerializeToString,
+                response_deserializer=scriptpkgs_dot_v1_dot_admin__pb2.GetAuditResponse.FromString,
+                _registered_method=True)
+        self.GetAuditPolicy = channel.unary_unary(
+                '/scriptpkgs.v1.PackageAdmin/GetAuditPolicy',
+                request_serializer=scriptpkgs_dot_v1_dot_admin__pb2.GetAuditPolicyRequest.SerializeToString,
+                response_deserializer=scriptpkgs_dot_v1_dot_admin__pb2.AuditPolicy.FromString,
+                _registered_method=True)
+        self.SetAuditPolicy = channel.unary_unary(
+                '/scriptpkgs.v1.PackageAdmin/SetAuditPolicy',
+                request_serializer=scriptpkgs_dot_v1_dot_admin__pb2.SetAuditPolicyRequest.SerializeToString,
+                response_deserializer=scriptpkgs_dot_v1_dot_admin__pb2.AuditPolicy.FromString,
+                _registered_method=True)
+        self.GetReleaseExport = channel.unary_unary(
+                '/scriptpkgs.v1.PackageAdmin/GetReleaseExport',
+                request_serializer=scriptpkgs_dot_v1_dot_admin__pb2.GetReleaseExportRequest.SerializeToString,
+                response_deserializer=scriptpkgs_dot_v1_dot_admin__pb2.ReleaseExport.FromString,
+                _registered_method=True)
+        self.GetBlob = channel.unary_stream(
+                '/scriptpkgs.v1.PackageAdmin/GetBlob',
+                request_serializer=scriptpkgs_dot_v1_dot_admin__pb2.GetBlobRequest.SerializeToString,
+                response_deserializer=scriptpkgs_dot_v1_dot_admin__pb2.AdminBlobChunk.FromString,
+                _registered_method=True)
 
 
 class PackageAdminServicer:
@@ -397,6 +427,47 @@ class PackageAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AuditRelease(self, request, context):
+        """Audit: every release's wheels against an advisory source (docs/audit.md)
+        audit now, record it
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAudit(self, request, context):
+        """the recorded history
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAuditPolicy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetAuditPolicy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetReleaseExport(self, request, context):
+        """Exports and editor support: a release as pylock.toml / requirements.txt, its blobs
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetBlob(self, request, context):
+        """DownloadBlob for admins
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PackageAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -554,6 +625,36 @@ def add_PackageAdminServicer_to_server(servicer, server):
                     servicer.GetBlobGcState,
                     request_deserializer=scriptpkgs_dot_v1_dot_admin__pb2.GetBlobGcStateRequest.FromString,
                     response_serializer=scriptpkgs_dot_v1_dot_admin__pb2.BlobGcState.SerializeToString,
+            ),
+            'AuditRelease': grpc.unary_unary_rpc_method_handler(
+                    servicer.AuditRelease,
+                    request_deserializer=scriptpkgs_dot_v1_dot_admin__pb2.AuditReleaseRequest.FromString,
+                    response_serializer=scriptpkgs_dot_v1_dot_admin__pb2.ReleaseAudit.SerializeToString,
+            ),
+            'GetAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAudit,
+                    request_deserializer=scriptpkgs_dot_v1_dot_admin__pb2.GetAuditRequest.FromString,
+                    response_serializer=scriptpkgs_dot_v1_dot_admin__pb2.GetAuditResponse.SerializeToString,
+            ),
+            'GetAuditPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAuditPolicy,
+                    request_deserializer=scriptpkgs_dot_v1_dot_admin__pb2.GetAuditPolicyRequest.FromString,
+                    response_serializer=scriptpkgs_dot_v1_dot_admin__pb2.AuditPolicy.SerializeToString,
+            ),
+            'SetAuditPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetAuditPolicy,
+                    request_deserializer=scriptpkgs_dot_v1_dot_admin__pb2.SetAuditPolicyRequest.FromString,
+                    response_serializer=scriptpkgs_dot_v1_dot_admin__pb2.AuditPolicy.SerializeToString,
+            ),
+            'GetReleaseExport': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetReleaseExport,
+                    request_deserializer=scriptpkgs_dot_v1_dot_admin__pb2.GetReleaseExportRequest.FromString,
+                    response_serializer=scriptpkgs_dot_v1_dot_admin__pb2.ReleaseExport.SerializeToString,
+            ),
+            'GetBlob': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetBlob,
+                    request_deserializer=scriptpkgs_dot_v1_dot_admin__pb2.GetBlobRequest.FromString,
+                    response_serializer=scriptpkgs_dot_v1_dot_admin__pb2.AdminBlobChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1395,6 +1496,168 @@ class PackageAdmin:
             '/scriptpkgs.v1.PackageAdmin/GetBlobGcState',
             scriptpkgs_dot_v1_dot_admin__pb2.GetBlobGcStateRequest.SerializeToString,
             scriptpkgs_dot_v1_dot_admin__pb2.BlobGcState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AuditRelease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/scriptpkgs.v1.PackageAdmin/AuditRelease',
+            scriptpkgs_dot_v1_dot_admin__pb2.AuditReleaseRequest.SerializeToString,
+            scriptpkgs_dot_v1_dot_admin__pb2.ReleaseAudit.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/scriptpkgs.v1.PackageAdmin/GetAudit',
+            scriptpkgs_dot_v1_dot_admin__pb2.GetAuditRequest.SerializeToString,
+            scriptpkgs_dot_v1_dot_admin__pb2.GetAuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAuditPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/scriptpkgs.v1.PackageAdmin/GetAuditPolicy',
+            scriptpkgs_dot_v1_dot_admin__pb2.GetAuditPolicyRequest.SerializeToString,
+            scriptpkgs_dot_v1_dot_admin__pb2.AuditPolicy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetAuditPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/scriptpkgs.v1.PackageAdmin/SetAuditPolicy',
+            scriptpkgs_dot_v1_dot_admin__pb2.SetAuditPolicyRequest.SerializeToString,
+            scriptpkgs_dot_v1_dot_admin__pb2.AuditPolicy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetReleaseExport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/scriptpkgs.v1.PackageAdmin/GetReleaseExport',
+            scriptpkgs_dot_v1_dot_admin__pb2.GetReleaseExportRequest.SerializeToString,
+            scriptpkgs_dot_v1_dot_admin__pb2.ReleaseExport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBlob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/scriptpkgs.v1.PackageAdmin/GetBlob',
+            scriptpkgs_dot_v1_dot_admin__pb2.GetBlobRequest.SerializeToString,
+            scriptpkgs_dot_v1_dot_admin__pb2.AdminBlobChunk.FromString,
             options,
             channel_credentials,
             insecure,
