@@ -1,8 +1,8 @@
 """PackageAdmin servicer: thin translation between protobuf and the core's modules.
 
 Storage and blob GC methods live in core/api/storage_service.py, audits, exports and GetBlob in
-core/api/release_tools.py (both mixed in). Methods defined nowhere answer UNIMPLEMENTED (the
-generated base class does that).
+core/api/release_tools.py, target environments in core/api/environment_service.py (mixed in).
+Methods defined nowhere answer UNIMPLEMENTED (the generated base class does that).
 """
 
 from __future__ import annotations
@@ -10,25 +10,22 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from core.api.auth import current_identity
+from core.api.environment_service import EnvironmentAdminMixin
 from core.api.release_tools import ReleaseTools, ReleaseToolsMixin
 from core.api.storage_service import StorageAdminMixin, StorageOps
-from core.fanout.desired import load_desired
 from core.fanout.hub import Hub
 from core.install.index_search import IndexCatalog
 from core.install.install_state import EnvProgress
 from core.install.installer import Installer, InstallState
-from core.install.uv_resolver import resolution_target, uv_platform
 from core.state import allowlist, environments, fleet, lockfiles, releases, settings
 from core.state.db import Database
 from core.state.keys import SecretBox
-from shared.environments import validate_environment
 from shared.errors import InvalidArgument, NotFound
 from shared.manifest import TargetEnvironment
 from shared.names import check_lockfile_hash, normalize_name
 from shared.proto.scriptpkgs.v1 import admin_pb2 as pb
 from shared.proto.scriptpkgs.v1 import admin_pb2_grpc, common_pb2
 from shared.wire import (
-    environment_entry_to_pb,
     environment_from_pb,
     environment_to_pb,
     host_to_pb,
@@ -131,7 +128,12 @@ def fleet_summary(satellites: list[pb.Satellite]) -> list[pb.FleetSummary]:
     return [by_env[k] for k in sorted(by_env)]
 
 
-class AdminService(StorageAdminMixin, ReleaseToolsMixin, admin_pb2_grpc.PackageAdminServicer):
+class AdminService(
+    StorageAdminMixin,
+    ReleaseToolsMixin,
+    EnvironmentAdminMixin,
+    admin_pb2_grpc.PackageAdminServicer,
+):
     def __init__(
         self,
         db: Database,
@@ -317,40 +319,6 @@ class AdminService(StorageAdminMixin, ReleaseToolsMixin, admin_pb2_grpc.PackageA
         # A rollback publishes a release too: audited like any (in the background, never gated).
         self._tools.auditor.after_publish(release.sequence, None)
         return _install_pb(await self._installer.state())
-
-    # ---- environments ----
-    async def ListEnvironments(
-        self, request: pb.ListEnvironmentsRequest, context: object
-    ) -> pb.ListEnvironmentsResponse:
-        envs = await self._db.run(environments.ensure_default)
-        return pb.ListEnvironmentsResponse(
-            environments=[environment_entry_to_pb(e, i == 0) for i, e in enumerate(envs)]
-        )
-
-    async def AddEnvironment(
-        self, request: pb.AddEnvironmentRequest, context: object
-    ) -> common_pb2.Environment:
-        if not request.HasField("environment"):
-            raise InvalidArgument("environment", "is required")
-        spec = request.environment
-        target = environment_from_pb(spec.target)
-        # Refused now rather than at the next install: a platform the resolver cannot target.
-        uv_platform(resolution_target(validate_environment(spec.name, target), ""))
-        env = await self._db.run(environments.add_environment, spec.name, target)
-        envs = await self._db.run(environments.list_environments)
-        await self._refresh_configured()
-        return environment_entry_to_pb(env, envs[0].name == env.name)
-
-    async def RemoveEnvironment(
-        self, request: pb.RemoveEnvironmentRequest, context: object
-    ) -> pb.RemoveEnvironmentResponse:
-        removed = await self._db.run(environments.remove_environment, request.name)
-        await self._refresh_configured()
-        return pb.RemoveEnvironmentResponse(removed=removed)
-
-    async def _refresh_configured(self) -> None:
-        # Unserved satellites are told which environments exist; the release itself is unchanged.
-        self._hub.publish(await self._db.run(load_desired))
 
     # ---- limits ----
     async def GetSizeCap(self, request: pb.GetSizeCapRequest, context: object) -> pb.SizeCap:

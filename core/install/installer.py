@@ -13,8 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import shutil
-import tempfile
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -28,9 +26,9 @@ from core.fanout.hub import Hub
 from core.install.audit import Auditor
 from core.install.diagnosis import resolve_or_explain
 from core.install.exports import origin_for
-from core.install.fetch import FetchedWheel, Fetcher
 from core.install.install_state import EnvProgress, InstallState, read_state, update_state
 from core.install.uv_resolver import LockedWheel, clean_pins
+from core.install.wheel_intake import WheelIntake
 from core.state import allowlist, environments, releases, settings
 from core.state.audits import AuditResult
 from core.state.db import BlobRecord, Database, database_proxy, now
@@ -44,13 +42,8 @@ from shared.errors import FailedPrecondition, IntegrityError, SpkError
 from shared.manifest import Manifest, ManifestEntry
 from shared.tags import native_platform
 from shared.tree_content import DEFAULT_CONTENT_POLICY, TreeContentPolicy
-from shared.wheels import check_identity, inspect_wheel
 
 log = logging.getLogger(__name__)
-FETCH_CONCURRENCY = 8  # downloads in flight: the index is the limit, not our CPU
-# Wheels checked at once: zlib and hashlib release the GIL, so two threads use both cores;
-# more only queue behind them.
-CHECK_CONCURRENCY = 2
 # Seconds between progress rows: each is a commit on the one DB thread, and a watcher reading
 # "17/31" ten times a second learns nothing more from 31 rows in 80 ms.
 PROGRESS_INTERVAL = 0.1
@@ -321,62 +314,22 @@ class Installer:
     ) -> dict[str, int]:
         """Make every wheel a blob (downloaded and checked unless the store has it); sizes."""
         await self._set(phase="fetching", wheels_total=len(wheels), wheels_done=0)
-        self._work_dir.mkdir(parents=True, exist_ok=True)
-        downloads = Path(tempfile.mkdtemp(prefix="dl-", dir=self._work_dir))
-        fetches = asyncio.Semaphore(FETCH_CONCURRENCY)
-        checks = asyncio.Semaphore(CHECK_CONCURRENCY)
         counter = _Progress(total=len(wheels))
-        stored: dict[str, tuple[int, str]] = {}
-        try:
-            with Fetcher(registry, downloads, FETCH_CONCURRENCY) as fetcher:
 
-                async def one(wheel: LockedWheel) -> None:
-                    held = await asyncio.to_thread(self._held, wheel.sha256)
-                    if held is None:
-                        async with fetches:
-                            fetched = await asyncio.to_thread(fetcher.fetch, wheel)
-                        async with checks:
-                            held = await asyncio.to_thread(self._check_and_store, fetched)
-                    stored[wheel.sha256] = held
-                    await self._count(counter)
+        async def count() -> None:
+            counter.done += 1
+            clock = time.monotonic()
+            if counter.done == counter.total or clock - counter.reported_at >= PROGRESS_INTERVAL:
+                counter.reported_at = clock
+                await self._set(wheels_done=counter.done)
 
-                # Biggest first: the largest wheel's download and check are the longest single
-                # steps, so they should not start last.
-                ordered = sorted(wheels, key=lambda w: w.size or 0, reverse=True)
-                await _gather_all(one(w) for w in ordered)
-        finally:
-            await asyncio.shield(asyncio.to_thread(shutil.rmtree, downloads, True))
+        intake = WheelIntake(self._store, self._work_dir, self._content)
+        stored = await intake.obtain(wheels, registry, count)
         # Every blob gets its index row, also one the store already held (restored by hand, say):
         # without it GC and migration would not see the blob.
         rows = [(sha, size, backend) for sha, (size, backend) in stored.items()]
         await self._db.run(_record_blobs, rows)
         return {sha: size for sha, (size, _) in stored.items()}
-
-    async def _count(self, counter: _Progress) -> None:
-        counter.done += 1
-        clock = time.monotonic()
-        if counter.done == counter.total or clock - counter.reported_at >= PROGRESS_INTERVAL:
-            counter.reported_at = clock
-            await self._set(wheels_done=counter.done)
-
-    def _held(self, sha256: str) -> tuple[int, str] | None:
-        """(Worker thread) (size, backend) of a blob the store already has."""
-        backend = self._store.locate(sha256)
-        if backend is None:
-            return None
-        size = self._store.size(sha256)
-        return (size, backend) if size is not None else None
-
-    def _check_and_store(self, fetched: FetchedWheel) -> tuple[int, str]:
-        """(Worker thread) Check a downloaded wheel completely, then store it; (size, backend)."""
-        wheel = fetched.wheel
-        # The index's sha256 was checked while downloading. pip checks no more than that; we
-        # check the archive, RECORD, METADATA against the file name, and the name against the
-        # resolution: an index must not serve one project or release in place of another.
-        info = inspect_wheel(fetched.path, filename=wheel.filename, content=self._content)
-        check_identity(info, wheel.name, wheel.version)
-        self._store.put_file(wheel.sha256, fetched.path)
-        return fetched.size, self._store.name
 
     # ---- publishing ----
 
@@ -417,15 +370,6 @@ class Installer:
                 environments=progress,
                 desired_sequence=release.sequence,
             )
-
-
-async def _gather_all(coros: object) -> None:
-    """Run every coroutine to its end; then raise the first failure (none is cancelled midway,
-    so no worker thread keeps running unobserved)."""
-    results = await asyncio.gather(*coros, return_exceptions=True)  # type: ignore[misc]
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
 
 
 def _record_blobs(blobs: list[tuple[str, int, str]]) -> None:

@@ -1,0 +1,94 @@
+"""Every wheel of a resolution becomes a blob: held ones found, the others downloaded once,
+checked completely and stored.
+
+Biggest first: the largest wheel's download and check are the longest single steps, so they
+should not start last. Downloads and checks have separate bounds (the index is the limit of
+one, our CPU of the other); each wheel costs one thread hop for its download and one for its
+check and store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from pathlib import Path
+
+from core.install.fetch import FetchedWheel, Fetcher
+from core.install.uv_resolver import LockedWheel
+from core.state.index_config import RegistrySettings
+from core.storage.blobstore import BlobStore
+from shared.tree_content import TreeContentPolicy
+from shared.wheels import check_identity, inspect_wheel
+
+FETCH_CONCURRENCY = 8  # downloads in flight: the index is the limit, not our CPU
+# Wheels checked at once: zlib and hashlib release the GIL, so two threads use both cores;
+# more only queue behind them.
+CHECK_CONCURRENCY = 2
+
+
+class WheelIntake:
+    def __init__(self, store: BlobStore, work_dir: Path, content: TreeContentPolicy) -> None:
+        self._store = store
+        self._work_dir = work_dir
+        self._content = content  # start-up hooks allowed (shared.tree_content)
+
+    async def obtain(
+        self,
+        wheels: list[LockedWheel],
+        registry: RegistrySettings,
+        done: Callable[[], Awaitable[None]],
+    ) -> dict[str, tuple[int, str]]:
+        """sha256 -> (size, backend) for every wheel; `done` is awaited after each one."""
+        self._work_dir.mkdir(parents=True, exist_ok=True)
+        downloads = Path(tempfile.mkdtemp(prefix="dl-", dir=self._work_dir))
+        fetches = asyncio.Semaphore(FETCH_CONCURRENCY)
+        checks = asyncio.Semaphore(CHECK_CONCURRENCY)
+        stored: dict[str, tuple[int, str]] = {}
+        try:
+            with Fetcher(registry, downloads, FETCH_CONCURRENCY) as fetcher:
+
+                async def one(wheel: LockedWheel) -> None:
+                    held = await asyncio.to_thread(self._held, wheel.sha256)
+                    if held is None:
+                        async with fetches:
+                            fetched = await asyncio.to_thread(fetcher.fetch, wheel)
+                        async with checks:
+                            held = await asyncio.to_thread(self._check_and_store, fetched)
+                    stored[wheel.sha256] = held
+                    await done()
+
+                ordered = sorted(wheels, key=lambda w: w.size or 0, reverse=True)
+                await _gather_all(one(w) for w in ordered)
+        finally:
+            await asyncio.shield(asyncio.to_thread(shutil.rmtree, downloads, True))
+        return stored
+
+    def _held(self, sha256: str) -> tuple[int, str] | None:
+        """(Worker thread) (size, backend) of a blob the store already has."""
+        backend = self._store.locate(sha256)
+        if backend is None:
+            return None
+        size = self._store.size(sha256)
+        return (size, backend) if size is not None else None
+
+    def _check_and_store(self, fetched: FetchedWheel) -> tuple[int, str]:
+        """(Worker thread) Check a downloaded wheel completely, then store it; (size, backend)."""
+        wheel = fetched.wheel
+        # The index's sha256 was checked while downloading. pip checks no more than that; we
+        # check the archive, RECORD, METADATA against the file name, and the name against the
+        # resolution: an index must not serve one project or release in place of another.
+        info = inspect_wheel(fetched.path, filename=wheel.filename, content=self._content)
+        check_identity(info, wheel.name, wheel.version)
+        self._store.put_file(wheel.sha256, fetched.path)
+        return fetched.size, self._store.name
+
+
+async def _gather_all(coros: Iterable[Coroutine[object, object, None]]) -> None:
+    """Run every coroutine to its end; then raise the first failure (none is cancelled midway,
+    so no worker thread keeps running unobserved)."""
+    results = await asyncio.gather(*coros, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
