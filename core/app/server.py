@@ -33,6 +33,8 @@ from core.state.db import Database, open_database
 from core.state.keys import SecretBox, load_or_create_key
 from core.storage.backends import StoreRegistry
 from core.storage.blob_urls import BlobUrlPolicy, BlobUrls
+from core.storage.delta_plan import DeltaPolicy
+from core.storage.deltas import DeltaService
 from core.storage.gc import GcPolicy
 from shared.errors import StoreError
 from shared.proto.scriptpkgs.v1 import (
@@ -70,6 +72,7 @@ class CoreConfig:
     desired_poll_seconds: float = DESIRED_POLL_SECONDS
     gc: GcPolicy = field(default_factory=GcPolicy)  # blob GC: kept, grace, schedule (0: off)
     blob_urls: BlobUrlPolicy = field(default_factory=BlobUrlPolicy)  # bytes without the core
+    deltas: DeltaPolicy = field(default_factory=DeltaPolicy)  # binary patches between wheels
     # Which packages may ship start-up hooks (.pth, sitecustomize): --allow-pth, tree_content.
     content: TreeContentPolicy = DEFAULT_CONTENT_POLICY
 
@@ -147,6 +150,7 @@ class CoreServer:
         self.hub = Hub()
         self.health = health.aio.HealthServicer()
         self.installer: Installer | None = None
+        self.deltas: DeltaService | None = None
         self.storage: StorageRuntime | None = None
 
     async def start(self) -> None:
@@ -180,8 +184,10 @@ class CoreServer:
         await db.run(environments.ensure_default)
         self.hub.publish(await db.run(load_desired))
         store = storage.registry  # writes to the active backend, reads fall back across all
+        self.deltas = deltas = DeltaService(db, store, cfg.deltas, cfg.data_dir / "work" / "deltas")
+        stack.push_async_callback(deltas.stop)
         self.installer = installer = Installer(
-            db, box, key, store, self.hub, cfg.data_dir / "work", storage.lock, cfg.content
+            db, box, key, store, self.hub, cfg.data_dir / "work", storage.lock, cfg.content, deltas
         )
         stack.push_async_callback(installer.cancel)
         storage_ops = storage.bind(self.hub, key, cfg.gc)
@@ -249,7 +255,12 @@ class CoreServer:
         )
         distribution_pb2_grpc.add_PackageDistributionServicer_to_server(
             DistributionService(
-                db, self.hub, store, public_key, urls=BlobUrls(cfg.blob_urls, store)
+                db,
+                self.hub,
+                store,
+                public_key,
+                urls=BlobUrls(cfg.blob_urls, store),
+                deltas=self.deltas,
             ),
             server,
         )

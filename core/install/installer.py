@@ -35,6 +35,7 @@ from core.state.index_config import RegistrySettings
 from core.state.keys import SecretBox
 from core.state.locks import Activity, InstallerLock, Lease
 from core.storage.blobstore import BlobStore
+from core.storage.deltas import DeltaService
 from shared.environments import Environment, supported_tags
 from shared.errors import FailedPrecondition, IntegrityError, SpkError
 from shared.manifest import Manifest, ManifestEntry
@@ -93,8 +94,10 @@ class Installer:
         work_dir: Path,
         lock: InstallerLock | None = None,
         content: TreeContentPolicy = DEFAULT_CONTENT_POLICY,
+        deltas: DeltaService | None = None,
     ) -> None:
         self._db = db
+        self._deltas = deltas  # patches from the previous release, computed after `ready`
         # Shared with GC, migration and rollback: one of them at a time (and one core instance).
         self._lock = lock or InstallerLock()
         self._box = box
@@ -184,6 +187,8 @@ class Installer:
             self._hub.publish(await self._db.run(load_desired))
             event, self._changed = self._changed, asyncio.Event()
             event.set()
+            if self._deltas is not None:  # in the background: never delays `ready`
+                self._deltas.after_publish(state.release_sequence)
             log.info(
                 "install ready: release %d, %s",
                 state.release_sequence,
