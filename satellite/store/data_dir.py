@@ -125,7 +125,9 @@ class SatelliteStore:
         """Re-verify the blob (disks rot), then extract it; BlobCorrupt deletes a rotten blob."""
         if self.pkgs.has(entry.sha256):
             return self.pkgs.site(entry.sha256)
-        return self.pkgs.unpack(entry, self.blobs.verify(entry.sha256))
+        site = self.pkgs.unpack(entry, self.blobs.verify(entry.sha256))
+        self.blobs.note(entry)
+        return site
 
     def stage_pkg(self, entry: ManifestEntry, blob_verified: bool = False) -> StagedPkg | None:
         """Unpack into a temp dir (None: already unpacked); `publish_pkgs` makes it visible.
