@@ -184,7 +184,7 @@ class CoreServer:
         await db.run(environments.ensure_default)
         self.hub.publish(await db.run(load_desired))
         store = storage.registry  # writes to the active backend, reads fall back across all
-        self.deltas = deltas = DeltaService(db, store, cfg.deltas, cfg.data_dir / "work" / "deltas")
+        self.deltas = deltas = DeltaService(db, store, cfg.deltas, cfg.data_dir / "deltas-tmp")
         stack.push_async_callback(deltas.stop)
         self.installer = installer = Installer(
             db, box, key, store, self.hub, cfg.data_dir / "work", storage.lock, cfg.content, deltas

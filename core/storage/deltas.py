@@ -54,6 +54,10 @@ class DeltaService:
         self._failed: dict[tuple[str, str], float] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._dropped_logged = False
+        # Temp files of an earlier process (killed while storing a patch); ours are unique.
+        for leftover in work_dir.glob("delta-*") if work_dir.is_dir() else []:
+            with contextlib.suppress(OSError):
+                leftover.unlink()
 
     # ---- GetDeltas ----
 
@@ -62,12 +66,13 @@ class DeltaService:
             return []
         targets, held, rows = await self._db.run(self._load, list(wanted), list(bases))
         offers, compute = plan_offers(targets, held, rows, self.policy)
-        tasks = [t for t in (self._schedule(b, t) for b, t in compute) if t is not None]
-        if not tasks or self.policy.wait_seconds <= 0:
+        scheduled = [(b, t, self._schedule(b, t)) for b, t in compute]
+        running = [(b, t, task) for b, t, task in scheduled if task is not None]
+        if not running or self.policy.wait_seconds <= 0:
             return offers
         # Wait without cancelling: the computation goes on for the next satellite if we give up.
-        await asyncio.wait(tasks, timeout=self.policy.wait_seconds)
-        for (base, target), task in zip(compute, tasks, strict=False):
+        await asyncio.wait([task for *_, task in running], timeout=self.policy.wait_seconds)
+        for base, target, task in running:
             row = task.result() if task.done() and not task.cancelled() else None
             if row is not None and worth_offering(row, self.policy):
                 offers.append(

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,19 +82,29 @@ class BlobDir:
         return self.root / PATCH_DIR / checked_sha(sha256)
 
     def note(self, entry: ManifestEntry) -> None:
-        """Remember what a held blob is (a hint: not fsynced; a lost one is rebuilt by GC from
-        the trees, and an unknown blob is only ever treated as garbage, never as needed)."""
+        """Remember what a held blob is. A hint, written in place without a sync: a torn or lost
+        one reads as unknown (rewritten here next time, or rebuilt by GC from the trees), and an
+        unknown blob is only ever treated as garbage, never as needed; nothing is published by
+        it, so it costs no fsync per package."""
         path = self.meta_path(entry.sha256)
-        if path.exists() or not self.has(entry.sha256):
+        if not self.has(entry.sha256) or self._read_meta(path) is not None:
             return
         doc = {"name": entry.name, "version": entry.version, "filename": entry.filename}
-        tmp = path.with_name(f".tmp-{path.name}-{secrets.token_hex(4)}")
+        path.write_text(json.dumps(doc, sort_keys=True))
+
+    @staticmethod
+    def _read_meta(path: Path) -> BlobInfo | None:
+        sha = path.name[: -len(META_SUFFIX)]
         try:
-            tmp.write_text(json.dumps(doc, sort_keys=True))
-            os.replace(tmp, path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+            doc = json.loads(path.read_text())
+            return BlobInfo(
+                checked_sha(sha),
+                canonicalize_name(str(doc["name"])),
+                str(doc["version"]),
+                str(doc["filename"]),
+            )
+        except (OSError, ValueError, KeyError, TypeError, IntegrityError):
+            return None
 
     def catalog(self) -> dict[str, BlobInfo]:
         """Every held blob with a readable sidecar."""
@@ -103,19 +112,9 @@ class BlobDir:
         if not self.root.is_dir():
             return found
         for meta in self.root.glob(f"??/*{META_SUFFIX}"):
-            sha = meta.name[: -len(META_SUFFIX)]
-            try:
-                doc = json.loads(meta.read_text())
-                info = BlobInfo(
-                    checked_sha(sha),
-                    canonicalize_name(str(doc["name"])),
-                    str(doc["version"]),
-                    str(doc["filename"]),
-                )
-            except (OSError, ValueError, KeyError, TypeError, IntegrityError):
-                continue
-            if self.has(sha):
-                found[sha] = info
+            info = self._read_meta(meta)
+            if info is not None and self.has(info.sha256):
+                found[info.sha256] = info
         return found
 
     def held(self) -> dict[str, int]:
