@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from core.state import releases
+from core.state import patches, releases
 from core.state.db import BLOB_PATCH, BlobRecord, DeltaPatch, database_proxy
 from core.state.patches import READY, USELESS, PatchRow, WheelRef
 from core.storage.delta_plan import DeltaPolicy, base_candidates, plan_offers
@@ -153,10 +153,17 @@ def _release(env: StorageEnv, *entries: ManifestEntry) -> int:
     return view.sequence
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest) -> str | None:
+    if request.param == "sqlite":
+        return None
+    return str(request.getfixturevalue("postgres_url"))
+
+
 async def test_service_computes_after_a_publish_offers_and_gc_removes_it(
-    tmp_path: Path,
+    tmp_path: Path, database_url: str | None
 ) -> None:
-    env = StorageEnv(tmp_path)
+    env = StorageEnv(tmp_path, database_url)
     old, new = BASE, TARGET
     e1, e2 = _wheel_entry("big", "1.0", old), _wheel_entry("big", "2.0", new)
     for data in (old, new):
@@ -215,6 +222,10 @@ async def test_service_computes_on_first_request_and_remembers_useless_pairs(
         assert stored.status == USELESS and "of the wheel" in stored.reason
         assert BlobRecord.select().where(BlobRecord.kind == BLOB_PATCH).count() == 0
         assert await service.offers([e2.sha256], [e1.sha256]) == []  # not computed again
+        assert DeltaPatch.select().count() == 1
+        # Computing it again (another instance did it too, say) replaces the row, no error.
+        patches.record(patches.rows_for([e2.sha256])[(e2.sha256, e1.sha256)])
+        assert DeltaPatch.select().count() == 1
     finally:
         await service.stop()
         env.database.close()

@@ -118,18 +118,27 @@ def record(row: PatchRow, backend: str = "") -> None:
                 created_at=now(),
                 kind=BLOB_PATCH,
             ).on_conflict_ignore().execute()
+        fields = {
+            DeltaPatch.status: row.status,
+            DeltaPatch.patch_sha256: row.patch_sha256,
+            DeltaPatch.patch_size: row.patch_size,
+            DeltaPatch.target_size: row.target_size,
+            DeltaPatch.window_log: row.window_log,
+            DeltaPatch.compute_ms: row.compute_ms,
+            DeltaPatch.reason: row.reason[:256],
+            DeltaPatch.created_at: now(),
+        }
+        # ON CONFLICT ... DO UPDATE: SQLite and Postgres alike (two instances may compute the
+        # same pair; the content-addressed patch is the same either way).
         DeltaPatch.insert(
-            target_sha256=row.target_sha256,
-            base_sha256=row.base_sha256,
-            status=row.status,
-            patch_sha256=row.patch_sha256,
-            patch_size=row.patch_size,
-            target_size=row.target_size,
-            window_log=row.window_log,
-            compute_ms=row.compute_ms,
-            reason=row.reason[:256],
-            created_at=now(),
-        ).on_conflict_replace().execute()
+            {
+                DeltaPatch.target_sha256: row.target_sha256,
+                DeltaPatch.base_sha256: row.base_sha256,
+                **fields,
+            }
+        ).on_conflict(
+            conflict_target=[DeltaPatch.target_sha256, DeltaPatch.base_sha256], update=fields
+        ).execute()
 
 
 def upgrade_pairs(sequence: int) -> list[tuple[WheelRef, WheelRef]]:
