@@ -14,7 +14,14 @@ from satellite.sync.materialiser import PUBLISH_GROUP
 from shared import tags
 from shared.manifest import Manifest, ManifestEntry
 from shared.signing import verify_manifest
-from tests.fakes import FakeCore, MemoryStore, fake_package, manifest_of, upgraded_package
+from tests.fakes import (
+    FakeCore,
+    FakeUrls,
+    MemoryStore,
+    fake_package,
+    manifest_of,
+    upgraded_package,
+)
 
 
 @dataclasses.dataclass
@@ -161,3 +168,24 @@ async def test_store_gc_after_the_flip_keeps_the_previous_version_as_a_base(
     assert old.sha256 in world.store.blobs  # the delta base for the next upgrade
     assert old.sha256 not in world.store.pkgs  # but no tree needs it unpacked
     assert gone.sha256 not in world.store.blobs  # a distribution no tree uses any more
+
+
+async def test_a_patch_with_a_url_comes_from_it_and_the_wheel_keeps_its_url(world: World) -> None:
+    urls = FakeUrls()
+    world.deps = dataclasses.replace(world.deps, urls=urls)
+    old, old_data = fake_package("big", "1.0", size=100_000)
+    first = world.publish((old, old_data))
+    assert (await reconcile_to_hash(first.lockfile_hash, world.deps)).ok
+    new, new_data = upgraded_package(old, old_data, "2.0")
+    offer = world.core.offer_patch(old_data, new_data)
+    for sha in (offer.patch_sha256, new.sha256):
+        world.core.locations[sha] = f"https://cdn.example/{sha}"
+        urls.content[f"https://cdn.example/{sha}"] = world.core.blobs.get(sha, new_data)
+    second = world.publish((new, new_data), sequence=2)
+    world.core.downloads.clear()
+    result = await reconcile_to_hash(second.lockfile_hash, world.deps)
+    assert result.ok and result.patches_used == 1 and result.blobs_by_url == 1
+    assert urls.fetches == [(f"https://cdn.example/{offer.patch_sha256}", 0)]
+    assert world.core.downloads == []  # nothing through the core
+    # One GetBlobLocations for the patch and the wheel (the fallback's URL), after GetDeltas.
+    assert sorted(world.core.location_calls[-1]) == sorted([new.sha256, offer.patch_sha256])

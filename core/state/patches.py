@@ -8,6 +8,7 @@ for the list of lockfiles plus the rows of the pairs it asks about.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -63,15 +64,18 @@ class PatchRow:
 
 
 class WheelCatalog:
-    """sha256 -> WheelRef over every manifest in the history (parsed once each)."""
+    """sha256 -> WheelRef over every manifest in the history (parsed once each). Thread-safe:
+    with Postgres the database runs on several threads."""
 
     def __init__(self) -> None:
         self._parsed: set[str] = set()
         self._wheels: dict[str, WheelRef] = {}
+        self._lock = threading.Lock()
 
     def lookup(self, shas: Iterable[str]) -> dict[str, WheelRef]:
-        self._refresh()
-        return {s: self._wheels[s] for s in shas if s in self._wheels}
+        with self._lock:
+            self._refresh()
+            return {s: self._wheels[s] for s in shas if s in self._wheels}
 
     def _refresh(self) -> None:
         hashes = {str(r.lockfile_hash) for r in Lockfile.select(Lockfile.lockfile_hash)}

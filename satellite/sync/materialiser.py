@@ -62,11 +62,12 @@ async def plan_sources(
     max_window_log: int,
 ) -> Sources:
     """Everything a sync asks the core before pulling: patches (one GetDeltas), then URLs for
-    what will be fetched (one GetBlobLocations): the whole blobs and the patches."""
+    what may be fetched (one GetBlobLocations): the patches and the whole blobs (those too that
+    come as patches: a patch that fails falls back to the blob, from its URL where it has one)."""
     if not deltas:
         return Sources(core, urls, await find_locations(missing, core, urls, base_url))
     to_fetch, offers = await find_deltas(missing, store, core, max_window_log)
-    fetched: list[HasSha] = [e for e in to_fetch if e.sha256 not in offers]
+    fetched: list[HasSha] = list(to_fetch)
     fetched += [BlobRef(o.patch_sha256, o.patch_size, "patch") for o in offers.values()]
     locations = await find_locations(fetched, core, urls, base_url)
     return Sources(core, urls, locations, offers, max_window_log)
