@@ -161,3 +161,37 @@ def test_core_without_deltas_serves_whole_wheels(
         assert not _ready_patches(core)
     finally:
         core.stop()
+
+
+def _store_bytes(data_dir: Path) -> int:
+    """blobs/ + pkgs/ as --max-store-bytes counts them (wheels and unpacked files)."""
+    total = sum(p.stat().st_size for p in (data_dir / "blobs").glob("??/*.whl"))
+    for marker in (data_dir / "pkgs").glob("*/.spk-complete"):
+        site = marker.parent / "site-packages"
+        total += sum(p.stat().st_size for p in site.rglob("*") if p.is_file())
+    return total
+
+
+def test_store_stays_under_the_cap_over_many_upgrades_and_each_uses_a_patch(
+    core: CoreProcess, tmp_path: Path, wheel_dir: Path, satellites: list[SatelliteProcess]
+) -> None:
+    versions = [f"1.{i}" for i in range(8)]
+    wheels = {v: _big(v, wheel_dir) for v in versions}
+    unit = 2 * wheels["1.0"].stat().st_size  # one version: its blob and its unpacked files
+    cap = int(2.5 * unit)  # current + a base; trees within grace must make room
+    admin = core.admin()
+    first = _install(admin, versions[0])
+    sat = SatelliteProcess(
+        core, "sat-bound", tmp_path, "--no-drift-watch", "--max-store-bytes", str(cap)
+    )
+    satellites.append(sat.register().start())
+    _converged(sat, first)
+    for version in versions[1:]:
+        wanted = _install(admin, version)
+        row = _converged(sat, wanted)
+        assert row.last_pull_patches == 1, (version, sat.log()[-2000:])
+        assert row.last_pull_bytes < row.last_wheel_bytes // 20
+        # The store GC pass runs right after the flip's report: wait for it, then measure.
+        eventually(lambda: _store_bytes(sat.data_dir) <= cap, timeout=20)
+    _tree_is(sat, tmp_path, versions[-1])
+    assert "store GC removed" in sat.log()
