@@ -37,13 +37,26 @@ class PatchError(IntegrityError):
     """A patch that cannot be made within the limits, or cannot be applied."""
 
 
+PatchBase = zstd.ZstdDict
+
+
+def patch_base(data: bytes) -> PatchBase:
+    """The base as zstd holds it (a copy): build it from a temporary, so the caller's bytes
+    can go and a 17 MB wheel costs 17 MB once, not twice."""
+    return zstd.ZstdDict(data, is_raw=True)
+
+
+def _base(base: bytes | PatchBase) -> PatchBase:
+    return base if isinstance(base, zstd.ZstdDict) else patch_base(base)
+
+
 def window_log_for(base_size: int, target_size: int) -> int:
     """The smallest window (log2) that lets the target reference every byte of the base."""
     return max(MIN_WINDOW_LOG, math.ceil(math.log2(max(1, base_size + target_size))))
 
 
 def make_patch(
-    base: bytes,
+    base: bytes | PatchBase,
     target: bytes,
     level: int = DEFAULT_LEVEL,
     max_window_log: int = DEFAULT_MAX_WINDOW_LOG,
@@ -52,13 +65,14 @@ def make_patch(
 
     PatchError when base + target need a window beyond `max_window_log` (memory grows with it).
     """
-    window_log = window_log_for(len(base), len(target))
+    base_size = len(base.dict_content) if isinstance(base, zstd.ZstdDict) else len(base)
+    window_log = window_log_for(base_size, len(target))
     if window_log > max_window_log:
         raise PatchError(
-            f"base ({len(base)} bytes) + target ({len(target)} bytes) need a 2**{window_log}"
+            f"base ({base_size} bytes) + target ({len(target)} bytes) need a 2**{window_log}"
             f" window; the limit is 2**{max_window_log}"
         )
-    prefix = zstd.ZstdDict(base, is_raw=True).as_prefix
+    prefix = _base(base).as_prefix
     options: dict[int, int] = {
         zstd.CompressionParameter.compression_level: level,
         zstd.CompressionParameter.window_log: window_log,
@@ -72,7 +86,7 @@ def make_patch(
 
 
 def apply_patch(
-    base: bytes,
+    base: bytes | PatchBase,
     patch: Iterable[bytes],
     out: Callable[[bytes], None],
     max_window_log: int = DEFAULT_MAX_WINDOW_LOG,
@@ -82,7 +96,7 @@ def apply_patch(
     of at most OUT_CHUNK bytes; returns the bytes produced. PatchError on any failure: a
     corrupt or truncated frame, trailing data, a window above the bound, more than
     `max_output` bytes (a frame that never ends)."""
-    prefix = zstd.ZstdDict(base, is_raw=True).as_prefix
+    prefix = _base(base).as_prefix
     decoder = zstd.ZstdDecompressor(
         zstd_dict=prefix, options={zstd.DecompressionParameter.window_log_max: max_window_log}
     )

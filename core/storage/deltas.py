@@ -34,7 +34,7 @@ from core.storage.blobstore import BlobStore
 from core.storage.delta_plan import DeltaPolicy, Offer, fits_window, plan_offers, worth_offering
 from shared.errors import IntegrityError
 from shared.hashing import READ_CHUNK
-from shared.zstd_patch import make_patch, window_log_for
+from shared.zstd_patch import make_patch, patch_base, window_log_for
 
 log = logging.getLogger(__name__)
 RETRY_SECONDS = 600.0
@@ -182,7 +182,7 @@ class DeltaService:
             return PatchRow(
                 target.sha256, base.sha256, USELESS, target_size=target.size, reason=reason
             ), ""
-        old = self._read(base)
+        old = patch_base(self._read(base))  # zstd's copy only
         new = self._read(target)
         patch, window_log = make_patch(old, new, policy.level, policy.max_window_log)
         del old, new

@@ -22,7 +22,7 @@ from satellite.sync.ports import DeltaBases, DeltaOffer
 from shared.errors import IntegrityError, StoreError
 from shared.hashing import READ_CHUNK
 from shared.manifest import ManifestEntry
-from shared.zstd_patch import apply_patch
+from shared.zstd_patch import apply_patch, patch_base
 
 BASES_PER_DISTRIBUTION = 3  # nearest versions first; the core picks among them
 
@@ -57,8 +57,8 @@ def apply(blobs: BlobDir, entry: ManifestEntry, offer: DeltaOffer, max_window_lo
     way. IntegrityError (PatchError) or StoreError on any failure, nothing of it kept."""
     patch = blobs.patch_path(offer.patch_sha256)
     try:
-        try:
-            base = blobs.path(offer.base_sha256).read_bytes()
+        try:  # only zstd's copy stays: the bytes read are a temporary
+            base = patch_base(blobs.path(offer.base_sha256).read_bytes())
         except FileNotFoundError:
             raise StoreError(f"the base blob {offer.base_sha256} is gone") from None
         if not patch.is_file():

@@ -26,7 +26,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from scripts.benchlib.common import PYTHON, Bench, Row, child_env, remove_tree
+from scripts.benchlib.common import PYTHON, Bench, Row, child_env, remove_tree, rss_kib
 from scripts.benchlib.cores import BenchCore
 from scripts.benchlib.workload import Workload
 from tests.core_process import eventually
@@ -47,12 +47,12 @@ MIB = 1024 * 1024
 
 _COMPUTE = r"""
 import hashlib, json, os, sys, time
-from shared.zstd_patch import apply_patch, make_patch
+from shared.zstd_patch import apply_patch, make_patch, patch_base
 def status(field):
     for line in open(f"/proc/{os.getpid()}/status"):
         if line.startswith(field + ":"):
             return int(line.split()[1])
-base = open(sys.argv[1], "rb").read()
+base = patch_base(open(sys.argv[1], "rb").read())  # as the core and the satellite hold it
 target = open(sys.argv[2], "rb").read()
 loaded = status("VmRSS")
 t = time.perf_counter()
@@ -231,6 +231,7 @@ def _sync(
         eventually(lambda: _patch_ready(core, target_sha), timeout=600, interval=0.1)
         waited = time.perf_counter() - waited
         rows = {}
+        peaks = {}
         for sat in sats:  # one at a time: the two agents do not share the two cores
             sat.start()
             rows[sat.name] = eventually(
@@ -240,6 +241,8 @@ def _sync(
                 timeout=600,
                 interval=0.1,
             )
+            assert sat.proc is not None
+            peaks[sat.name] = rss_kib(sat.proc.pid, "VmHWM") / 1024
             sat.stop()
     finally:
         for sat in sats:
@@ -269,6 +272,18 @@ def _sync(
             "s",
             "agent with --no-deltas, loopback",
             w.last_duration_ms / 1000,
+        )
+    )
+    bench.add(
+        Row(
+            "9",
+            f"upgrade {label}: agent process peak RSS (a fresh agent, this upgrade only)",
+            peaks[patched.name],
+            "MiB",
+            "agent with --no-deltas",
+            peaks[whole.name],
+            note="the patch is applied with the whole base in memory and a window of"
+            " base + target (bounded by --delta-max-window-log)",
         )
     )
 
