@@ -35,6 +35,7 @@ from satellite.http_blobs import HttpBlobs
 from satellite.retry import SyncRetry
 from satellite.store import AsyncStore, SatelliteStore
 from satellite.sync import (
+    DEFAULT_MAX_WINDOW_LOG,
     DEFAULT_TREE_GRACE_SECONDS,
     BlobSource,
     Desired,
@@ -43,6 +44,7 @@ from satellite.sync import (
     Reconciler,
     ReconcileResult,
     StateStore,
+    StoreGcPolicy,
     TreeStore,
     UrlSource,
 )
@@ -87,6 +89,12 @@ class AgentConfig:
     # host's own mirror of the blob store; every byte is verified and any failure falls back.
     blob_urls: bool = True
     blob_base_url: str = ""
+    # Binary deltas: ask the core for patches from wheels held here (False: whole wheels, as
+    # before GetDeltas); the largest zstd window (2**N bytes of memory) a patch may ask for.
+    deltas: bool = True
+    max_window_log: int = DEFAULT_MAX_WINDOW_LOG
+    # GC of blobs/ and pkgs/ after each flip and every store_gc.interval_seconds.
+    store_gc: StoreGcPolicy = field(default_factory=StoreGcPolicy)
 
 
 class CoreConnection(BlobSource, Protocol):
@@ -211,6 +219,9 @@ class Agent:
                     blob_base_url=cfg.blob_base_url,
                     wall_clock=self._clock,
                     tree_grace_seconds=cfg.tree_grace_seconds,
+                    deltas=cfg.deltas,
+                    max_window_log=cfg.max_window_log,
+                    store_gc=cfg.store_gc,
                 )
                 reconciler = Reconciler(deps, on_result=self._on_result)
                 self._retry = SyncRetry(reconciler, Backoff(cfg.retry_base, cfg.retry_cap))
@@ -219,9 +230,11 @@ class Agent:
                     watcher = self._watch_drift(reconciler) if self._watch_drift else None
                     if watcher is not None:
                         await watcher.start()
+                    schedule = asyncio.create_task(self._gc_schedule(reconciler), name="spk-gc")
                     try:
                         await self._serve(client, reconciler, reconciler.start())
                     finally:
+                        schedule.cancel()
                         self._retry.cancel()
                         if watcher is not None:
                             await watcher.stop()
@@ -252,19 +265,33 @@ class Agent:
                 exc_info=error,
             )
 
+    async def _gc_schedule(self, reconciler: Reconciler) -> None:
+        """Queue a store GC pass every interval; the reconcile worker runs it between syncs."""
+        policy = self.config.store_gc
+        if not policy.enabled or policy.interval_seconds <= 0:
+            return
+        while True:
+            await asyncio.sleep(policy.interval_seconds)
+            reconciler.request_gc()
+
     def _on_result(self, result: ReconcileResult) -> None:
         self.last_result = result
         if result.ok:
             by_url = f", {result.blobs_by_url} from URLs" if result.blobs_by_url else ""
             fell_back = f", {result.url_fallbacks} fell back" if result.url_fallbacks else ""
+            patched = f", {result.patches_used} from patches" if result.patches_used else ""
+            if result.patch_fallbacks:
+                patched += f", {result.patch_fallbacks} patch(es) fell back to the whole wheel"
             log.info(
-                "%s %s (%d blobs%s%s, %d bytes, %d ms)",
+                "%s %s (%d blobs%s%s%s, %d bytes on the wire for %d bytes of wheels, %d ms)",
                 result.outcome.value,
                 result.lockfile_hash[:12] or "(nothing desired)",
                 result.blobs_pulled,
                 by_url,
                 fell_back,
+                patched,
                 result.bytes_pulled,
+                result.wheel_bytes,
                 result.duration_ms,
             )
         else:

@@ -72,6 +72,42 @@ def _parser() -> argparse.ArgumentParser:
         help="a mirror of the core's blob store near this host (<url>/ab/<sha256>.whl); bytes"
         " are verified and any failure falls back to the core",
     )
+    agent.add_argument(
+        "--no-deltas",
+        action="store_true",
+        help="never ask the core for binary patches: pull whole wheels",
+    )
+    agent.add_argument(
+        "--delta-max-window-log",
+        type=int,
+        default=27,
+        help="refuse patches needing a zstd window above 2**N bytes of memory (default 27)",
+    )
+    agent.add_argument(
+        "--keep-delta-bases",
+        type=int,
+        default=1,
+        help="store GC keeps this many other versions of each distribution in use, as bases"
+        " for the next upgrade's patches (default 1)",
+    )
+    agent.add_argument(
+        "--max-store-bytes",
+        type=_size,
+        default=0,
+        help="cap on blobs/ + pkgs/ (e.g. 2G, 500M): past it store GC evicts delta bases, then"
+        " retired trees within grace, oldest first; never the current or a pinned tree"
+        " (default 0: no cap)",
+    )
+    agent.add_argument(
+        "--store-gc-interval",
+        type=float,
+        default=3600.0,
+        help="seconds between scheduled store GC passes, besides the one after each flip;"
+        " 0: only after flips (default 3600)",
+    )
+    agent.add_argument(
+        "--no-store-gc", action="store_true", help="never delete blobs or unpacked packages"
+    )
     agent.add_argument("--log-level", default="INFO")
 
     run = sub.add_parser(
@@ -109,6 +145,22 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _size(text: str) -> int:
+    """`1500000`, `500M`, `2G` (binary units): a byte count for --max-store-bytes."""
+    raw = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = raw[-1:] if raw[-1:] in _UNITS else ""
+    try:
+        value = float(raw[: len(raw) - len(unit)] if unit else raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (say 500M or 2G)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return int(value * _UNITS[unit])
+
+
 def _read(path: Path, flag: str) -> bytes:
     try:
         return path.read_bytes()
@@ -144,6 +196,7 @@ async def _agent(args: argparse.Namespace) -> int:
     import asyncio
 
     from satellite.agent import Agent, AgentConfig  # grpc and asyncio: `run` need not pay them
+    from satellite.sync import StoreGcPolicy
 
     if args.policy_file is not None:
         installed = install_host_policy(args.data_dir, args.policy_file)
@@ -178,6 +231,14 @@ async def _agent(args: argparse.Namespace) -> int:
         retry_cap=args.retry_cap,
         blob_urls=not args.no_blob_urls,
         blob_base_url=args.blob_base_url,
+        deltas=not args.no_deltas,
+        max_window_log=args.delta_max_window_log,
+        store_gc=StoreGcPolicy(
+            enabled=not args.no_store_gc,
+            keep_bases=max(0, args.keep_delta_bases),
+            max_store_bytes=args.max_store_bytes,
+            interval_seconds=max(0.0, args.store_gc_interval),
+        ),
     )
     agent = Agent.from_config(config)
     loop = asyncio.get_running_loop()

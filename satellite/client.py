@@ -12,7 +12,7 @@ from types import TracebackType
 
 import grpc
 
-from satellite.sync.ports import Desired, SyncReport, SyncStatus
+from satellite.sync.ports import DeltaOffer, Desired, SyncReport, SyncStatus
 from shared.errors import (
     FailedPrecondition,
     IntegrityError,
@@ -34,6 +34,9 @@ AGENT_VERSION = "0.1.0"
 MANIFEST_TIMEOUT = 30.0  # seconds, as in the original system
 REPORT_TIMEOUT = 10.0
 LOCATIONS_PER_CALL = 4096  # the core's limit per GetBlobLocations
+DELTAS_PER_CALL = 4096  # the core's limit per GetDeltas (wanted and bases each)
+# GetDeltas may wait for the core to compute a patch (its --delta-wait-seconds, 20 s by default).
+DELTAS_TIMEOUT = 60.0
 BLOB_IDLE_TIMEOUT = 60.0  # a blob stream that stalls longer than this is abandoned and resumed
 
 _STATUS = {
@@ -209,6 +212,9 @@ class GrpcCoreClient:
                     bytes_pulled=report.bytes_pulled,
                     duration_ms=report.duration_ms,
                     current_hash=report.current_hash,
+                    wheel_bytes=report.wheel_bytes,
+                    patches_used=report.patches_used,
+                    patch_fallbacks=report.patch_fallbacks,
                 ),
                 metadata=self._metadata,
                 timeout=REPORT_TIMEOUT,
@@ -233,6 +239,29 @@ class GrpcCoreClient:
                     return found  # a core older than this call streams everything itself
                 raise translate(exc, "blob locations") from None
             found.update({loc.sha256: loc.url for loc in reply.locations if loc.url})
+        return found
+
+    async def deltas(self, wanted: Sequence[str], bases: Sequence[str]) -> dict[str, DeltaOffer]:
+        """Patches for blobs this satellite lacks; {} from a core older than GetDeltas."""
+        found: dict[str, DeltaOffer] = {}
+        held = list(bases[:DELTAS_PER_CALL])  # nearest versions first: the tail matters least
+        for start in range(0, len(wanted), DELTAS_PER_CALL):
+            try:
+                reply = await self._stub.GetDeltas(
+                    pb.GetDeltasRequest(
+                        wanted=list(wanted[start : start + DELTAS_PER_CALL]), bases=held
+                    ),
+                    metadata=self._metadata,
+                    timeout=DELTAS_TIMEOUT,
+                )
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    return found  # an older core: whole blobs, as before
+                raise translate(exc, "deltas") from None
+            for d in reply.deltas:
+                found[d.target_sha256] = DeltaOffer(
+                    d.target_sha256, d.base_sha256, d.patch_sha256, d.patch_size, d.window_log
+                )
         return found
 
     async def signing_key_pem(self) -> str:

@@ -20,11 +20,26 @@ from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from satellite.sync import AgentState, Desired, SyncReport
-from shared.errors import BlobCorrupt, IntegrityError, NotFound, StoreError, Unavailable
+from satellite.sync import (
+    AgentState,
+    DeltaBases,
+    DeltaOffer,
+    Desired,
+    StoreGcPolicy,
+    StoreGcReport,
+    SyncReport,
+)
+from shared.errors import (
+    BlobCorrupt,
+    IntegrityError,
+    NotFound,
+    StoreError,
+    Unavailable,
+)
 from shared.hashing import StreamVerifier
 from shared.manifest import Manifest, ManifestEntry, TargetEnvironment
 from shared.signing import public_key_pem, sign_manifest
+from shared.zstd_patch import apply_patch, make_patch
 
 CHUNK = 4096
 ENV = TargetEnvironment(python_version="3.11")
@@ -46,6 +61,26 @@ def fake_package(
         requested=True,
     )
     return entry, data
+
+
+def upgraded_package(
+    entry: ManifestEntry, data: bytes, version: str, changed: int = 64
+) -> tuple[ManifestEntry, bytes]:
+    """The next version of a fake package: the same bytes but for `changed` at the end, so a
+    patch from the old one is small."""
+    new = data[:-changed] + hashlib.sha256(version.encode()).digest() * (changed // 32 + 1)
+    new = new[: len(data)]
+    name = entry.name
+    tag = entry.filename[len(f"{name}-{entry.version}-") : -len(".whl")]
+    upgraded = ManifestEntry(
+        name=name,
+        version=version,
+        filename=f"{name}-{version}-{tag}.whl",
+        sha256=hashlib.sha256(new).hexdigest(),
+        size=len(new),
+        requested=entry.requested,
+    )
+    return upgraded, new
 
 
 def manifest_of(entries: Sequence[ManifestEntry], sequence: int = 1) -> Manifest:
@@ -73,6 +108,28 @@ class FakeCore:
         self._desired: asyncio.Queue[Desired] = asyncio.Queue()
         self.locations: dict[str, str] = {}  # sha256 -> URL handed out by blob_locations
         self.location_calls: list[list[str]] = []
+        self.offers: dict[str, DeltaOffer] = {}  # target sha256 -> what deltas() offers
+        self.delta_calls: list[tuple[list[str], list[str]]] = []
+        self.deltas_unimplemented = False  # an older core: deltas() answers nothing
+
+    def offer_patch(self, base: bytes, target: bytes, corrupt: bool = False) -> DeltaOffer:
+        """Compute a real zstd patch from `base` to `target`, serve it as a blob, offer it.
+        `corrupt` flips a byte of the served patch after its sha256 was taken."""
+        patch, window_log = make_patch(base, target, level=3)
+        sha = hashlib.sha256(patch).hexdigest()
+        served = bytearray(patch)
+        if corrupt:
+            served[len(served) // 2] ^= 0xFF
+        self.blobs[sha] = bytes(served)
+        offer = DeltaOffer(
+            hashlib.sha256(target).hexdigest(),
+            hashlib.sha256(base).hexdigest(),
+            sha,
+            len(patch),
+            window_log,
+        )
+        self.offers[offer.target_sha256] = offer
+        return offer
 
     def publish(self, manifest: Manifest, blobs: dict[str, bytes]) -> Manifest:
         signed = sign_manifest(manifest, self.key)
@@ -110,6 +167,17 @@ class FakeCore:
     async def blob_locations(self, sha256s: Sequence[str]) -> dict[str, str]:
         self.location_calls.append(list(sha256s))
         return {s: self.locations[s] for s in sha256s if s in self.locations}
+
+    async def deltas(self, wanted: Sequence[str], bases: Sequence[str]) -> dict[str, DeltaOffer]:
+        self.delta_calls.append((list(wanted), list(bases)))
+        if self.deltas_unimplemented:
+            return {}
+        held = set(bases)
+        return {
+            s: self.offers[s]
+            for s in wanted
+            if s in self.offers and self.offers[s].base_sha256 in held
+        }
 
     def refuse(self, reason: str) -> None:
         """Stream `unserved`: no environment of this core fits the satellite."""
@@ -157,6 +225,9 @@ class MemoryStore:
     calls: list[str] = field(default_factory=list)  # every method called, in order
     writes: list[int] = field(default_factory=list)  # bytes per BlobSink.write
     published: list[int] = field(default_factory=list)  # packages per publish_pkgs
+    names: dict[str, tuple[str, str]] = field(default_factory=dict)  # blob -> (name, version)
+    patches: dict[str, bytes] = field(default_factory=dict)  # downloaded, not yet applied
+    store_gc_calls: list[StoreGcPolicy] = field(default_factory=list)
     staging: set[str] = field(default_factory=set)  # staged, not yet published
     locked: bool = False
 
@@ -191,11 +262,43 @@ class MemoryStore:
         self._enter("open_blob")
         return MemorySink(self, sha256, size)
 
+    async def delta_bases(self, entries: Sequence[ManifestEntry]) -> DeltaBases:
+        self._enter("delta_bases")
+        lacking = [e.sha256 for e in entries if e.sha256 not in self.blobs]
+        wanted_names = {e.name for e in entries if e.sha256 not in self.blobs}
+        bases = [
+            sha
+            for sha, (name, _) in sorted(self.names.items())
+            if name in wanted_names and sha in self.blobs and sha not in lacking
+        ]
+        return DeltaBases(tuple(lacking), tuple(bases))
+
+    async def open_patch(self, sha256: str, size: int) -> MemorySink:
+        self._enter("open_patch")
+        return MemorySink(self, sha256, size, into=self.patches)
+
+    async def apply_patch(
+        self, entry: ManifestEntry, offer: DeltaOffer, max_window_log: int
+    ) -> None:
+        self._enter("apply_patch")
+        patch = self.patches.pop(offer.patch_sha256, None)
+        base = self.blobs.get(offer.base_sha256)
+        if patch is None or base is None:
+            raise StoreError("the patch or its base is not on this satellite")
+        out: list[bytes] = []
+        apply_patch(base, [patch], out.append, max_window_log, entry.size)
+        verifier = StreamVerifier(f"blob {entry.sha256}", entry.sha256, entry.size)
+        for chunk in out:
+            verifier.update(chunk)
+        verifier.finish()
+        self.blobs[entry.sha256] = b"".join(out)
+
     async def stage_pkg(self, entry: ManifestEntry, blob_verified: bool = False) -> _Staged | None:
         self._enter("stage_pkg")
         if entry.sha256 in self.pkgs:
             return None
         self._check_blob(entry.sha256, verify=not blob_verified)
+        self.names[entry.sha256] = (entry.name, entry.version)
         self.staging.add(entry.sha256)
         return _Staged(entry.sha256, entry)
 
@@ -302,6 +405,31 @@ class MemoryStore:
                 removed.append(lockfile_hash)
         return removed
 
+    async def gc_store(
+        self, policy: StoreGcPolicy, grace_seconds: float, now: float
+    ) -> StoreGcReport:
+        """The file-system store's rules, minus the byte cap: what no tree needs goes, but the
+        newest `keep_bases` other versions of each distribution in use stay."""
+        self._enter("gc_store")
+        self.store_gc_calls.append(policy)
+        await self.gc_trees(grace_seconds, now)
+        needed = {e.sha256 for t in self.trees.values() for e in t.manifest.entries}
+        in_use = {e.name for t in self.trees.values() for e in t.manifest.entries}
+        others: dict[str, list[tuple[str, str]]] = {}
+        for sha, (name, version) in self.names.items():
+            if sha not in needed and name in in_use and sha in self.blobs:
+                others.setdefault(name, []).append((version, sha))
+        bases = {sha for v in others.values() for _, sha in sorted(v)[-policy.keep_bases :]}
+        if policy.keep_bases <= 0:
+            bases = set()
+        pkgs = [s for s in self.pkgs if s not in needed]
+        blobs = [s for s in self.blobs if s not in needed and s not in bases]
+        for sha in pkgs:
+            del self.pkgs[sha]
+        for sha in blobs:
+            del self.blobs[sha]
+        return StoreGcReport(blobs_removed=len(blobs), pkgs_removed=len(pkgs))
+
     # -- StateStore ------------------------------------------------------------------------
 
     async def load_state(self) -> AgentState:
@@ -341,8 +469,15 @@ class MemoryStore:
 class MemorySink:
     """A BlobSink into MemoryStore.partials; committed bytes move to MemoryStore.blobs."""
 
-    def __init__(self, store: MemoryStore, sha256: str, size: int) -> None:
+    def __init__(
+        self,
+        store: MemoryStore,
+        sha256: str,
+        size: int,
+        into: dict[str, bytes] | None = None,
+    ) -> None:
         self._store = store
+        self._into = store.blobs if into is None else into
         self._sha256 = sha256
         self._verifier = StreamVerifier(f"blob {sha256}", sha256, size)
         held = store.partials.get(sha256, b"")
@@ -373,7 +508,7 @@ class MemorySink:
         except IntegrityError:
             self._store.partials.pop(self._sha256, None)
             raise
-        self._store.blobs[self._sha256] = self._store.partials.pop(self._sha256)
+        self._into[self._sha256] = self._store.partials.pop(self._sha256)
 
     def close(self) -> None:
         self.closed = True

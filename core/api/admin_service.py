@@ -360,6 +360,8 @@ class AdminService(
                     environment=offer.environment,
                     host=host_to_pb(host) if host is not None else None,
                     unserved=bool(offer.unserved),
+                    last_wheel_bytes=r.last_wheel_bytes,
+                    last_pull_patches=r.last_pull_patches,
                 )
             )
         return pb.ListSatellitesResponse(satellites=satellites, summary=fleet_summary(satellites))

@@ -18,6 +18,8 @@ from core.state import fleet, lockfiles
 from core.state.db import Database, database_proxy
 from core.storage.blob_urls import BlobUrls
 from core.storage.blobstore import BlobStore
+from core.storage.deltas import MAX_PER_REQUEST as MAX_DELTAS_PER_REQUEST
+from core.storage.deltas import DeltaService
 from shared.errors import (
     InvalidArgument,
     NotFound,
@@ -138,8 +140,10 @@ class DistributionService(distribution_pb2_grpc.PackageDistributionServicer):
         public_key: Ed25519PublicKey,
         limits: ClientLimits | None = None,
         urls: BlobUrls | None = None,
+        deltas: DeltaService | None = None,
     ) -> None:
         limits = limits or ClientLimits()
+        self._deltas = deltas
         self._downloads = _Counter(limits.max_downloads, "blob downloads")
         self._subscriptions = _Counter(limits.max_subscriptions, "refresh streams")
         self._db = db
@@ -248,6 +252,8 @@ class DistributionService(distribution_pb2_grpc.PackageDistributionServicer):
             request.bytes_pulled,
             request.duration_ms,
             request.current_hash,
+            request.wheel_bytes,
+            request.patches_used,
         )
         await self._reports.record(current_identity().name, report)
         return pb.ReportSyncStateResponse()
@@ -265,5 +271,27 @@ class DistributionService(distribution_pb2_grpc.PackageDistributionServicer):
             locations=[
                 pb.BlobLocation(sha256=loc.sha256, url=loc.url, expires_at_unix=loc.expires_at)
                 for loc in found
+            ]
+        )
+
+    async def GetDeltas(self, request: pb.GetDeltasRequest, context: Ctx) -> pb.GetDeltasResponse:
+        for field, values in (("wanted", request.wanted), ("bases", request.bases)):
+            if len(values) > MAX_DELTAS_PER_REQUEST:
+                raise InvalidArgument(field, f"at most {MAX_DELTAS_PER_REQUEST} sha256s")
+        wanted = [check_sha256(s) for s in request.wanted]
+        bases = [check_sha256(s) for s in request.bases]
+        if self._deltas is None:
+            return pb.GetDeltasResponse()
+        offers = await self._deltas.offers(wanted, bases)
+        return pb.GetDeltasResponse(
+            deltas=[
+                pb.Delta(
+                    target_sha256=o.target_sha256,
+                    base_sha256=o.base_sha256,
+                    patch_sha256=o.patch_sha256,
+                    patch_size=o.patch_size,
+                    window_log=o.window_log,
+                )
+                for o in offers
             ]
         )

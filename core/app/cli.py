@@ -19,6 +19,7 @@ from core.state import lockfiles, tokens
 from core.state.db import Database, open_database
 from core.state.keys import SecretBox, load_or_create_key
 from core.storage.blob_urls import BlobUrlPolicy
+from core.storage.delta_plan import DeltaPolicy
 from core.storage.gc import GcPolicy
 from shared.cli import run_command
 from shared.errors import SpkError
@@ -122,6 +123,42 @@ def _parser() -> argparse.ArgumentParser:
         help="audit the desired release against the advisory source every this many hours;"
         " 0 turns the schedule off (audits after each publish and on demand remain; default 24)",
     )
+    serve.add_argument(
+        "--no-deltas",
+        action="store_true",
+        help="never offer binary deltas: every satellite pulls whole wheels",
+    )
+    serve.add_argument(
+        "--delta-threshold",
+        type=float,
+        default=0.5,
+        help="offer a patch only when it is smaller than this fraction of the wheel (default 0.5)",
+    )
+    serve.add_argument(
+        "--delta-level",
+        type=int,
+        default=19,
+        help="zstd level of patches: CPU once per pair against bytes per satellite (default 19)",
+    )
+    serve.add_argument(
+        "--delta-max-window-log",
+        type=int,
+        default=27,
+        help="a pair whose base + target exceed 2**N bytes gets no patch; bounds the memory of"
+        " computing and applying one (default 27: 128 MiB)",
+    )
+    serve.add_argument(
+        "--delta-workers",
+        type=int,
+        default=1,
+        help="patches computed at once, each in a thread of its own (default 1)",
+    )
+    serve.add_argument(
+        "--delta-wait-seconds",
+        type=_non_negative(float),
+        default=20.0,
+        help="how long a satellite's GetDeltas waits for a patch being computed (default 20)",
+    )
     serve.add_argument("--log-level", default="INFO")
 
     tok = sub.add_parser("admin-token", help="manage admin tokens")
@@ -184,6 +221,20 @@ def _checked_base_url(url: str) -> str:
     return url
 
 
+def _delta_policy(args: argparse.Namespace) -> DeltaPolicy:
+    try:
+        return DeltaPolicy(
+            enabled=not args.no_deltas,
+            threshold=args.delta_threshold,
+            level=args.delta_level,
+            max_window_log=args.delta_max_window_log,
+            workers=args.delta_workers,
+            wait_seconds=args.delta_wait_seconds,
+        )
+    except ValueError as exc:
+        raise SpkError(f"--delta-*: {exc}") from None
+
+
 async def _migrate_offline(args: argparse.Namespace) -> int:
     """The online migration's code, run to its end in this process."""
     prepare_data_dir(args.data_dir)
@@ -230,6 +281,7 @@ async def _serve(args: argparse.Namespace) -> None:
         ),
         content=TreeContentPolicy.allowing(args.allow_pth),
         audit_interval_seconds=round(args.audit_interval_hours * 3600),
+        deltas=_delta_policy(args),
     )
     core = CoreServer(config)
     loop = asyncio.get_running_loop()

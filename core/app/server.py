@@ -35,6 +35,8 @@ from core.state.db import Database, open_database
 from core.state.keys import SecretBox, load_or_create_key
 from core.storage.backends import StoreRegistry
 from core.storage.blob_urls import BlobUrlPolicy, BlobUrls
+from core.storage.delta_plan import DeltaPolicy
+from core.storage.deltas import DeltaService
 from core.storage.gc import GcPolicy
 from shared.errors import StoreError
 from shared.proto.scriptpkgs.v1 import (
@@ -73,6 +75,7 @@ class CoreConfig:
     gc: GcPolicy = field(default_factory=GcPolicy)  # blob GC: kept, grace, schedule (0: off)
     audit_interval_seconds: int = DAY_SECONDS  # scheduled audit of the desired release; 0: off
     blob_urls: BlobUrlPolicy = field(default_factory=BlobUrlPolicy)  # bytes without the core
+    deltas: DeltaPolicy = field(default_factory=DeltaPolicy)  # binary patches between wheels
     # Which packages may ship start-up hooks (.pth, sitecustomize): --allow-pth, tree_content.
     content: TreeContentPolicy = DEFAULT_CONTENT_POLICY
 
@@ -150,6 +153,7 @@ class CoreServer:
         self.hub = Hub()
         self.health = health.aio.HealthServicer()
         self.installer: Installer | None = None
+        self.deltas: DeltaService | None = None
         self.storage: StorageRuntime | None = None
 
     async def start(self) -> None:
@@ -185,8 +189,19 @@ class CoreServer:
         store = storage.registry  # writes to the active backend, reads fall back across all
         auditor = Auditor(db, box, cfg.audit_interval_seconds)
         stack.push_async_callback(auditor.close)  # after the installer's cancel (LIFO)
+        self.deltas = deltas = DeltaService(db, store, cfg.deltas, cfg.data_dir / "deltas-tmp")
+        stack.push_async_callback(deltas.stop)
         self.installer = installer = Installer(
-            db, box, key, store, self.hub, cfg.data_dir / "work", storage.lock, cfg.content, auditor
+            db,
+            box,
+            key,
+            store,
+            self.hub,
+            cfg.data_dir / "work",
+            storage.lock,
+            cfg.content,
+            auditor=auditor,
+            deltas=deltas,
         )
         stack.push_async_callback(installer.cancel)
         tools = ReleaseTools(db, box, auditor, store)
@@ -257,7 +272,12 @@ class CoreServer:
         )
         distribution_pb2_grpc.add_PackageDistributionServicer_to_server(
             DistributionService(
-                db, self.hub, store, public_key, urls=BlobUrls(cfg.blob_urls, store)
+                db,
+                self.hub,
+                store,
+                public_key,
+                urls=BlobUrls(cfg.blob_urls, store),
+                deltas=self.deltas,
             ),
             server,
         )

@@ -37,6 +37,7 @@ from core.state.keys import SecretBox
 from core.state.locks import Activity, InstallerLock, Lease
 from core.state.origins import Origin, record_origins
 from core.storage.blobstore import BlobStore
+from core.storage.deltas import DeltaService
 from shared.environments import Environment, supported_tags
 from shared.errors import FailedPrecondition, IntegrityError, SpkError
 from shared.manifest import Manifest, ManifestEntry
@@ -93,9 +94,11 @@ class Installer:
         lock: InstallerLock | None = None,
         content: TreeContentPolicy = DEFAULT_CONTENT_POLICY,
         auditor: Auditor | None = None,
+        deltas: DeltaService | None = None,
     ) -> None:
         self._db = db
         self._auditor = auditor  # the audit policy's gate before publish; audits after it
+        self._deltas = deltas  # patches from the previous release, computed after `ready`
         # Shared with GC, migration and rollback: one of them at a time (and one core instance).
         self._lock = lock or InstallerLock()
         self._box = box
@@ -188,6 +191,8 @@ class Installer:
             event.set()
             if self._auditor is not None:  # in the background: `ready` never waits for it
                 self._auditor.after_publish(state.release_sequence, checked)
+            if self._deltas is not None:  # in the background: never delays `ready`
+                self._deltas.after_publish(state.release_sequence)
             log.info(
                 "install ready: release %d, %s",
                 state.release_sequence,

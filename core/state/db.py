@@ -102,11 +102,36 @@ class ReleaseManifest(BaseModel):
         primary_key = pw.CompositeKey("sequence", "environment")
 
 
+BLOB_WHEEL = "wheel"
+BLOB_PATCH = "patch"  # a binary delta between two wheels (DeltaPatch says which)
+
+
 class BlobRecord(BaseModel):
     sha256 = pw.CharField(primary_key=True, max_length=64)
     size = pw.BigIntegerField()
     backend = pw.CharField(max_length=32, default="filesystem")
     created_at = pw.BigIntegerField(default=now)
+    kind = pw.CharField(max_length=8, default=BLOB_WHEEL)  # BLOB_WHEEL or BLOB_PATCH
+
+
+class DeltaPatch(BaseModel):
+    """One computed (base, target) pair: `ready` names its patch blob; `useless` remembers a
+    pair whose patch was not worth storing (too big, or beyond the window limit), so it is not
+    computed again."""
+
+    target_sha256 = pw.CharField(max_length=64, index=True)
+    base_sha256 = pw.CharField(max_length=64)
+    status = pw.CharField(max_length=8)  # ready | useless
+    patch_sha256 = pw.CharField(max_length=64, default="", index=True)
+    patch_size = pw.BigIntegerField(default=0)  # also for `useless`: how big it came out
+    target_size = pw.BigIntegerField(default=0)
+    window_log = pw.IntegerField(default=0)
+    compute_ms = pw.BigIntegerField(default=0)
+    reason = pw.CharField(max_length=256, default="")
+    created_at = pw.BigIntegerField(default=now)
+
+    class Meta:
+        primary_key = pw.CompositeKey("target_sha256", "base_sha256")
 
 
 class InstallStateRow(BaseModel):
@@ -141,6 +166,8 @@ class SatelliteRow(BaseModel):
     last_pull_bytes = pw.BigIntegerField(default=0)
     last_pull_blobs = pw.BigIntegerField(default=0)
     last_duration_ms = pw.BigIntegerField(default=0)
+    last_wheel_bytes = pw.BigIntegerField(default=0)  # what the last pull produced
+    last_pull_patches = pw.BigIntegerField(default=0)  # of last_pull_blobs: from a patch
     agent_version = pw.CharField(max_length=64, default="")
     python_version = pw.CharField(max_length=64, default="")
     platform = pw.CharField(max_length=128, default="")
@@ -231,28 +258,34 @@ def _migration_2(db: pw.Database) -> None:
     db.create_tables([StoredBlob, BlobChunk])
 
 
-def _migration_3(db: pw.Database) -> None:
-    """Environments and releases. A core upgraded in place keeps serving its history: the
-    target it resolved for becomes the first environment, each published lockfile a release."""
+def _add_missing_columns(db: pw.Database, new_columns: list[pw.Field]) -> None:
     from playhouse.migrate import PostgresqlMigrator, SqliteMigrator, migrate
 
     migrator = (
         PostgresqlMigrator(db) if isinstance(db, pw.PostgresqlDatabase) else SqliteMigrator(db)
     )
-    new_columns: list[pw.Field] = [
-        Lockfile.environment,
-        InstallStateRow.desired_sequence,
-        InstallStateRow.environments_json,
-        SatelliteRow.environment,
-        SatelliteRow.host_json,
-    ]
-    # A fresh database got these columns from migration 1 (which creates today's models).
+    # A fresh database got them from migration 1 (which creates today's models).
     operations = [
         migrator.add_column(field.model._meta.table_name, field.column_name, field)
         for field in new_columns
         if field.column_name not in {c.name for c in db.get_columns(field.model._meta.table_name)}
     ]
     migrate(*operations)
+
+
+def _migration_3(db: pw.Database) -> None:
+    """Environments and releases. A core upgraded in place keeps serving its history: the
+    target it resolved for becomes the first environment, each published lockfile a release."""
+    _add_missing_columns(
+        db,
+        [
+            Lockfile.environment,
+            InstallStateRow.desired_sequence,
+            InstallStateRow.environments_json,
+            SatelliteRow.environment,
+            SatelliteRow.host_json,
+        ],
+    )
     db.create_tables([EnvironmentRow, Release, ReleaseManifest])
     from core.state.upgrade import first_environment_from_history
 
@@ -265,12 +298,22 @@ def _migration_4(db: pw.Database) -> None:
     db.create_tables([WheelOrigin, AuditRow])
 
 
+def _migration_5(db: pw.Database) -> None:
+    """Binary deltas: patch blobs in the blob index (`kind`), the computed pairs, and what a
+    satellite's last sync produced next to what it pulled."""
+    _add_missing_columns(
+        db, [BlobRecord.kind, SatelliteRow.last_wheel_bytes, SatelliteRow.last_pull_patches]
+    )
+    db.create_tables([DeltaPatch])
+
+
 # Append-only: each entry brings the schema from version i to i + 1.
 MIGRATIONS: list[Callable[[pw.Database], None]] = [
     _migration_1,
     _migration_2,
     _migration_3,
     _migration_4,
+    _migration_5,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -24,6 +24,8 @@ class SyncReportIn:
     bytes_pulled: int
     duration_ms: int
     current_hash: str
+    wheel_bytes: int = 0  # the wheels the pull produced; bytes_pulled is what crossed the wire
+    patches_used: int = 0
 
 
 def validate_name(name: str) -> str:
@@ -115,6 +117,9 @@ def record_report(name: str, report: SyncReportIn) -> None:
         fields[SatelliteRow.last_pull_bytes] = report.bytes_pulled
         fields[SatelliteRow.last_pull_blobs] = report.blobs_pulled
         fields[SatelliteRow.last_duration_ms] = report.duration_ms
+        # An older agent does not send wheel_bytes: without deltas they equal bytes_pulled.
+        fields[SatelliteRow.last_wheel_bytes] = report.wheel_bytes or report.bytes_pulled
+        fields[SatelliteRow.last_pull_patches] = report.patches_used
     SatelliteRow.update(fields).where(SatelliteRow.name == name).execute()
 
 

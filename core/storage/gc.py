@@ -4,6 +4,9 @@ Policy: every blob of the desired release (all its environments) and of the newe
 `keep_previous` other releases is kept (so Rollback to them stays possible); any other blob is
 deleted once older than the grace period (a blob an install just fetched is not garbage yet), and
 the history is pruned to the kept releases (a manifest goes with the last release holding it).
+A patch blob (a binary delta, core/storage/deltas.py) follows its target: it stays while the
+wheel it produces stays and goes, without grace, in the pass that deletes that wheel (or in any
+pass once the wheel is gone).
 `plan_gc` is that policy as a pure function; `BlobGc` does the I/O under the installer lock, on
 demand (GcBlobs) and on a schedule.
 """
@@ -15,11 +18,12 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from core.state import releases
+from core.state import patches, releases
 from core.state.db import (
+    BLOB_PATCH,
     BlobRecord,
     Database,
     Lockfile,
@@ -64,6 +68,7 @@ class BlobAge:
     sha256: str
     size: int
     created_at: int
+    kind: str = "wheel"  # or BLOB_PATCH
 
 
 @dataclass(frozen=True)
@@ -85,9 +90,11 @@ def plan_gc(
     blobs: Sequence[BlobAge],
     policy: GcPolicy,
     now: int,
+    patch_targets: Mapping[str, str] | None = None,
 ) -> GcPlan:
     """Which releases and blobs stay, which go. Pure: no I/O, no clock. `desired` is the desired
-    release's sequence (0: nothing installed yet)."""
+    release's sequence (0: nothing installed yet); `patch_targets` maps each patch blob to the
+    wheel it produces (a patch without one is an orphan and goes)."""
     by_sequence = {r.sequence: r for r in history}
     if desired and desired not in by_sequence:
         # Without the desired release we cannot know what to keep: refuse rather than guess.
@@ -101,13 +108,25 @@ def plan_gc(
     protected = frozenset().union(*(r.blobs for r in kept))
     delete: list[BlobAge] = []
     within_grace: list[BlobAge] = []
+    targets = patch_targets or {}
+    patch_blobs: list[BlobAge] = []
     for blob in sorted(blobs, key=lambda b: b.sha256):
+        if blob.kind == BLOB_PATCH or blob.sha256 in targets:
+            patch_blobs.append(blob)
+            continue
         if blob.sha256 in protected:
             continue
         if now - blob.created_at >= policy.grace_seconds:
             delete.append(blob)
         else:
             within_grace.append(blob)
+    going = {b.sha256 for b in delete}
+    patch_shas = {b.sha256 for b in patch_blobs}
+    wheels = {b.sha256 for b in blobs if b.sha256 not in patch_shas}
+    for blob in patch_blobs:
+        target = targets.get(blob.sha256)
+        if target is None or target in going or target not in wheels:
+            delete.append(blob)  # nothing left to produce: no grace for a patch
     return GcPlan(
         kept_releases=tuple(r.sequence for r in kept),
         pruned_releases=tuple(r.sequence for r in newest if r.sequence not in kept_sequences),
@@ -155,11 +174,15 @@ def load_inputs() -> tuple[int, list[ReleaseBlobs], list[BlobAge]]:
         )
         for r in releases.list_releases()
     ]
-    blobs = [
-        BlobAge(str(r.sha256), int(r.size), int(r.created_at))
-        for r in BlobRecord.select(BlobRecord.sha256, BlobRecord.size, BlobRecord.created_at)
-    ]
+    query = BlobRecord.select(
+        BlobRecord.sha256, BlobRecord.size, BlobRecord.created_at, BlobRecord.kind
+    )
+    blobs = [BlobAge(str(r.sha256), int(r.size), int(r.created_at), str(r.kind)) for r in query]
     return releases.desired_sequence(), history, blobs
+
+
+def load_patch_targets() -> dict[str, str]:
+    return patches.patch_targets()
 
 
 def delete_record(sha256: str) -> None:
@@ -264,7 +287,8 @@ class BlobGc:
 
     async def _run_locked(self, dry_run: bool) -> GcRun:
         desired, history, blobs = await self._db.run(load_inputs)
-        plan = plan_gc(desired, history, blobs, self.policy, int(self._clock()))
+        targets = await self._db.run(load_patch_targets)
+        plan = plan_gc(desired, history, blobs, self.policy, int(self._clock()), targets)
         if dry_run:
             return self._report(plan, True, plan.delete, 0, 0)
         deleted: list[BlobAge] = []
@@ -283,6 +307,7 @@ class BlobGc:
                 deleted.append(blob)
         finally:
             pruned = await self._db.run(prune_history, plan.pruned_releases)
+            await self._db.run(patches.prune_rows)  # pairs whose target or patch went
         run = self._report(plan, False, deleted, failed, pruned)
         await self._db.run(record_run, run)
         log.info(

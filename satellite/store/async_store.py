@@ -24,7 +24,15 @@ from typing import TypeVar
 from satellite.store.blobs import BlobWriter
 from satellite.store.data_dir import SatelliteStore
 from satellite.store.pkgs import StagedPkg
-from satellite.sync.ports import AgentState, BlobSink, Staged
+from satellite.sync.ports import (
+    AgentState,
+    BlobSink,
+    DeltaBases,
+    DeltaOffer,
+    Staged,
+    StoreGcPolicy,
+    StoreGcReport,
+)
 from shared.errors import DiskFull
 from shared.manifest import Manifest, ManifestEntry
 
@@ -92,6 +100,18 @@ class AsyncStore:
         writer = await _in_thread(lambda: self.disk.open_blob_writer(sha256, size))
         return AsyncBlobSink(writer)
 
+    async def delta_bases(self, entries: Sequence[ManifestEntry]) -> DeltaBases:
+        return await _in_thread(lambda: self.disk.delta_bases(list(entries)))
+
+    async def open_patch(self, sha256: str, size: int) -> BlobSink:
+        writer = await _in_thread(lambda: self.disk.open_patch_writer(sha256, size))
+        return AsyncBlobSink(writer)
+
+    async def apply_patch(
+        self, entry: ManifestEntry, offer: DeltaOffer, max_window_log: int
+    ) -> None:
+        await _in_thread(lambda: self.disk.apply_patch(entry, offer, max_window_log))
+
     async def stage_pkg(self, entry: ManifestEntry, blob_verified: bool = False) -> Staged | None:
         return await _in_thread(lambda: self.disk.stage_pkg(entry, blob_verified))
 
@@ -130,6 +150,11 @@ class AsyncStore:
 
     async def gc_trees(self, grace_seconds: float, now: float) -> list[str]:
         return await _in_thread(lambda: self.disk.gc_trees(grace_seconds, now))
+
+    async def gc_store(
+        self, policy: StoreGcPolicy, grace_seconds: float, now: float
+    ) -> StoreGcReport:
+        return await _in_thread(lambda: self.disk.gc_store(policy, grace_seconds, now))
 
     # -- StateStore ------------------------------------------------------------------------
 

@@ -1,5 +1,11 @@
 """Verified wheel blobs on a satellite: `blobs/ab/<sha256>.whl`, resumable partial downloads.
 
+    blobs/ab/<sha256>.whl      a verified wheel
+    blobs/ab/<sha256>.json     what it is (name, version, file name): a hint for store GC and
+                               delta bases, written when it is unpacked; rebuilt from trees
+    blobs/.partial/<sha256>    a resumable download (a wheel's or a patch's)
+    blobs/.patches/<sha256>    a verified patch, deleted once applied (or not)
+
 A download is written to `blobs/.partial/<sha256>` while it is hashed. `BlobWriter.commit()`
 checks size and sha256, fsyncs, renames into place and fsyncs the directory, so a blob under
 `blobs/ab/` is always complete and was verified at least once. A partial outlives a dropped
@@ -15,18 +21,35 @@ loopback (docs/benchmarks.md): the final fsync alone took 0.4-1.1 s on this VM's
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+
+from packaging.utils import canonicalize_name
 
 from shared.errors import BlobCorrupt, IntegrityError, StoreError
 from shared.fsutil import fsync_dir, start_writeback
 from shared.hashing import READ_CHUNK, StreamVerifier, sha256_file
+from shared.manifest import ManifestEntry
 from shared.names import check_sha256
 
 PARTIAL_DIR = ".partial"
+PATCH_DIR = ".patches"
+META_SUFFIX = ".json"
 WRITEBACK_STEP = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    """What a held blob is, from its sidecar (or a tree's manifest)."""
+
+    sha256: str
+    name: str  # normalized
+    version: str
+    filename: str
 
 
 def checked_sha(sha256: str) -> str:
@@ -50,6 +73,77 @@ class BlobDir:
 
     def partial_path(self, sha256: str) -> Path:
         return self.partial_root / checked_sha(sha256)
+
+    def meta_path(self, sha256: str) -> Path:
+        sha = checked_sha(sha256)
+        return self.root / sha[:2] / f"{sha}{META_SUFFIX}"
+
+    def patch_path(self, sha256: str) -> Path:
+        return self.root / PATCH_DIR / checked_sha(sha256)
+
+    def note(self, entry: ManifestEntry) -> None:
+        """Remember what a held blob is. A hint, written in place without a sync: a torn or lost
+        one reads as unknown (rewritten here next time, or rebuilt by GC from the trees), and an
+        unknown blob is only ever treated as garbage, never as needed; nothing is published by
+        it, so it costs no fsync per package."""
+        path = self.meta_path(entry.sha256)
+        if not self.has(entry.sha256) or self._read_meta(path) is not None:
+            return
+        doc = {"name": entry.name, "version": entry.version, "filename": entry.filename}
+        path.write_text(json.dumps(doc, sort_keys=True))
+
+    @staticmethod
+    def _read_meta(path: Path) -> BlobInfo | None:
+        sha = path.name[: -len(META_SUFFIX)]
+        try:
+            doc = json.loads(path.read_text())
+            return BlobInfo(
+                checked_sha(sha),
+                canonicalize_name(str(doc["name"])),
+                str(doc["version"]),
+                str(doc["filename"]),
+            )
+        except (OSError, ValueError, KeyError, TypeError, IntegrityError):
+            return None
+
+    def catalog(self) -> dict[str, BlobInfo]:
+        """Every held blob with a readable sidecar."""
+        found: dict[str, BlobInfo] = {}
+        if not self.root.is_dir():
+            return found
+        for meta in self.root.glob(f"??/*{META_SUFFIX}"):
+            info = self._read_meta(meta)
+            if info is not None and self.has(info.sha256):
+                found[info.sha256] = info
+        return found
+
+    def held(self) -> dict[str, int]:
+        """sha256 -> size of every complete blob."""
+        found: dict[str, int] = {}
+        if not self.root.is_dir():
+            return found
+        for path in self.root.glob("??/*.whl"):
+            sha = path.name[: -len(".whl")]
+            try:
+                found[checked_sha(sha)] = path.stat().st_size
+            except (OSError, IntegrityError):
+                continue
+        return found
+
+    def open_patch_writer(self, sha256: str, expected_size: int) -> BlobWriter:
+        """A resumable download of a patch blob, published under `.patches/` when verified."""
+        self.partial_root.mkdir(parents=True, exist_ok=True)
+        (self.root / PATCH_DIR).mkdir(parents=True, exist_ok=True)
+        return BlobWriter(self.partial_path(sha256), self.patch_path(sha256), sha256, expected_size)
+
+    def open_patched_writer(self, sha256: str, expected_size: int) -> BlobWriter:
+        """A writer for a blob made from a patch: its own partial (never resumed, so a failed
+        apply cannot leave bytes a later download would resume from), the blob's final path."""
+        self.partial_root.mkdir(parents=True, exist_ok=True)
+        partial = self.partial_root / f"{checked_sha(sha256)}.patched"
+        with contextlib.suppress(FileNotFoundError):
+            partial.unlink()
+        return BlobWriter(partial, self.path(sha256), sha256, expected_size)
 
     def has(self, sha256: str) -> bool:
         return self.path(sha256).is_file()
@@ -83,6 +177,8 @@ class BlobDir:
     def discard(self, sha256: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.path(sha256).unlink()
+        with contextlib.suppress(FileNotFoundError):
+            self.meta_path(sha256).unlink()
 
 
 class BlobWriter:
@@ -157,6 +253,11 @@ class BlobWriter:
             fsync_dir(self._final.parent)
             fsync_dir(self._partial.parent)
             return self._final
+
+    def discard(self) -> None:
+        """Close and delete the partial: its bytes must not be resumed from."""
+        with self._lock:
+            self._discard_locked()
 
     def close(self) -> None:
         """Release the file; an uncommitted partial stays for the next resume."""

@@ -4,7 +4,9 @@
     <data>/state.json               AgentState (desired hash, last status and error, sequence)
     <data>/signing-key.pem          the core's key, pinned on trust-on-first-use
     <data>/blobs/ab/<sha256>.whl    verified wheels             (satellite/store/blobs.py)
+    <data>/blobs/ab/<sha256>.json   what the wheel is (store GC, delta bases)
     <data>/blobs/.partial/<sha256>  resumable downloads
+    <data>/blobs/.patches/<sha256>  a downloaded patch until it is applied (deltas.py)
     <data>/pkgs/<sha256>/           unpacked wheels             (satellite/store/pkgs.py)
     <data>/trees/<hash>/            assembled install trees     (satellite/store/trees.py)
     <data>/current -> trees/<hash>  relative symlink, replaced by rename(2), never unlinked first
@@ -28,10 +30,17 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
+from satellite.store import deltas, store_gc
 from satellite.store.blobs import BlobDir, BlobWriter, checked_sha
 from satellite.store.pkgs import TMP_PREFIX, PkgDir, StagedPkg, remove_dir
 from satellite.store.trees import TreeDir, TreePin
-from satellite.sync.ports import AgentState
+from satellite.sync.ports import (
+    AgentState,
+    DeltaBases,
+    DeltaOffer,
+    StoreGcPolicy,
+    StoreGcReport,
+)
 from shared.errors import IntegrityError, StoreError
 from shared.fsutil import fsync_dir, write_bytes_atomic
 from shared.manifest import Manifest, ManifestEntry
@@ -93,6 +102,20 @@ class SatelliteStore:
     def open_blob_writer(self, sha256: str, expected_size: int) -> BlobWriter:
         return self.blobs.open_writer(sha256, expected_size)
 
+    def open_patch_writer(self, sha256: str, expected_size: int) -> BlobWriter:
+        return self.blobs.open_patch_writer(sha256, expected_size)
+
+    def delta_bases(self, entries: list[ManifestEntry]) -> DeltaBases:
+        return deltas.delta_bases(self.blobs, entries)
+
+    def apply_patch(self, entry: ManifestEntry, offer: DeltaOffer, max_window_log: int) -> None:
+        deltas.apply(self.blobs, entry, offer, max_window_log)
+
+    def gc_store(self, policy: StoreGcPolicy, grace_seconds: float, now: float) -> StoreGcReport:
+        """Store GC after tree GC (same grace, pins and `current`; see store_gc.py)."""
+        self.gc_trees(grace_seconds, now)
+        return store_gc.collect(self.blobs, self.pkgs, self.trees, self.current_hash(), policy, now)
+
     # -- unpacked packages -----------------------------------------------------------------
 
     def has_pkg(self, sha256: str) -> bool:
@@ -102,7 +125,9 @@ class SatelliteStore:
         """Re-verify the blob (disks rot), then extract it; BlobCorrupt deletes a rotten blob."""
         if self.pkgs.has(entry.sha256):
             return self.pkgs.site(entry.sha256)
-        return self.pkgs.unpack(entry, self.blobs.verify(entry.sha256))
+        site = self.pkgs.unpack(entry, self.blobs.verify(entry.sha256))
+        self.blobs.note(entry)
+        return site
 
     def stage_pkg(self, entry: ManifestEntry, blob_verified: bool = False) -> StagedPkg | None:
         """Unpack into a temp dir (None: already unpacked); `publish_pkgs` makes it visible.
@@ -114,7 +139,9 @@ class SatelliteStore:
             return None
         blobs = self.blobs
         blob = blobs.path(entry.sha256) if blob_verified else blobs.verify(entry.sha256)
-        return self.pkgs.stage(entry, blob)
+        staged = self.pkgs.stage(entry, blob)
+        blobs.note(entry)  # what this blob is: store GC and delta bases go by it
+        return staged
 
     def publish_pkgs(self, staged: list[StagedPkg]) -> None:
         """One syncfs for the whole batch, then each package is renamed into place."""

@@ -220,6 +220,16 @@ class TreeDir:
                 removed.append(lockfile_hash)
         return removed
 
+    def remove_unless_pinned(self, lockfile_hash: str) -> bool:
+        """Delete a (non-current) tree now unless a run pins it; whether it went."""
+        if not self.has(lockfile_hash):
+            return False
+        doomed = self._unlink_unless_pinned(self.dir(lockfile_hash))
+        if doomed is None:
+            return False
+        remove_dir(doomed)
+        return True
+
     def _unlink_unless_pinned(self, tree: Path) -> Path | None:
         """Rename the tree out of sight while holding its pin exclusively; None when pinned."""
         try:

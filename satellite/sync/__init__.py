@@ -4,7 +4,9 @@
                      StateStore), ReconcileDeps, and the plain data crossing them (AgentState,
                      SyncReport, Desired)
     results.py       Outcome, ReconcileResult, Progress
-    materialiser.py  pull missing blobs (resuming), unpack, publish the batch
+    materialiser.py  pull missing blobs (resuming; as patches where the core has them),
+                     unpack, publish in groups
+    deltas.py        which blobs come as patches, and their fallback to the whole blob
     reconciler.py    reconcile_to_hash (verify, materialise, assemble, flip, GC) and repair_tree
     worker.py        Reconciler: the one worker task, coalescing requests to the newest hash
 
@@ -13,13 +15,18 @@ the gRPC side in satellite/client.py. Tests drive this package with fakes (tests
 """
 
 from satellite.sync.ports import (
+    DEFAULT_MAX_WINDOW_LOG,
     DEFAULT_TREE_GRACE_SECONDS,
     AgentState,
     BlobSource,
+    DeltaBases,
+    DeltaOffer,
     Desired,
     PackageStore,
     ReconcileDeps,
     StateStore,
+    StoreGcPolicy,
+    StoreGcReport,
     SyncReport,
     SyncStatus,
     TreeStore,
@@ -30,9 +37,12 @@ from satellite.sync.results import Outcome, ReconcileResult
 from satellite.sync.worker import Reconciler
 
 __all__ = [
+    "DEFAULT_MAX_WINDOW_LOG",
     "DEFAULT_TREE_GRACE_SECONDS",
     "AgentState",
     "BlobSource",
+    "DeltaBases",
+    "DeltaOffer",
     "Desired",
     "Outcome",
     "PackageStore",
@@ -40,6 +50,8 @@ __all__ = [
     "ReconcileResult",
     "Reconciler",
     "StateStore",
+    "StoreGcPolicy",
+    "StoreGcReport",
     "SyncReport",
     "SyncStatus",
     "TreeStore",

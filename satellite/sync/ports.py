@@ -1,7 +1,7 @@
 """The seams of the sync logic: four small async Protocols and the plain data that crosses them.
 
-    BlobSource     the core: manifests, blob bytes, sync reports       (satellite/client.py)
-    PackageStore   blobs and unpacked packages: has, pull into, stage, publish, verify
+    BlobSource     the core: manifests, blob bytes, deltas, sync reports (satellite/client.py)
+    PackageStore   blobs and unpacked packages: has, pull into, patch, stage, publish, verify
     TreeStore      install trees and `current`: has, assemble, flip, retire, GC, verify
     StateStore     the agent's memory between runs (AgentState)
 
@@ -23,6 +23,7 @@ from typing import Protocol
 from shared.manifest import Manifest, ManifestEntry
 
 DEFAULT_TREE_GRACE_SECONDS = 3600.0  # longer than any script run; pins protect longer ones
+DEFAULT_MAX_WINDOW_LOG = 27  # the largest zstd window a patch may ask for (128 MiB)
 
 
 class SyncStatus(Enum):
@@ -40,6 +41,49 @@ class SyncReport:
     bytes_pulled: int = 0
     duration_ms: int = 0
     current_hash: str = ""
+    wheel_bytes: int = 0  # the wheels the pulls produced (bytes_pulled: what crossed the wire)
+    patches_used: int = 0
+    patch_fallbacks: int = 0
+
+
+@dataclass(frozen=True)
+class DeltaOffer:
+    """The core's offer for one wanted blob: a patch blob that turns a held blob into it."""
+
+    target_sha256: str
+    base_sha256: str
+    patch_sha256: str
+    patch_size: int
+    window_log: int
+
+
+@dataclass(frozen=True)
+class DeltaBases:
+    """What a store can say for a delta request: the blobs it lacks, and the blobs it holds that
+    are other versions of the same distributions (candidate bases), both as sha256s."""
+
+    lacking: tuple[str, ...] = ()
+    bases: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class StoreGcPolicy:
+    """Satellite store GC (blobs/ and pkgs/; trees have their own grace and pins)."""
+
+    enabled: bool = True
+    keep_bases: int = 1  # newest other versions of each distribution kept as delta bases
+    max_store_bytes: int = 0  # 0: no cap; else evict the oldest unneeded entries past it
+    interval_seconds: float = 3600.0  # a scheduled pass besides the one after each flip; 0: off
+
+
+@dataclass(frozen=True)
+class StoreGcReport:
+    blobs_removed: int = 0
+    pkgs_removed: int = 0
+    trees_evicted: int = 0  # retired trees still within grace, removed for the byte cap
+    bytes_freed: int = 0
+    store_bytes: int = 0  # blobs + pkgs after the pass
+    over_cap: bool = False  # what must stay (current, pinned) alone exceeds max_store_bytes
 
 
 @dataclass(frozen=True)
@@ -64,7 +108,7 @@ class AgentState:
 
 
 class BlobSource(Protocol):
-    """What a reconcile needs from the core (4 methods). The gRPC adapter: satellite/client.py."""
+    """What a reconcile needs from the core (5 methods). The gRPC adapter: satellite/client.py."""
 
     async def get_manifest(self, lockfile_hash: str) -> Manifest:
         """The signed manifest; raises shared.errors.NotFound for an unknown hash."""
@@ -79,6 +123,11 @@ class BlobSource(Protocol):
     async def blob_locations(self, sha256s: Sequence[str]) -> dict[str, str]:
         """URLs (presigned object-store GETs, a CDN) for blobs the core does not have to stream
         itself; {} when it offers none (or is older than this call)."""
+        ...
+
+    async def deltas(self, wanted: Sequence[str], bases: Sequence[str]) -> dict[str, DeltaOffer]:
+        """Patches for `wanted` blobs from `bases` this satellite holds, by target sha256; {}
+        when the core has none (or is older than this call)."""
         ...
 
 
@@ -124,7 +173,7 @@ class Staged(Protocol):
 
 
 class PackageStore(Protocol):
-    """Verified blobs and unpacked packages, keyed by the blob's sha256 (7 methods)."""
+    """Verified blobs and unpacked packages, keyed by the blob's sha256 (10 methods)."""
 
     async def missing_pkgs(self, entries: Sequence[ManifestEntry]) -> list[ManifestEntry]:
         """Those of `entries` not unpacked yet, in order: one look for the whole set."""
@@ -134,6 +183,22 @@ class PackageStore(Protocol):
 
     async def open_blob(self, sha256: str, size: int) -> BlobSink:
         """Start (or resume) downloading a blob of `size` bytes."""
+        ...
+
+    async def delta_bases(self, entries: Sequence[ManifestEntry]) -> DeltaBases:
+        """Of `entries`, the blobs not held, and held blobs of the same distributions."""
+        ...
+
+    async def open_patch(self, sha256: str, size: int) -> BlobSink:
+        """Start (or resume) downloading a patch blob; commit() checks its own size and sha."""
+        ...
+
+    async def apply_patch(
+        self, entry: ManifestEntry, offer: DeltaOffer, max_window_log: int
+    ) -> None:
+        """Make `entry`'s blob from its base and the downloaded patch, verified against the
+        entry's size and sha256 exactly like a download. The patch is deleted either way;
+        IntegrityError (or StoreError) on any failure, and nothing of the result is kept."""
         ...
 
     async def stage_pkg(self, entry: ManifestEntry, blob_verified: bool = False) -> Staged | None:
@@ -159,7 +224,7 @@ class PackageStore(Protocol):
 
 
 class TreeStore(Protocol):
-    """Install trees and the `current` pointer (8 methods)."""
+    """Install trees and the `current` pointer (9 methods)."""
 
     async def current_hash(self) -> str | None:
         """The hash `current` names, or None when it is missing, foreign or dangling."""
@@ -188,6 +253,14 @@ class TreeStore(Protocol):
 
     async def gc_trees(self, grace_seconds: float, now: float) -> list[str]:
         """Delete trees retired longer than the grace and not pinned by a run; never current."""
+        ...
+
+    async def gc_store(
+        self, policy: StoreGcPolicy, grace_seconds: float, now: float
+    ) -> StoreGcReport:
+        """Delete blobs and packages no tree on disk needs (but keep delta bases), and under
+        `max_store_bytes` evict the oldest of what is only kept, never what `current` or a
+        pinned run uses. Runs only where no reconcile can (the reconcile worker)."""
         ...
 
 
@@ -226,3 +299,8 @@ class ReconcileDeps:
     wall_clock: Callable[[], float] = time.time  # retirement marks and GC
     monotonic: Callable[[], float] = time.monotonic  # durations
     tree_grace_seconds: float = DEFAULT_TREE_GRACE_SECONDS
+    # Binary deltas: ask the core for patches from blobs held here (False: whole blobs only,
+    # as agents before GetDeltas did); a patch needing a larger zstd window is refused.
+    deltas: bool = True
+    max_window_log: int = DEFAULT_MAX_WINDOW_LOG
+    store_gc: StoreGcPolicy = StoreGcPolicy()

@@ -8,9 +8,11 @@ production one satellite.store.AsyncStore), `deps.core` (satellite/client.py) an
     nothing desired -> report READY, touch nothing
     current == target -> report READY, tree GC
     report SYNCING -> manifest -> verify (hash, signature, sequence, wheel tags)
-      -> per package, concurrently: pull the blob if missing (resumes) -> unpack
+      -> ask for patches (one GetDeltas) and URLs (one GetBlobLocations)
+      -> per package, concurrently: pull the blob if missing (a patch where offered, verified
+         like the whole blob; resumes) -> unpack -> publish in groups
       -> assemble the tree -> still the newest request? -> flip -> retire others
-      -> report READY -> tree GC
+      -> report READY -> tree GC -> store GC (blobs and packages no tree needs)
 
 Failures never raise out of `reconcile_to_hash` (only cancellation does, and a failure to read
 `current` before anything started): they are reported to the core as ERROR, recorded in the
@@ -24,8 +26,8 @@ import logging
 from collections.abc import Callable
 from dataclasses import replace
 
-from satellite.sync.materialiser import ensure_pkgs, find_sources, is_expected
-from satellite.sync.ports import ReconcileDeps, SyncReport, SyncStatus
+from satellite.sync.materialiser import ensure_pkgs, is_expected, plan_sources
+from satellite.sync.ports import ReconcileDeps, StoreGcReport, SyncReport, SyncStatus
 from satellite.sync.results import Outcome, Progress, ReconcileResult, make_result, sync_report
 from shared.errors import FailedPrecondition, IntegrityError, InvalidArgument, is_disk_full
 from shared.manifest import Manifest, ManifestEntry
@@ -41,11 +43,26 @@ class _Superseded(Exception):
 async def _materialise_pkgs(
     entries: tuple[ManifestEntry, ...], deps: ReconcileDeps, progress: Progress
 ) -> None:
-    # Without a URL source nothing is asked: the core streams every blob, as it always did.
-    missing = await deps.pkgs.missing_pkgs(entries) if deps.urls is not None else []
-    sources = await find_sources(missing, deps.core, deps.urls, deps.blob_base_url)
+    # Without URLs or deltas nothing is asked: the core streams every blob, as it always did.
+    asks = deps.urls is not None or deps.deltas
+    missing = await deps.pkgs.missing_pkgs(entries) if asks else None
+    sources = await plan_sources(
+        missing or [],
+        deps.pkgs,
+        deps.core,
+        deps.urls,
+        deps.blob_base_url,
+        deps.deltas,
+        deps.max_window_log,
+    )
     await ensure_pkgs(
-        entries, deps.pkgs, sources, progress, deps.pull_concurrency, deps.unpack_concurrency
+        entries,
+        deps.pkgs,
+        sources,
+        progress,
+        deps.pull_concurrency,
+        deps.unpack_concurrency,
+        missing,
     )
 
 
@@ -101,10 +118,13 @@ async def reconcile_to_hash(
 
     result = _result(target, Outcome.FLIPPED, progress, deps, started)
     log.info(
-        "flipped to %s: %d blobs (%d bytes) pulled, %d packages unpacked in %d ms",
+        "flipped to %s: %d blobs pulled (%d from patches), %d bytes on the wire for %d bytes"
+        " of wheels, %d packages unpacked in %d ms",
         target,
         result.blobs_pulled,
+        result.patches_used,
         result.bytes_pulled,
+        result.wheel_bytes,
         result.pkgs_unpacked,
         result.duration_ms,
     )
@@ -120,7 +140,8 @@ async def reconcile_to_hash(
         log.exception("retiring old trees after the flip to %s failed", target)
     await _report(deps, sync_report(result, SyncStatus.READY, target))
     collected = await _collect_trees(deps)
-    return replace(result, trees_collected=collected)
+    store_gc = await collect_store(deps)
+    return replace(result, trees_collected=collected, store_gc=store_gc)
 
 
 def _result(
@@ -232,6 +253,37 @@ async def _collect_trees(deps: ReconcileDeps) -> tuple[str, ...]:
     if removed:
         log.info("tree GC removed %s", ", ".join(removed))
     return tuple(removed)
+
+
+async def collect_store(deps: ReconcileDeps) -> StoreGcReport | None:
+    """Store GC (blobs/ and pkgs/) after tree GC; housekeeping, so a failure is only logged.
+    Called only by the reconcile worker: no reconcile can be about to use what it deletes."""
+    if not deps.store_gc.enabled:
+        return None
+    try:
+        report = await deps.trees.gc_store(
+            deps.store_gc, deps.tree_grace_seconds, deps.wall_clock()
+        )
+    except Exception as exc:
+        log.error("store GC failed: %s", exc, exc_info=not is_expected(exc))
+        return None
+    if report.blobs_removed or report.pkgs_removed or report.trees_evicted:
+        log.info(
+            "store GC removed %d blobs, %d packages, %d trees (%d bytes); the store holds %d bytes",
+            report.blobs_removed,
+            report.pkgs_removed,
+            report.trees_evicted,
+            report.bytes_freed,
+            report.store_bytes,
+        )
+    if report.over_cap:
+        log.warning(
+            "the store holds %d bytes, above --max-store-bytes %d, and all of it is in use"
+            " (the current tree, pinned runs)",
+            report.store_bytes,
+            deps.store_gc.max_store_bytes,
+        )
+    return report
 
 
 async def _record(

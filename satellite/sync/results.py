@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
-from satellite.sync.ports import SyncReport, SyncStatus
+from satellite.sync.ports import StoreGcReport, SyncReport, SyncStatus
 
 
 class Outcome(Enum):
@@ -28,6 +28,9 @@ class Progress:
     tree_built: bool = False
     blobs_by_url: int = 0  # of blobs_pulled: fetched from a URL, not streamed by the core
     url_fallbacks: int = 0  # URL fetches that failed and fell back to the core
+    wheel_bytes: int = 0  # the blobs those pulls produced (bytes_pulled: on the wire)
+    patches_used: int = 0  # of blobs_pulled: made from a binary delta
+    patch_fallbacks: int = 0  # patches that failed: the whole blob was pulled instead
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,10 @@ class ReconcileResult:
     trees_collected: tuple[str, ...] = ()
     blobs_by_url: int = 0  # of blobs_pulled: from a URL (object store, CDN), not the core
     url_fallbacks: int = 0
+    wheel_bytes: int = 0  # the wheels the pulls produced; bytes_pulled counts the wire
+    patches_used: int = 0
+    patch_fallbacks: int = 0
+    store_gc: StoreGcReport | None = None  # the store GC pass after the flip, if one ran
     # From repair_tree rather than reconcile_to_hash: a failed repair is retried as a repair.
     drift_repair: bool = False
     exception: BaseException | None = field(default=None, compare=False, repr=False)
@@ -73,6 +80,9 @@ def make_result(
         duration_ms=max(0, round(duration_s * 1000)),
         blobs_by_url=progress.blobs_by_url,
         url_fallbacks=progress.url_fallbacks,
+        wheel_bytes=progress.wheel_bytes,
+        patches_used=progress.patches_used,
+        patch_fallbacks=progress.patch_fallbacks,
         drift_repair=drift_repair,
         exception=exception,
     )
@@ -88,4 +98,7 @@ def sync_report(result: ReconcileResult, status: SyncStatus, current: str) -> Sy
         bytes_pulled=result.bytes_pulled,
         duration_ms=result.duration_ms,
         current_hash=current,
+        wheel_bytes=result.wheel_bytes,
+        patches_used=result.patches_used,
+        patch_fallbacks=result.patch_fallbacks,
     )

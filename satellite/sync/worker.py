@@ -8,7 +8,7 @@ import logging
 from collections.abc import Callable
 
 from satellite.sync.ports import ReconcileDeps
-from satellite.sync.reconciler import reconcile_to_hash, repair_tree
+from satellite.sync.reconciler import collect_store, reconcile_to_hash, repair_tree
 from satellite.sync.results import ReconcileResult
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,7 @@ class Reconciler:
         self._requested = 0  # generation of the newest request
         self._handled = 0  # generation the worker has finished
         self._repair = False
+        self._gc = False
         self._wake = asyncio.Event()
         self._idle = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
@@ -61,6 +62,13 @@ class Reconciler:
 
     def request_repair(self) -> None:
         self._repair = True
+        self._requested += 1
+        self._wake.set()
+
+    def request_gc(self) -> None:
+        """Queue a store GC pass (the schedule's): run by this worker, between reconciles, so
+        it never races one that is about to use a blob or package."""
+        self._gc = True
         self._requested += 1
         self._wake.set()
 
@@ -87,6 +95,9 @@ class Reconciler:
 
                 result = await reconcile_to_hash(target, self._deps, still_wanted)
                 self._publish(result)
+            if self._gc:
+                self._gc = False
+                await collect_store(self._deps)
             async with self._idle:
                 self._handled = generation
                 self._idle.notify_all()

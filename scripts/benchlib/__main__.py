@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 from scripts.benchlib import (
+    deltas,
     environments,
     fanout,
     install,
@@ -30,6 +31,7 @@ FIGURES = (
     "fanout",
     "sandbox",
     "scale",
+    "deltas",
 )
 ANALYSIS = REPO / "docs" / "benchmarks-analysis.md"
 
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             bench.note_load("after figure 1")
         wants_core = any(
             bench.wants(f)
-            for f in ("install", "environments", "transfer", "delta", "fanout", "scale")
+            for f in ("install", "environments", "transfer", "delta", "fanout", "scale", "deltas")
         )
         if wants_core:
             with PackageIndex(workload.index_dir) as index:
@@ -111,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
                 if bench.wants("scale"):
                     scale.run(bench, workload, index)
                     bench.note_load("after figure 8")
+                if bench.wants("deltas"):
+                    deltas.run(bench, workload, index)
+                    bench.note_load("after figure 9")
     finally:
         if not args.keep:
             remove_tree(work)

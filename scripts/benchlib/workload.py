@@ -154,7 +154,9 @@ def prepare(bench: Bench) -> Workload:
         _random_wheel(synth, "spkbench-fan", f"{r + 1}.0", delta_size) for r in range(bench.rounds)
     ]
     index_dir = bench.scratch("index")
-    others = [] if bench.smoke else fetch_environment_wheels(bench.cache, pins)
+    # Only figure 6 needs the other environments' wheels (a fetch from PyPI the first time).
+    wants_envs = not bench.smoke and bench.wants("environments")
+    others = fetch_environment_wheels(bench.cache, pins) if wants_envs else []
     for wheel in {w.name: w for w in [*wheels, *others]}.values():
         _link(wheel, index_dir)
     for wheel in [big, delta_v1, delta_v2, tiny, *changes]:

@@ -123,6 +123,36 @@ SECTIONS: list[Section] = [
         " refused InstallNow is retried); the satellite ends on the last set.",
     ),
     (
+        "store_gc_race",
+        "5c. Store GC racing flips and runs (satellite blobs/ and pkgs/)",
+        "One thread does what the reconcile worker does, in its order: materialise a random one"
+        " of six manifests (re-pulling and re-unpacking what GC removed), assemble, flip, retire,"
+        " then tree and store GC with grace 0, one delta base per distribution and a byte cap of"
+        " twice one set; three threads pin `current` and read every file, half keeping the pin"
+        " across the next round; a barrier starts every round together."
+        " `tests/stress/test_store_gc.py`.",
+        "A pinned tree never loses a file (its packages are never deleted while it is on disk);"
+        " `current` always resolves and verifies; at the end the store is within the cap unless"
+        " what is in use alone exceeds it (`over_cap`, counted).",
+    ),
+    (
+        "store_gc_sigkill",
+        "5d. SIGKILL during a store GC pass",
+        "A child process runs one store GC pass over a copy of a store holding six versions"
+        " (five retired past their grace); it is SIGKILLed at a random moment within the pass's"
+        " measured length.",
+        "After the next start's cleanup: no temp entry, `current` verifies against the store's"
+        " records and the wheels' own hashes, and a complete pass then succeeds.",
+    ),
+    (
+        "batch_kill",
+        "5e. SIGKILL during a big batch unpack",
+        "A real agent syncs 70 packages (staged packages are published in groups of 32); it is"
+        " SIGKILLed as soon as the first group is visible, then restarted.",
+        "The packages published before the kill survive it (a crash-looping agent makes"
+        " progress), and the restarted agent converges to a verified tree.",
+    ),
+    (
         "fleet_restart",
         "6. Core restart with the fleet connected",
         "200 satellites (real Agent objects, 4 host processes, drift watching off) are connected"

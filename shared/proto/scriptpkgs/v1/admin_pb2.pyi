@@ -991,6 +991,8 @@ class Satellite(_message.Message):
     ENVIRONMENT_FIELD_NUMBER: _builtins.int
     HOST_FIELD_NUMBER: _builtins.int
     UNSERVED_FIELD_NUMBER: _builtins.int
+    LAST_WHEEL_BYTES_FIELD_NUMBER: _builtins.int
+    LAST_PULL_PATCHES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     connected: _builtins.bool
     last_seen_unix: _builtins.int
@@ -1011,6 +1013,10 @@ class Satellite(_message.Message):
     """the environment serving it; empty while unserved"""
     unserved: _builtins.bool
     """no environment fits its host (status says "unserved")"""
+    last_wheel_bytes: _builtins.int
+    """the wheels the last sync produced (last_pull_bytes: on the wire)"""
+    last_pull_patches: _builtins.int
+    """of last_pull_blobs: made from a binary delta"""
     @_builtins.property
     def host(self) -> _common_pb2.HostEnvironment:
         """what its agent reported on subscribe"""
@@ -1036,10 +1042,12 @@ class Satellite(_message.Message):
         environment: _builtins.str = ...,
         host: _common_pb2.HostEnvironment | None = ...,
         unserved: _builtins.bool = ...,
+        last_wheel_bytes: _builtins.int = ...,
+        last_pull_patches: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["host", b"host"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "connected", b"connected", "created_at_unix", b"created_at_unix", "current_hash", b"current_hash", "desired_hash", b"desired_hash", "environment", b"environment", "error", b"error", "host", b"host", "last_duration_ms", b"last_duration_ms", "last_pull_blobs", b"last_pull_blobs", "last_pull_bytes", b"last_pull_bytes", "last_seen_unix", b"last_seen_unix", "name", b"name", "platform", b"platform", "python_version", b"python_version", "revoked", b"revoked", "status", b"status", "unserved", b"unserved"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "connected", b"connected", "created_at_unix", b"created_at_unix", "current_hash", b"current_hash", "desired_hash", b"desired_hash", "environment", b"environment", "error", b"error", "host", b"host", "last_duration_ms", b"last_duration_ms", "last_pull_blobs", b"last_pull_blobs", "last_pull_bytes", b"last_pull_bytes", "last_pull_patches", b"last_pull_patches", "last_seen_unix", b"last_seen_unix", "last_wheel_bytes", b"last_wheel_bytes", "name", b"name", "platform", b"platform", "python_version", b"python_version", "revoked", b"revoked", "status", b"status", "unserved", b"unserved"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from shared.proto.scriptpkgs.v1 import common_pb2 as scriptpkgs_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n scriptpkgs/v1/distribution.proto\x12\rscriptpkgs.v1\x1a\x1ascriptpkgs/v1/common.proto\")\n\x17GetBlobLocationsRequest\x12\x0e\n\x06sha256\x18\x01 \x03(\t\"D\n\x0c\x42lobLocation\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x17\n\x0f\x65xpires_at_unix\x18\x03 \x01(\x03\"J\n\x18GetBlobLocationsResponse\x12.\n\tlocations\x18\x01 \x03(\x0b\x32\x1b.scriptpkgs.v1.BlobLocation\"\x16\n\x14GetSigningKeyRequest\"4\n\nSigningKey\x12\x16\n\x0epublic_key_pem\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\"\x97\x01\n\x10SubscribeRequest\x12\x15\n\ragent_version\x18\x01 \x01(\t\x12\x16\n\x0epython_version\x18\x02 \x01(\t\x12\x10\n\x08platform\x18\x03 \x01(\t\x12\x14\n\x0c\x63urrent_hash\x18\x04 \x01(\t\x12,\n\x04host\x18\x05 \x01(\x0b\x32\x1e.scriptpkgs.v1.HostEnvironment\"h\n\x07Refresh\x12\x15\n\rlockfile_hash\x18\x01 \x01(\t\x12\x13\n\x0b\x65nvironment\x18\x02 \x01(\t\x12\x18\n\x10release_sequence\x18\x03 \x01(\x04\x12\x17\n\x0funserved_reason\x18\x04 \x01(\t\"+\n\x12GetManifestRequest\x12\x15\n\rlockfile_hash\x18\x01 \x01(\t\"5\n\x13\x44ownloadBlobRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\"=\n\tBlobChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\"\xc0\x01\n\x16ReportSyncStateRequest\x12\x15\n\rlockfile_hash\x18\x01 \x01(\t\x12)\n\x06status\x18\x02 \x01(\x0e\x32\x19.scriptpkgs.v1.SyncStatus\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x14\n\x0c\x62lobs_pulled\x18\x04 \x01(\x04\x12\x14\n\x0c\x62ytes_pulled\x18\x05 \x01(\x04\x12\x13\n\x0b\x64uration_ms\x18\x06 \x01(\x04\x12\x14\n\x0c\x63urrent_hash\x18\x07 \x01(\t\"\x19\n\x17ReportSyncStateResponse*p\n\nSyncStatus\x12\x1b\n\x17SYNC_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13SYNC_STATUS_SYNCING\x10\x01\x12\x15\n\x11SYNC_STATUS_READY\x10\x02\x12\x15\n\x11SYNC_STATUS_ERROR\x10\x03\x32\x9c\x04\n\x13PackageDistribution\x12R\n\x15RefreshScriptPackages\x12\x1f.scriptpkgs.v1.SubscribeRequest\x1a\x16.scriptpkgs.v1.Refresh0\x01\x12I\n\x0bGetManifest\x12!.scriptpkgs.v1.GetManifestRequest\x1a\x17.scriptpkgs.v1.Manifest\x12N\n\x0c\x44ownloadBlob\x12\".scriptpkgs.v1.DownloadBlobRequest\x1a\x18.scriptpkgs.v1.BlobChunk0\x01\x12`\n\x0fReportSyncState\x12%.scriptpkgs.v1.ReportSyncStateRequest\x1a&.scriptpkgs.v1.ReportSyncStateResponse\x12O\n\rGetSigningKey\x12#.scriptpkgs.v1.GetSigningKeyRequest\x1a\x19.scriptpkgs.v1.SigningKey\x12\x63\n\x10GetBlobLocations\x12&.scriptpkgs.v1.GetBlobLocationsRequest\x1a\'.scriptpkgs.v1.GetBlobLocationsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n scriptpkgs/v1/distribution.proto\x12\rscriptpkgs.v1\x1a\x1ascriptpkgs/v1/common.proto\")\n\x17GetBlobLocationsRequest\x12\x0e\n\x06sha256\x18\x01 \x03(\t\"D\n\x0c\x42lobLocation\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x17\n\x0f\x65xpires_at_unix\x18\x03 \x01(\x03\"J\n\x18GetBlobLocationsResponse\x12.\n\tlocations\x18\x01 \x03(\x0b\x32\x1b.scriptpkgs.v1.BlobLocation\"\x16\n\x14GetSigningKeyRequest\"4\n\nSigningKey\x12\x16\n\x0epublic_key_pem\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\"\x97\x01\n\x10SubscribeRequest\x12\x15\n\ragent_version\x18\x01 \x01(\t\x12\x16\n\x0epython_version\x18\x02 \x01(\t\x12\x10\n\x08platform\x18\x03 \x01(\t\x12\x14\n\x0c\x63urrent_hash\x18\x04 \x01(\t\x12,\n\x04host\x18\x05 \x01(\x0b\x32\x1e.scriptpkgs.v1.HostEnvironment\"h\n\x07Refresh\x12\x15\n\rlockfile_hash\x18\x01 \x01(\t\x12\x13\n\x0b\x65nvironment\x18\x02 \x01(\t\x12\x18\n\x10release_sequence\x18\x03 \x01(\x04\x12\x17\n\x0funserved_reason\x18\x04 \x01(\t\"+\n\x12GetManifestRequest\x12\x15\n\rlockfile_hash\x18\x01 \x01(\t\"5\n\x13\x44ownloadBlobRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\"=\n\tBlobChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\"\x84\x02\n\x16ReportSyncStateRequest\x12\x15\n\rlockfile_hash\x18\x01 \x01(\t\x12)\n\x06status\x18\x02 \x01(\x0e\x32\x19.scriptpkgs.v1.SyncStatus\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x14\n\x0c\x62lobs_pulled\x18\x04 \x01(\x04\x12\x14\n\x0c\x62ytes_pulled\x18\x05 \x01(\x04\x12\x13\n\x0b\x64uration_ms\x18\x06 \x01(\x04\x12\x14\n\x0c\x63urrent_hash\x18\x07 \x01(\t\x12\x13\n\x0bwheel_bytes\x18\x08 \x01(\x04\x12\x14\n\x0cpatches_used\x18\t \x01(\x04\x12\x17\n\x0fpatch_fallbacks\x18\n \x01(\x04\"\x19\n\x17ReportSyncStateResponse\"1\n\x10GetDeltasRequest\x12\x0e\n\x06wanted\x18\x01 \x03(\t\x12\r\n\x05\x62\x61ses\x18\x02 \x03(\t\"q\n\x05\x44\x65lta\x12\x15\n\rtarget_sha256\x18\x01 \x01(\t\x12\x13\n\x0b\x62\x61se_sha256\x18\x02 \x01(\t\x12\x14\n\x0cpatch_sha256\x18\x03 \x01(\t\x12\x12\n\npatch_size\x18\x04 \x01(\x04\x12\x12\n\nwindow_log\x18\x05 \x01(\r\"9\n\x11GetDeltasResponse\x12$\n\x06\x64\x65ltas\x18\x01 \x03(\x0b\x32\x14.scriptpkgs.v1.Delta*p\n\nSyncStatus\x12\x1b\n\x17SYNC_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13SYNC_STATUS_SYNCING\x10\x01\x12\x15\n\x11SYNC_STATUS_READY\x10\x02\x12\x15\n\x11SYNC_STATUS_ERROR\x10\x03\x32\xec\x04\n\x13PackageDistribution\x12R\n\x15RefreshScriptPackages\x12\x1f.scriptpkgs.v1.SubscribeRequest\x1a\x16.scriptpkgs.v1.Refresh0\x01\x12I\n\x0bGetManifest\x12!.scriptpkgs.v1.GetManifestRequest\x1a\x17.scriptpkgs.v1.Manifest\x12N\n\x0c\x44ownloadBlob\x12\".scriptpkgs.v1.DownloadBlobRequest\x1a\x18.scriptpkgs.v1.BlobChunk0\x01\x12`\n\x0fReportSyncState\x12%.scriptpkgs.v1.ReportSyncStateRequest\x1a&.scriptpkgs.v1.ReportSyncStateResponse\x12O\n\rGetSigningKey\x12#.scriptpkgs.v1.GetSigningKeyRequest\x1a\x19.scriptpkgs.v1.SigningKey\x12\x63\n\x10GetBlobLocations\x12&.scriptpkgs.v1.GetBlobLocationsRequest\x1a\'.scriptpkgs.v1.GetBlobLocationsResponse\x12N\n\tGetDeltas\x12\x1f.scriptpkgs.v1.GetDeltasRequest\x1a .scriptpkgs.v1.GetDeltasResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'scriptpkgs.v1.distribution_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SYNCSTATUS']._serialized_start=991
-  _globals['_SYNCSTATUS']._serialized_end=1103
+  _globals['_SYNCSTATUS']._serialized_start=1284
+  _globals['_SYNCSTATUS']._serialized_end=1396
   _globals['_GETBLOBLOCATIONSREQUEST']._serialized_start=79
   _globals['_GETBLOBLOCATIONSREQUEST']._serialized_end=120
   _globals['_BLOBLOCATION']._serialized_start=122
@@ -55,9 +55,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BLOBCHUNK']._serialized_start=706
   _globals['_BLOBCHUNK']._serialized_end=767
   _globals['_REPORTSYNCSTATEREQUEST']._serialized_start=770
-  _globals['_REPORTSYNCSTATEREQUEST']._serialized_end=962
-  _globals['_REPORTSYNCSTATERESPONSE']._serialized_start=964
-  _globals['_REPORTSYNCSTATERESPONSE']._serialized_end=989
-  _globals['_PACKAGEDISTRIBUTION']._serialized_start=1106
-  _globals['_PACKAGEDISTRIBUTION']._serialized_end=1646
+  _globals['_REPORTSYNCSTATEREQUEST']._serialized_end=1030
+  _globals['_REPORTSYNCSTATERESPONSE']._serialized_start=1032
+  _globals['_REPORTSYNCSTATERESPONSE']._serialized_end=1057
+  _globals['_GETDELTASREQUEST']._serialized_start=1059
+  _globals['_GETDELTASREQUEST']._serialized_end=1108
+  _globals['_DELTA']._serialized_start=1110
+  _globals['_DELTA']._serialized_end=1223
+  _globals['_GETDELTASRESPONSE']._serialized_start=1225
+  _globals['_GETDELTASRESPONSE']._serialized_end=1282
+  _globals['_PACKAGEDISTRIBUTION']._serialized_start=1399
+  _globals['_PACKAGEDISTRIBUTION']._serialized_end=2019
 # @@protoc_insertion_point(module_scope)

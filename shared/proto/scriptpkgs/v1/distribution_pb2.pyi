@@ -298,6 +298,9 @@ class ReportSyncStateRequest(_message.Message):
     BYTES_PULLED_FIELD_NUMBER: _builtins.int
     DURATION_MS_FIELD_NUMBER: _builtins.int
     CURRENT_HASH_FIELD_NUMBER: _builtins.int
+    WHEEL_BYTES_FIELD_NUMBER: _builtins.int
+    PATCHES_USED_FIELD_NUMBER: _builtins.int
+    PATCH_FALLBACKS_FIELD_NUMBER: _builtins.int
     lockfile_hash: _builtins.str
     """the hash being synced to"""
     status: Global___SyncStatus.ValueType
@@ -307,6 +310,14 @@ class ReportSyncStateRequest(_message.Message):
     duration_ms: _builtins.int
     current_hash: _builtins.str
     """what `current` points at after this step"""
+    wheel_bytes: _builtins.int
+    """bytes_pulled counts bytes on the wire (a patch's bytes where one was used); wheel_bytes
+    the wheels those pulls produced, so the pair shows what deltas saved.
+    """
+    patches_used: _builtins.int
+    """blobs made from a patch (of blobs_pulled)"""
+    patch_fallbacks: _builtins.int
+    """patches that failed and fell back to the whole blob"""
     def __init__(
         self,
         *,
@@ -317,10 +328,13 @@ class ReportSyncStateRequest(_message.Message):
         bytes_pulled: _builtins.int = ...,
         duration_ms: _builtins.int = ...,
         current_hash: _builtins.str = ...,
+        wheel_bytes: _builtins.int = ...,
+        patches_used: _builtins.int = ...,
+        patch_fallbacks: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blobs_pulled", b"blobs_pulled", "bytes_pulled", b"bytes_pulled", "current_hash", b"current_hash", "duration_ms", b"duration_ms", "error", b"error", "lockfile_hash", b"lockfile_hash", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blobs_pulled", b"blobs_pulled", "bytes_pulled", b"bytes_pulled", "current_hash", b"current_hash", "duration_ms", b"duration_ms", "error", b"error", "lockfile_hash", b"lockfile_hash", "patch_fallbacks", b"patch_fallbacks", "patches_used", b"patches_used", "status", b"status", "wheel_bytes", b"wheel_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -340,3 +354,88 @@ class ReportSyncStateResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReportSyncStateResponse: _TypeAlias = ReportSyncStateResponse  # noqa: Y015
+
+@_typing.final
+class GetDeltasRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WANTED_FIELD_NUMBER: _builtins.int
+    BASES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def wanted(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """blobs the satellite lacks (at most 4096)"""
+
+    @_builtins.property
+    def bases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """blobs it holds that could serve as bases (at most 4096)"""
+
+    def __init__(
+        self,
+        *,
+        wanted: _abc.Iterable[_builtins.str] | None = ...,
+        bases: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bases", b"bases", "wanted", b"wanted"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDeltasRequest: _TypeAlias = GetDeltasRequest  # noqa: Y015
+
+@_typing.final
+class Delta(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TARGET_SHA256_FIELD_NUMBER: _builtins.int
+    BASE_SHA256_FIELD_NUMBER: _builtins.int
+    PATCH_SHA256_FIELD_NUMBER: _builtins.int
+    PATCH_SIZE_FIELD_NUMBER: _builtins.int
+    WINDOW_LOG_FIELD_NUMBER: _builtins.int
+    target_sha256: _builtins.str
+    """one of `wanted`"""
+    base_sha256: _builtins.str
+    """one of `bases`"""
+    patch_sha256: _builtins.str
+    """the patch blob"""
+    patch_size: _builtins.int
+    window_log: _builtins.int
+    """the decoder needs a 2**window_log byte window"""
+    def __init__(
+        self,
+        *,
+        target_sha256: _builtins.str = ...,
+        base_sha256: _builtins.str = ...,
+        patch_sha256: _builtins.str = ...,
+        patch_size: _builtins.int = ...,
+        window_log: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_sha256", b"base_sha256", "patch_sha256", b"patch_sha256", "patch_size", b"patch_size", "target_sha256", b"target_sha256", "window_log", b"window_log"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Delta: _TypeAlias = Delta  # noqa: Y015
+
+@_typing.final
+class GetDeltasResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELTAS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def deltas(self) -> _containers.RepeatedCompositeFieldContainer[Global___Delta]:
+        """at most one per wanted blob; none: pull the whole blob"""
+
+    def __init__(
+        self,
+        *,
+        deltas: _abc.Iterable[Global___Delta] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deltas", b"deltas"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDeltasResponse: _TypeAlias = GetDeltasResponse  # noqa: Y015

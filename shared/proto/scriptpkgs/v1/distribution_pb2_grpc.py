@@ -66,6 +66,11 @@ class PackageDistributionStub:
                 request_serializer=scriptpkgs_dot_v1_dot_distribution__pb2.GetBlobLocationsRequest.SerializeToString,
                 response_deserializer=scriptpkgs_dot_v1_dot_distribution__pb2.GetBlobLocationsResponse.FromString,
                 _registered_method=True)
+        self.GetDeltas = channel.unary_unary(
+                '/scriptpkgs.v1.PackageDistribution/GetDeltas',
+                request_serializer=scriptpkgs_dot_v1_dot_distribution__pb2.GetDeltasRequest.SerializeToString,
+                response_deserializer=scriptpkgs_dot_v1_dot_distribution__pb2.GetDeltasResponse.FromString,
+                _registered_method=True)
 
 
 class PackageDistributionServicer:
@@ -118,6 +123,17 @@ class PackageDistributionServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetDeltas(self, request, context):
+        """Binary deltas: for blobs the satellite lacks, zstd patches from blobs it holds (older
+        versions of the same distribution). One call per sync. A patch is itself a blob (fetch it
+        with DownloadBlob or from GetBlobLocations); applied to its base it must give the wanted
+        blob's size and sha256 from the signed manifest, or the satellite pulls the whole blob.
+        A satellite that never calls this (older agents) gets whole blobs, as before.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PackageDistributionServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -150,6 +166,11 @@ def add_PackageDistributionServicer_to_server(servicer, server):
                     servicer.GetBlobLocations,
                     request_deserializer=scriptpkgs_dot_v1_dot_distribution__pb2.GetBlobLocationsRequest.FromString,
                     response_serializer=scriptpkgs_dot_v1_dot_distribution__pb2.GetBlobLocationsResponse.SerializeToString,
+            ),
+            'GetDeltas': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDeltas,
+                    request_deserializer=scriptpkgs_dot_v1_dot_distribution__pb2.GetDeltasRequest.FromString,
+                    response_serializer=scriptpkgs_dot_v1_dot_distribution__pb2.GetDeltasResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -315,6 +336,33 @@ class PackageDistribution:
             '/scriptpkgs.v1.PackageDistribution/GetBlobLocations',
             scriptpkgs_dot_v1_dot_distribution__pb2.GetBlobLocationsRequest.SerializeToString,
             scriptpkgs_dot_v1_dot_distribution__pb2.GetBlobLocationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDeltas(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/scriptpkgs.v1.PackageDistribution/GetDeltas',
+            scriptpkgs_dot_v1_dot_distribution__pb2.GetDeltasRequest.SerializeToString,
+            scriptpkgs_dot_v1_dot_distribution__pb2.GetDeltasResponse.FromString,
             options,
             channel_credentials,
             insecure,
