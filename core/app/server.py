@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -21,7 +21,8 @@ from grpc_reflection.v1alpha import reflection_pb2 as refl_pb2
 from core.api.admin_service import AdminService
 from core.api.auth import AuthInterceptor, TransportPolicy
 from core.api.distribution_service import DistributionService
-from core.api.storage_service import StorageOps
+from core.api.metrics import CoreMetrics
+from core.app.metrics_runtime import MetricsSampler, MetricsServer
 from core.app.storage_runtime import StorageRuntime
 from core.fanout import notify
 from core.fanout.desired import load_desired
@@ -67,6 +68,10 @@ class CoreConfig:
     # made by another core instance (or straight in the database) to this instance's streams.
     desired_poll_seconds: float = DESIRED_POLL_SECONDS
     gc: GcPolicy = field(default_factory=GcPolicy)  # blob GC: kept, grace, schedule (0: off)
+    metrics_listen: str | None = None  # HOST:PORT for /metrics; None: no metrics endpoint
+    # Where SPK_SECRET_KEY and the SPK_S3_* settings are read from: the environment merged with
+    # systemd credentials (shared/credentials.py) by the CLI; None: os.environ.
+    environ: Mapping[str, str] | None = field(default=None, repr=False)
 
 
 def server_credentials(config: CoreConfig) -> grpc.ServerCredentials | None:
@@ -99,6 +104,25 @@ def _add_reflection_v1(server: grpc.aio.Server, servicer: Any) -> None:
         },
     )
     server.add_generic_rpc_handlers((handler,))
+
+
+def _registered_methods() -> list[tuple[str, str]]:
+    """(full method, grpc_type) of every method of our services, health and reflection."""
+    kinds = {
+        (False, False): "unary",
+        (False, True): "server_stream",
+        (True, False): "client_stream",
+        (True, True): "bidi_stream",
+    }
+    found = []
+    for file in (admin_pb2.DESCRIPTOR, distribution_pb2.DESCRIPTOR, health_pb2.DESCRIPTOR):
+        for service in file.services_by_name.values():
+            for m in service.methods:
+                kind = kinds[(m.client_streaming, m.server_streaming)]
+                found.append((f"/{service.full_name}/{m.name}", kind))
+    for name in (reflection.SERVICE_NAME, REFLECTION_V1):
+        found.append((f"/{name}/ServerReflectionInfo", "bidi_stream"))
+    return found
 
 
 def _log_failure(task: asyncio.Future[Any]) -> None:
@@ -138,6 +162,9 @@ class CoreServer:
         self.health = health.aio.HealthServicer()
         self.installer: Installer | None = None
         self.storage: StorageRuntime | None = None
+        # Counted only when served: with metrics off no interceptor runs and no hook counts.
+        self.metrics = CoreMetrics() if config.metrics_listen else None
+        self.metrics_server: MetricsServer | None = None
 
     async def start(self) -> None:
         try:
@@ -150,14 +177,15 @@ class CoreServer:
         cfg = self.config
         stack = self._stack
         prepare_data_dir(cfg.data_dir)
-        box = SecretBox(load_or_create_key(cfg.data_dir))
+        environ = os.environ if cfg.environ is None else cfg.environ
+        box = SecretBox(load_or_create_key(cfg.data_dir, dict(environ)))
         self._db = db = Database(
             await asyncio.to_thread(open_database, cfg.data_dir, cfg.database_url)
         )
         stack.push_async_callback(asyncio.to_thread, db.close)  # joins its threads: off the loop
         if cfg.bootstrap_admin_token:
             await db.run(tokens.ensure_bootstrap_token, cfg.bootstrap_admin_token)
-        self.storage = storage = await StorageRuntime.open(db, cfg.data_dir, os.environ)
+        self.storage = storage = await StorageRuntime.open(db, cfg.data_dir, environ)
         stack.push_async_callback(storage.stop)
         # Under the installer lock: with Postgres, another instance may be installing right now.
         if await storage.when_idle(recover_stale_install):
@@ -171,10 +199,12 @@ class CoreServer:
         self.installer = installer = Installer(
             db, box, key, store, self.hub, cfg.data_dir / "work", storage.lock
         )
+        installer.observer = self.metrics
         stack.push_async_callback(installer.cancel)
         storage_ops = storage.bind(self.hub, key, cfg.gc)
         await storage.migrator.resume_if_stuck()  # before serving, so no install can slip in
-        server = self._build_server(db, box, installer, storage_ops, store, key.public_key())
+        admin = AdminService(db, box, installer, self.hub, storage_ops)
+        server = self._build_server(db, admin, store, key.public_key())
         credentials = server_credentials(cfg)
         try:
             if credentials is None:
@@ -193,6 +223,8 @@ class CoreServer:
         if cfg.database_url and cfg.database_url.startswith(("postgres://", "postgresql://")):
             self._start_notify(cfg.database_url, db)
         storage.start_background()
+        if self.metrics is not None and cfg.metrics_listen:
+            self._serve_metrics(self.metrics, cfg.metrics_listen, admin)
         log.info(
             "core listening on %s (port %d, %s), data dir %s",
             cfg.listen,
@@ -201,26 +233,34 @@ class CoreServer:
             cfg.data_dir,
         )
 
+    def _serve_metrics(self, metrics: CoreMetrics, listen: str, admin: AdminService) -> None:
+        self.metrics_server = served = MetricsServer.start(listen, metrics.registry)
+        self._stack.push_async_callback(asyncio.to_thread, served.close)
+        self._spawn(MetricsSampler(metrics, admin).run(), "metrics-sampler")
+        log.info("metrics on %s", served.url)
+
     def _build_server(
         self,
         db: Database,
-        box: SecretBox,
-        installer: Installer,
-        storage_ops: StorageOps,
+        admin: AdminService,
         store: BlobStore,
         public_key: Ed25519PublicKey,
     ) -> grpc.aio.Server:
         cfg = self.config
+        interceptors: list[grpc.aio.ServerInterceptor] = []
+        if self.metrics is not None:  # outermost: it sees the status every call ends with
+            interceptors.append(self.metrics.grpc.interceptor())
+        interceptors.append(
+            AuthInterceptor(
+                db,
+                TransportPolicy(
+                    allow_plaintext_tokens=cfg.insecure,
+                    require_client_cert=cfg.tls_client_ca is not None,
+                ),
+            )
+        )
         server = grpc.aio.server(
-            interceptors=[
-                AuthInterceptor(
-                    db,
-                    TransportPolicy(
-                        allow_plaintext_tokens=cfg.insecure,
-                        require_client_cert=cfg.tls_client_ca is not None,
-                    ),
-                )
-            ],
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE),
                 ("grpc.max_send_message_length", 2 * 1024 * 1024),
@@ -232,17 +272,17 @@ class CoreServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        admin_pb2_grpc.add_PackageAdminServicer_to_server(
-            AdminService(db, box, installer, self.hub, storage_ops), server
-        )
+        admin_pb2_grpc.add_PackageAdminServicer_to_server(admin, server)
         distribution_pb2_grpc.add_PackageDistributionServicer_to_server(
-            DistributionService(db, self.hub, store, public_key), server
+            DistributionService(db, self.hub, store, public_key, metrics=self.metrics), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = [*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1]
         refl = reflection.aio.ReflectionServicer(names)
         reflection.enable_server_reflection(names, server)
         _add_reflection_v1(server, refl)
+        if self.metrics is not None:
+            self.metrics.grpc.preregister(_registered_methods())
         return server
 
     async def _drain(self, server: grpc.aio.Server) -> None:

@@ -19,6 +19,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from packaging.utils import parse_wheel_filename
@@ -37,6 +38,7 @@ from core.state.locks import Activity, InstallerLock, Lease
 from core.storage.blobstore import BlobStore
 from shared.environments import Environment, supported_tags
 from shared.errors import FailedPrecondition, IntegrityError, SpkError
+from shared.logs import fields
 from shared.manifest import Manifest, ManifestEntry
 from shared.tags import native_platform
 from shared.wheels import check_identity, inspect_wheel
@@ -68,6 +70,15 @@ class _Built:
     order: list[str]  # environment names, the default first
     manifests: dict[str, Manifest]
     warnings: dict[str, list[str]]
+
+
+class InstallObserver(Protocol):
+    """Told when an install starts and how it ended (core/api/metrics.py counts them)."""
+
+    def install_started(self) -> None: ...
+    def install_settled(self, result: str, seconds: float) -> None:
+        """`result` is ready or error; `seconds` the install's wall time."""
+        ...
 
 
 def check_fits(env: Environment, native: str, wheels: Sequence[LockedWheel]) -> None:
@@ -103,6 +114,7 @@ class Installer:
         self._uv_cache = work_dir.parent / "uv-cache"
         self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
+        self.observer: InstallObserver | None = None
 
     @property
     def running(self) -> bool:
@@ -140,10 +152,16 @@ class Installer:
         return state
 
     async def _run_holding(self, lease: Lease) -> None:
+        began = time.monotonic()
+        result = "error"
+        if self.observer is not None:
+            self.observer.install_started()
         try:
-            await self._run()
+            result = await self._run()
         finally:
             await lease.release()
+            if self.observer is not None:
+                self.observer.install_settled(result, time.monotonic() - began)
 
     async def wait(self) -> None:
         if self._task is not None:
@@ -173,7 +191,8 @@ class Installer:
         event.set()
         return state
 
-    async def _run(self) -> None:
+    async def _run(self) -> str:
+        """Runs the install to its end; "ready" or "error" (recorded in the install state)."""
         progress: list[EnvProgress] = []
         try:
             built = await self._build(progress)
@@ -188,18 +207,25 @@ class Installer:
                     f"{e.name} {e.lockfile_hash[:12]} ({e.wheels} wheels)"
                     for e in state.environments
                 ),
+                extra=fields(
+                    sequence=state.release_sequence,
+                    lockfile_hash=state.lockfile_hash,
+                    status="ready",
+                ),
             )
+            return "ready"
         except asyncio.CancelledError:
             await self._fail(
                 progress, "the core stopped during this install; the previous release stays"
             )
             raise
         except SpkError as exc:
-            log.warning("install failed: %s", exc.message)
+            log.warning("install failed: %s", exc.message, extra=fields(status="error"))
             await self._fail(progress, exc.message)
         except Exception as exc:
-            log.exception("install failed unexpectedly")
+            log.exception("install failed unexpectedly", extra=fields(status="error"))
             await self._fail(progress, f"internal error: {type(exc).__name__}; see the core log")
+        return "error"
 
     async def _fail(self, progress: list[EnvProgress], message: str) -> None:
         for p in progress:
