@@ -14,10 +14,15 @@ from pathlib import Path
 
 from satellite import runner
 from satellite.agent import Agent, AgentConfig
+from satellite.metrics import AgentMetrics
+from satellite.run_stats import counted_run
 from satellite.store import SatelliteStore
 from shared import tags
 from shared.cli import run_command
 from shared.errors import SpkError
+from shared.logs import FORMATS
+from shared.metrics_http import MetricsServer
+from shared.sd_notify import Notifier
 
 DEFAULT_DATA_DIR = Path("spk-satellite-data")
 
@@ -55,7 +60,13 @@ def _parser() -> argparse.ArgumentParser:
     agent.add_argument(
         "--retry-cap", type=float, default=300.0, help="longest wait (s) between sync retries"
     )
+    agent.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)",
+    )
     agent.add_argument("--log-level", default="INFO")
+    agent.add_argument("--log-format", choices=FORMATS, default="text", help="default text")
 
     run = sub.add_parser("run", help="run a script against the current package tree")
     run.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
@@ -131,19 +142,40 @@ async def _agent(args: argparse.Namespace) -> int:
         retry_base=args.retry_base,
         retry_cap=args.retry_cap,
     )
-    agent = Agent.from_config(config)
+    metrics = AgentMetrics() if args.metrics_listen else None
+    served = MetricsServer.start(args.metrics_listen, metrics.registry) if metrics else None
+    if served is not None:
+        logging.getLogger(__name__).info("metrics on %s", served.url)
+    agent = Agent.from_config(config, metrics=metrics)
+    notifier = Notifier.from_environ()
     loop = asyncio.get_running_loop()
     task = agent.start()
+
+    def stop() -> None:
+        notifier.stopping()
+        task.cancel()  # shutdown(): cancel the run, which unwinds
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, task.cancel)  # shutdown(): cancel the run, which unwinds
+        loop.add_signal_handler(sig, stop)
+
+    async def ready() -> None:
+        await agent.started.wait()  # the data dir is locked and clean; syncing starts
+        notifier.ready(f"syncing from {args.core}")
+
+    announce = asyncio.create_task(ready())
     try:
-        await task
+        async with notifier.watchdog():
+            await task
     except asyncio.CancelledError:  # shut down by a signal
         pass
     except Exception as exc:
         if exc is not agent.worker_error:
             raise
         return 1  # the agent logged it with its traceback; a supervisor restarts us
+    finally:
+        announce.cancel()
+        if served is not None:
+            await asyncio.to_thread(served.close)
     return 0
 
 
@@ -172,7 +204,10 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         return asyncio.run(_agent(args))
     elif args.command == "run":
         script_args = args.args[1:] if args.args[:1] == ["--"] else args.args
-        return runner.run_script(SatelliteStore(args.data_dir), args.script, script_args)
+        store = SatelliteStore(args.data_dir)
+        return counted_run(  # counted for the agent's /metrics (satellite/run_stats.py)
+            store.root, lambda: runner.run_script(store, args.script, script_args)
+        )
     elif args.command == "status":
         _print_status(SatelliteStore(args.data_dir), args.json)
     elif args.command == "env":
@@ -184,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.getLogger("watchdog").setLevel(logging.INFO)  # its DEBUG logs every inotify event
     level = getattr(args, "log_level", "WARNING")
-    return run_command("spk-satellite", level, lambda: _dispatch(args))
+    log_format = getattr(args, "log_format", "text")
+    return run_command("spk-satellite", level, lambda: _dispatch(args), log_format)
 
 
 if __name__ == "__main__":

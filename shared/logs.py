@@ -87,12 +87,16 @@ def setup_logging(level: str, log_format: str = "text", stream: TextIO | None = 
     """Configure the root logger once, for a CLI process (replaces earlier handlers)."""
     if log_format not in FORMATS:
         raise ValueError(f"log format must be one of {', '.join(FORMATS)}, got {log_format!r}")
+    root = logging.getLogger()
+    ours = [h for h in root.handlers if getattr(h, "_spk_cli", False)]
+    if len(ours) < len(root.handlers):
+        return  # configured by someone else (pytest, an embedding program): as basicConfig
+    for old in ours:
+        root.removeHandler(old)
     handler = logging.StreamHandler(stream or sys.stderr)
     text = logging.Formatter(TEXT_FORMAT)
     handler.setFormatter(JsonFormatter() if log_format == "json" else text)
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
+    handler._spk_cli = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level.upper())
     # Python warnings (RuntimeWarning from a library, say) go through logging too, so they are

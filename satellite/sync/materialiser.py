@@ -119,6 +119,14 @@ async def _pull(
     for attempt in (1, 2):
         sink = await store.open_blob(entry.sha256, entry.size)
         resumed_at = sink.offset
+        if resumed_at:
+            log.info(
+                "resuming the download of %s at offset %d of %d bytes",
+                entry.filename,
+                resumed_at,
+                entry.size,
+                extra={"blob": entry.sha256, "offset": resumed_at, "bytes": entry.size},
+            )
         stream = core.download_blob(entry.sha256, resumed_at)
         try:
             await _receive(stream, sink, progress)
