@@ -53,6 +53,12 @@ def _parser() -> argparse.ArgumentParser:
     agent.add_argument(
         "--tree-grace", type=float, default=3600.0, help="seconds a superseded tree is kept"
     )
+    agent.add_argument(
+        "--tree-gc-interval",
+        type=float,
+        default=60.0,
+        help="seconds between tree GC passes besides the one after each flip (0: only those)",
+    )
     agent.add_argument("--no-drift-watch", action="store_true", help="disable drift repair")
     agent.add_argument(
         "--retry-base", type=float, default=2.0, help="first wait (s) before retrying a failed sync"
@@ -138,6 +144,7 @@ async def _agent(args: argparse.Namespace) -> int:
         client_cert=_read(args.client_cert, "--client-cert") if args.client_cert else None,
         client_key=_read(args.client_key, "--client-key") if args.client_key else None,
         tree_grace_seconds=args.tree_grace,
+        tree_gc_interval=args.tree_gc_interval,
         watch_drift=not args.no_drift_watch,
         retry_base=args.retry_base,
         retry_cap=args.retry_cap,

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from core.api.request_limits import check_request
 from core.api.status import status_code
 from core.state import fleet
 from core.state.db import Database
@@ -120,6 +121,7 @@ def _wrap(
             token = None
             try:
                 token = _identity.set(await authenticate(context))
+                check_request(request)
                 return await inner_uu(request, context)
             except grpc.aio.AbortError:
                 raise
@@ -150,6 +152,7 @@ def _wrap(
             # never retrieved"). Each RPC runs in its own task, so the value dies with it.
             _identity.set(await authenticate_or_abort(context))
             try:
+                check_request(request)
                 async with contextlib.aclosing(inner_us(request, context)) as stream:
                     async for item in stream:
                         yield item

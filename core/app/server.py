@@ -43,7 +43,10 @@ from shared.proto.scriptpkgs.v1 import (
 )
 
 log = logging.getLogger(__name__)
-MAX_MESSAGE = 4 * 1024 * 1024
+# gRPC's receive limit. Generous on purpose: a request over it gets RESOURCE_EXHAUSTED without a
+# word about which field; below it, core/api/request_limits.py refuses anything over 1 MiB (or a
+# string over 64 KiB) with INVALID_ARGUMENT naming the field.
+MAX_RECEIVE = 16 * 1024 * 1024
 SERVICE_NAMES = (
     admin_pb2.DESCRIPTOR.services_by_name["PackageAdmin"].full_name,
     distribution_pb2.DESCRIPTOR.services_by_name["PackageDistribution"].full_name,
@@ -262,7 +265,7 @@ class CoreServer:
         server = grpc.aio.server(
             interceptors=interceptors,
             options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE),
+                ("grpc.max_receive_message_length", MAX_RECEIVE),
                 ("grpc.max_send_message_length", 2 * 1024 * 1024),
                 # Let agents ping every 10 s while idle so a dead peer is noticed; more is abuse.
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
