@@ -8,7 +8,6 @@ or the protobuf JSON with --json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -355,24 +354,12 @@ def _request(args: argparse.Namespace) -> tuple[str, Message]:
 
 
 def _status(admin: _Admin, as_json: bool) -> int:
-    replies = fleet_view.StatusReplies(
-        install=admin("GetInstallState", pb.GetInstallStateRequest()),
-        releases=admin("ListReleases", pb.ListReleasesRequest()),
-        satellites=admin("ListSatellites", pb.ListSatellitesRequest()),
-        backends=admin("ListStorageBackends", pb.ListStorageBackendsRequest()),
-        migration=admin("GetStorageMigrationState", pb.GetStorageMigrationStateRequest()),
-        gc=admin("GetBlobGcState", pb.GetBlobGcStateRequest()),
+    replies = fleet_view.collect_status(admin)
+    print(
+        fleet_view.status_json(replies)
+        if as_json
+        else fleet_view.status_screen(replies, time.time())
     )
-    if as_json:
-        doc = {
-            name: json_format.MessageToDict(
-                getattr(replies, name), preserving_proto_field_name=True
-            )
-            for name in ("install", "releases", "satellites", "backends", "migration", "gc")
-        }
-        print(json.dumps(doc, indent=2))
-    else:
-        print(fleet_view.status_screen(replies, time.time()))
     return 0
 
 

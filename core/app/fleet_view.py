@@ -14,11 +14,16 @@ A satellite's state, as every view here counts it (revoked ones are not part of 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
 
 from shared.proto.scriptpkgs.v1 import admin_pb2 as pb
 
@@ -129,6 +134,26 @@ class StatusReplies:
     backends: pb.ListStorageBackendsResponse
     migration: pb.StorageMigrationState
     gc: pb.BlobGcState
+
+
+def collect_status(call: Callable[[str, Message], Any]) -> StatusReplies:
+    """The six admin calls `spk-core admin status` shows; `call(method, request)`."""
+    return StatusReplies(
+        install=call("GetInstallState", pb.GetInstallStateRequest()),
+        releases=call("ListReleases", pb.ListReleasesRequest()),
+        satellites=call("ListSatellites", pb.ListSatellitesRequest()),
+        backends=call("ListStorageBackends", pb.ListStorageBackendsRequest()),
+        migration=call("GetStorageMigrationState", pb.GetStorageMigrationStateRequest()),
+        gc=call("GetBlobGcState", pb.GetBlobGcStateRequest()),
+    )
+
+
+def status_json(r: StatusReplies) -> str:
+    doc = {
+        f.name: json_format.MessageToDict(getattr(r, f.name), preserving_proto_field_name=True)
+        for f in dataclasses.fields(r)
+    }
+    return json.dumps(doc, indent=2)
 
 
 def status_screen(r: StatusReplies, now: float) -> str:
