@@ -4,6 +4,7 @@ series are asserted through Prometheus' HTTP API, and `promtool check metrics` l
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 import grpc
@@ -11,7 +12,7 @@ import grpc
 from shared.proto.scriptpkgs.v1 import admin_pb2 as apb
 from tests.core_process import CoreProcess, eventually
 from tests.index_server import PackageIndex
-from tests.prometheus_server import Prometheus, metrics_url, promtool_check, scrape
+from tests.prometheus_server import PROMTOOL, Prometheus, metrics_url, promtool_check, scrape
 from tests.satellite_process import SatelliteProcess
 from tests.wheelfactory import WheelSpec, build_wheel
 
@@ -124,3 +125,12 @@ def _script(tmp_path: Path) -> Path:
 
 def test_metrics_are_off_unless_asked_for(core: CoreProcess) -> None:
     assert "metrics on" not in core.log()
+
+
+def test_alert_rules_pass_promtool() -> None:
+    rules = Path(__file__).resolve().parent.parent / "contrib" / "prometheus" / "spk-alerts.yml"
+    assert PROMTOOL, "promtool not installed (Debian package prometheus; .ci/run installs it)"
+    out = subprocess.run(
+        [PROMTOOL, "check", "rules", str(rules)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0 and "SUCCESS" in out.stdout, out.stdout + out.stderr
