@@ -21,7 +21,7 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from core.api.grpc_metrics import GrpcServerMetrics  # noqa: E402
+from core.api.grpc_metrics import GrpcServerMetrics
 
 SERVICE = "bench.v1.Echo"
 CHUNK = b"\0" * (256 * 1024)
