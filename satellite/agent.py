@@ -381,6 +381,8 @@ class Agent:
                     backoff.reset()
                     if self.metrics is not None:
                         self.metrics.unserved.set(1 if desired.unserved else 0)
+                        if desired.unserved:  # it keeps its tree, but runs no desired release
+                            self.metrics.converged.set(0)
                     if desired.unserved:
                         await self._unserved(desired.unserved)
                         continue

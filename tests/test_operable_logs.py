@@ -112,3 +112,4 @@ def test_json_logs_carry_structured_fields_and_no_watchdog_dumps(
     ready = [r for r in core_records if r.get("status") == "ready" and "sequence" in r]
     assert [r["lockfile_hash"] for r in ready] == [first, second]
     assert any(r.get("satellite") == "sat-json" for r in core_records)
+    assert {"resolving", "fetching"} <= {r.get("phase") for r in core_records}

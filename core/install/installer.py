@@ -38,7 +38,7 @@ from core.state.locks import Activity, InstallerLock, Lease
 from core.storage.blobstore import BlobStore
 from shared.environments import Environment, supported_tags
 from shared.errors import FailedPrecondition, IntegrityError, SpkError
-from shared.logs import fields
+from shared.logs import fields as log_fields
 from shared.manifest import Manifest, ManifestEntry
 from shared.tags import native_platform
 from shared.wheels import check_identity, inspect_wheel
@@ -115,6 +115,7 @@ class Installer:
         self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
         self.observer: InstallObserver | None = None
+        self._phase = ""  # the last phase logged
 
     @property
     def running(self) -> bool:
@@ -187,6 +188,11 @@ class Installer:
 
     async def _set(self, **fields: object) -> InstallState:
         state = await self._db.run(lambda: update_state(**fields))
+        phase = fields.get("phase")
+        if isinstance(phase, str) and phase and phase != self._phase:
+            log.info("install phase %s", phase, extra=log_fields(phase=phase, status="installing"))
+        if isinstance(phase, str):
+            self._phase = phase
         event, self._changed = self._changed, asyncio.Event()
         event.set()
         return state
@@ -207,7 +213,7 @@ class Installer:
                     f"{e.name} {e.lockfile_hash[:12]} ({e.wheels} wheels)"
                     for e in state.environments
                 ),
-                extra=fields(
+                extra=log_fields(
                     sequence=state.release_sequence,
                     lockfile_hash=state.lockfile_hash,
                     status="ready",
@@ -220,10 +226,10 @@ class Installer:
             )
             raise
         except SpkError as exc:
-            log.warning("install failed: %s", exc.message, extra=fields(status="error"))
+            log.warning("install failed: %s", exc.message, extra=log_fields(status="error"))
             await self._fail(progress, exc.message)
         except Exception as exc:
-            log.exception("install failed unexpectedly", extra=fields(status="error"))
+            log.exception("install failed unexpectedly", extra=log_fields(status="error"))
             await self._fail(progress, f"internal error: {type(exc).__name__}; see the core log")
         return "error"
 
