@@ -149,6 +149,8 @@ class Agent:
         self._sequences: dict[str, int] = {}  # lockfile hash -> release sequence, as offered
         # Set once the data dir is locked and cleaned: the agent is up (sd_notify READY=1).
         self.started = asyncio.Event()
+        # Told every result after it is counted (the CLI shows it as systemd's STATUS=).
+        self.on_result: Callable[[ReconcileResult], None] | None = None
         self.store = store
         self.connected = asyncio.Event()
         self.reconnects = 0
@@ -301,6 +303,8 @@ class Agent:
             )
         if self.metrics is not None:
             self._count(self.metrics, result)
+        if self.on_result is not None:
+            self.on_result(result)
         if self._retry is not None:
             self._retry.on_result(result)
 

@@ -17,6 +17,7 @@ from satellite.agent import Agent, AgentConfig
 from satellite.metrics import AgentMetrics
 from satellite.run_stats import counted_run
 from satellite.store import SatelliteStore
+from satellite.sync import ReconcileResult
 from shared import tags
 from shared.cli import run_command
 from shared.errors import SpkError
@@ -155,6 +156,16 @@ async def _agent(args: argparse.Namespace) -> int:
         logging.getLogger(__name__).info("metrics on %s", served.url)
     agent = Agent.from_config(config, metrics=metrics)
     notifier = Notifier.from_environ()
+    if notifier.active:
+
+        def show(result: ReconcileResult) -> None:  # `systemctl status` shows the last sync
+            verb = "synced" if result.ok else "sync failed:"
+            notifier.status(
+                f"{verb} {result.lockfile_hash[:12] or '(nothing desired)'}"
+                + ("" if result.ok else f" {result.error[:200]}")
+            )
+
+        agent.on_result = show
     loop = asyncio.get_running_loop()
     task = agent.start()
 

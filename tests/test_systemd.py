@@ -149,6 +149,8 @@ def test_agent_notifies_ready_and_stopping(
         eventually(lambda: "READY=1" in notify_socket.lines() or None)
         eventually(lambda: notify_socket.lines().count("WATCHDOG=1") >= 2 or None, timeout=10)
         eventually(lambda: sat.current() == state.lockfile_hash, timeout=60)
+        synced = f"STATUS=synced {state.lockfile_hash[:12]}"
+        eventually(lambda: synced in notify_socket.lines() or None, timeout=30)
         assert sat.stop() == 0
         assert "STOPPING=1" in notify_socket.lines()
     finally:
