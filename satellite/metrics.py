@@ -25,7 +25,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+)
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
@@ -79,8 +86,11 @@ class _RunsCollector(Collector):
 
 
 class AgentMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, process: bool = True) -> None:
+        """`process`: also the standard process_* series (off when agents share a process)."""
         r = self.registry = registry if registry is not None else CollectorRegistry()
+        if process:
+            ProcessCollector(registry=r)
         self.release = Info(
             "spk_satellite_release",
             "The tree `current` names: its lockfile hash and environment.",

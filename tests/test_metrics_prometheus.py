@@ -105,6 +105,8 @@ def test_prometheus_scrapes_core_and_agent_during_install_and_sync(
             _at_least(prom, "spk_satellite_current_tree_bytes", 1)
             _at_least(prom, 'spk_satellite_script_runs_finished_total{exit_code="0"}', 1)
             assert prom.value("spk_satellite_verification_failures_total") == 0
+            _at_least(prom, 'process_resident_memory_bytes{job="core"}', 1)
+            _at_least(prom, 'process_resident_memory_bytes{job="satellite"}', 1)
             # Bounded labels on the core: never a satellite name or a hash.
             series = prom.query('{job="core"}')
             values = {v for s in series for k, v in s["metric"].items() if k != "__name__"}

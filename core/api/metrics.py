@@ -13,7 +13,7 @@ are set here through `FleetView` and friends.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 from core.api.grpc_metrics import GrpcServerMetrics
 
@@ -24,6 +24,7 @@ FLEET_STATES = ("converged", "syncing", "error", "unserved", "other")
 class CoreMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry if registry is not None else CollectorRegistry()
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, _cpu_seconds_total, fds
         self.grpc = GrpcServerMetrics(r)
         # ---- installs (counted by the installer's on_settled hook) ----
         self.installs = Counter(
