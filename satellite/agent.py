@@ -22,7 +22,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -32,13 +32,16 @@ from satellite.backoff import Backoff
 from satellite.client import ClientConfig, GrpcCoreClient
 from satellite.drift import DriftWatcher
 from satellite.http_blobs import HttpBlobs
+from satellite.metrics import AgentMetrics
 from satellite.retry import SyncRetry
 from satellite.store import AsyncStore, SatelliteStore
+from satellite.store.usage import DiskUsage, disk_usage
 from satellite.sync import (
     DEFAULT_MAX_WINDOW_LOG,
     DEFAULT_TREE_GRACE_SECONDS,
     BlobSource,
     Desired,
+    Outcome,
     PackageStore,
     ReconcileDeps,
     Reconciler,
@@ -50,6 +53,7 @@ from satellite.sync import (
 )
 from shared import tags
 from shared.errors import IntegrityError, SpkError, Unauthenticated
+from shared.logs import fields
 from shared.manifest import Manifest
 from shared.signing import (
     key_id,
@@ -95,6 +99,9 @@ class AgentConfig:
     max_window_log: int = DEFAULT_MAX_WINDOW_LOG
     # GC of blobs/ and pkgs/ after each flip and every store_gc.interval_seconds.
     store_gc: StoreGcPolicy = field(default_factory=StoreGcPolicy)
+    # Tree GC also runs on this timer, not only after a flip: a superseded tree that a script
+    # run had pinned (or that was inside its grace) goes without waiting for the next release.
+    tree_gc_interval: float = 60.0
 
 
 class CoreConnection(BlobSource, Protocol):
@@ -150,11 +157,22 @@ class Agent:
         watch_drift: WatcherFactory | None = None,
         clock: Callable[[], float] = time.time,
         urls: Callable[[], UrlClient] | None = None,
+        metrics: AgentMetrics | None = None,
+        measure_disk: Callable[[], Awaitable[DiskUsage]] | None = None,
     ) -> None:
         """`connect` is called once per run; `watch_drift` None runs without drift repair;
         `clock` is the wall clock for tree retirement and GC; `urls` opens the HTTP client for
-        blob URLs (None: every blob comes through the core)."""
+        blob URLs (None: every blob comes through the core); `metrics` (satellite/metrics.py)
+        is counted into when given, with `measure_disk` for the data dir's size."""
         self.config = config
+        self.metrics = metrics
+        self._measure_disk = measure_disk
+        self._measuring: asyncio.Task[None] | None = None
+        self._sequences: dict[str, int] = {}  # lockfile hash -> release sequence, as offered
+        # Set once the data dir is locked and cleaned: the agent is up (sd_notify READY=1).
+        self.started = asyncio.Event()
+        # Told every result after it is counted (the CLI shows it as systemd's STATUS=).
+        self.on_result: Callable[[ReconcileResult], None] | None = None
         self.store = store
         self.connected = asyncio.Event()
         self.reconnects = 0
@@ -171,7 +189,7 @@ class Agent:
         self._retry: SyncRetry | None = None
 
     @classmethod
-    def from_config(cls, config: AgentConfig) -> Agent:
+    def from_config(cls, config: AgentConfig, metrics: AgentMetrics | None = None) -> Agent:
         """The real agent: the data dir on disk, gRPC to the core, watchdog for drift."""
         disk = SatelliteStore(config.data_dir.absolute())
         client_config = ClientConfig(
@@ -184,9 +202,19 @@ class Agent:
         def watch(reconciler: Reconciler) -> Watcher:
             return DriftWatcher(disk, reconciler)
 
-        urls = HttpBlobs if config.blob_urls or config.blob_base_url else None
+        async def measure() -> DiskUsage:
+            return await asyncio.to_thread(disk_usage, disk)
+
+        if metrics is not None:
+            metrics.watch_runs(disk.root)
         return cls(
-            config, AsyncStore(disk), connect, watch if config.watch_drift else None, urls=urls
+            config,
+            AsyncStore(disk),
+            connect,
+            watch if config.watch_drift else None,
+            urls=HttpBlobs if config.blob_urls or config.blob_base_url else None,
+            metrics=metrics,
+            measure_disk=measure,
         )
 
     @property
@@ -201,6 +229,8 @@ class Agent:
             removed = await self.store.cleanup_temp()
             if removed:
                 log.info("removed %d leftover temp entries from an earlier run", removed)
+            self.started.set()
+            self._sample_disk()
             client = self._connect()
             urls = self._urls() if self._urls is not None else None
             try:
@@ -230,11 +260,9 @@ class Agent:
                     watcher = self._watch_drift(reconciler) if self._watch_drift else None
                     if watcher is not None:
                         await watcher.start()
-                    schedule = asyncio.create_task(self._gc_schedule(reconciler), name="spk-gc")
                     try:
                         await self._serve(client, reconciler, reconciler.start())
                     finally:
-                        schedule.cancel()
                         self._retry.cancel()
                         if watcher is not None:
                             await watcher.stop()
@@ -248,10 +276,28 @@ class Agent:
     ) -> None:
         """Feed the worker from the refresh stream until either of them ends."""
         stream = asyncio.create_task(self._stream_loop(client, reconciler), name="spk-refresh")
+        store_gc = self.config.store_gc
+        timers = [
+            asyncio.create_task(
+                self._gc_timer(reconciler, self.config.tree_gc_interval, False),
+                name="spk-tree-gc",
+            ),
+            asyncio.create_task(
+                self._gc_timer(
+                    reconciler, store_gc.interval_seconds if store_gc.enabled else 0, True
+                ),
+                name="spk-store-gc",
+            ),
+        ]
         try:
             await asyncio.wait({stream, worker}, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            for timer in timers:
+                timer.cancel()
             stream.cancel()
+            for timer in timers:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await timer
             with contextlib.suppress(asyncio.CancelledError):
                 await stream  # the stream loop ends only with an error: raised here
         error = None if worker.cancelled() else worker.exception()
@@ -265,17 +311,27 @@ class Agent:
                 exc_info=error,
             )
 
-    async def _gc_schedule(self, reconciler: Reconciler) -> None:
-        """Queue a store GC pass every interval; the reconcile worker runs it between syncs."""
-        policy = self.config.store_gc
-        if not policy.enabled or policy.interval_seconds <= 0:
+    @staticmethod
+    async def _gc_timer(reconciler: Reconciler, interval: float, store: bool) -> None:
+        """Queue a GC pass every interval (0: never); the reconcile worker runs it between
+        syncs. Tree GC is cheap and frequent; store GC walks blobs/ and pkgs/, so hourly."""
+        if interval <= 0:
             return
         while True:
-            await asyncio.sleep(policy.interval_seconds)
-            reconciler.request_gc()
+            await asyncio.sleep(interval)
+            reconciler.request_gc(store=store)
 
     def _on_result(self, result: ReconcileResult) -> None:
         self.last_result = result
+        structured = fields(
+            lockfile_hash=result.lockfile_hash,
+            sequence=self._sequences.get(result.lockfile_hash, 0),
+            environment=self.environment,
+            status=result.outcome.value,
+            duration_seconds=result.duration_ms / 1000,
+            blobs=result.blobs_pulled,
+            bytes=result.bytes_pulled,
+        )
         if result.ok:
             by_url = f", {result.blobs_by_url} from URLs" if result.blobs_by_url else ""
             fell_back = f", {result.url_fallbacks} fell back" if result.url_fallbacks else ""
@@ -293,11 +349,49 @@ class Agent:
                 result.bytes_pulled,
                 result.wheel_bytes,
                 result.duration_ms,
+                extra=structured,
             )
         else:
-            log.error("sync to %s failed: %s", result.lockfile_hash[:12], result.error)
+            log.error(
+                "sync to %s failed: %s",
+                result.lockfile_hash[:12],
+                result.error,
+                extra={**structured, "error": result.error},
+            )
+        if self.metrics is not None:
+            self._count(self.metrics, result)
+        if self.on_result is not None:
+            self.on_result(result)
         if self._retry is not None:
             self._retry.on_result(result)
+
+    def _count(self, metrics: AgentMetrics, result: ReconcileResult) -> None:
+        metrics.record(result, self._clock())
+        if result.outcome in (Outcome.FLIPPED, Outcome.ALREADY_CURRENT):
+            h = result.lockfile_hash
+            metrics.current(h, self.environment, self._sequences.get(h, 0), converged=True)
+        elif result.outcome is Outcome.FAILED and not result.drift_repair:
+            metrics.converged.set(0)
+        if result.outcome is not Outcome.INTACT:
+            self._sample_disk()
+
+    def _sample_disk(self) -> None:
+        """Measure the data dir in a thread, one measurement at a time (after syncs only)."""
+        metrics, measure = self.metrics, self._measure_disk
+        if metrics is None or measure is None:
+            return
+        if self._measuring is not None and not self._measuring.done():
+            return
+
+        async def run() -> None:
+            try:
+                usage = await measure()
+            except Exception as exc:  # a metric is not worth failing anything for
+                log.debug("measuring the data dir failed: %s", exc)
+                return
+            metrics.disk(usage.areas, usage.current_tree_bytes, usage.trees)
+
+        self._measuring = asyncio.ensure_future(run())
 
     async def _manifest_verifier(self, client: CoreConnection) -> Callable[[Manifest], None]:
         pem = self.config.signing_key_pem
@@ -343,14 +437,28 @@ class Agent:
                     if not self.connected.is_set():
                         log.info("connected to core %s", self.config.core)
                         self.connected.set()
+                        if self.metrics is not None:
+                            self.metrics.stream_connected.set(1)
                     backoff.reset()
+                    if self.metrics is not None:
+                        self.metrics.unserved.set(1 if desired.unserved else 0)
+                        if desired.unserved:  # it keeps its tree, but runs no desired release
+                            self.metrics.converged.set(0)
                     if desired.unserved:
                         await self._unserved(desired.unserved)
                         continue
                     if desired.environment and desired.environment != self.environment:
-                        log.info("served by the core's environment %s", desired.environment)
+                        log.info(
+                            "served by the core's environment %s",
+                            desired.environment,
+                            extra=fields(environment=desired.environment),
+                        )
                     self.environment = desired.environment
                     self.unserved = ""
+                    if desired.lockfile_hash:
+                        self._sequences[desired.lockfile_hash] = desired.sequence
+                    if self.metrics is not None and desired.lockfile_hash != current:
+                        self.metrics.converged.set(0)
                     reconciler.request(desired.lockfile_hash)
                 log.info("core closed the refresh stream; reconnecting")
             except Unauthenticated as exc:
@@ -360,6 +468,9 @@ class Agent:
                 log.warning("refresh stream lost: %s", exc)
             self.connected.clear()
             self.reconnects += 1
+            if self.metrics is not None:
+                self.metrics.stream_connected.set(0)
+                self.metrics.reconnects.inc()
             await asyncio.sleep(backoff.next_delay())
 
     async def _unserved(self, reason: str) -> None:

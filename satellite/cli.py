@@ -14,9 +14,11 @@ from pathlib import Path
 from satellite import editor, runner
 from satellite.host_policy import host_policy_path, install_host_policy, load_host_policy
 from satellite.run_outcome import RunLog, describe_record, follow_run_log
+from satellite.run_stats import counted_run
 from satellite.store import SatelliteStore
 from shared.cli import run_command
 from shared.errors import SpkError
+from shared.logs import FORMATS
 
 DEFAULT_DATA_DIR = Path("spk-satellite-data")
 log = logging.getLogger("satellite.cli")
@@ -47,6 +49,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     agent.add_argument(
         "--tree-grace", type=float, default=3600.0, help="seconds a superseded tree is kept"
+    )
+    agent.add_argument(
+        "--tree-gc-interval",
+        type=float,
+        default=60.0,
+        help="seconds between tree GC passes besides the one after each flip (0: only those)",
     )
     agent.add_argument("--no-drift-watch", action="store_true", help="disable drift repair")
     agent.add_argument(
@@ -108,7 +116,13 @@ def _parser() -> argparse.ArgumentParser:
     agent.add_argument(
         "--no-store-gc", action="store_true", help="never delete blobs or unpacked packages"
     )
+    agent.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)",
+    )
     agent.add_argument("--log-level", default="INFO")
+    agent.add_argument("--log-format", choices=FORMATS, default="text", help="default text")
 
     run = sub.add_parser(
         "run",
@@ -195,8 +209,12 @@ def _print_env(name: str, as_json: bool) -> None:
 async def _agent(args: argparse.Namespace) -> int:
     import asyncio
 
-    from satellite.agent import Agent, AgentConfig  # grpc and asyncio: `run` need not pay them
-    from satellite.sync import StoreGcPolicy
+    # grpc, asyncio and prometheus_client: `run` need not pay for them
+    from satellite.agent import Agent, AgentConfig
+    from satellite.metrics import AgentMetrics
+    from satellite.sync import ReconcileResult, StoreGcPolicy
+    from shared.metrics_http import MetricsServer
+    from shared.sd_notify import Notifier
 
     if args.policy_file is not None:
         installed = install_host_policy(args.data_dir, args.policy_file)
@@ -226,6 +244,7 @@ async def _agent(args: argparse.Namespace) -> int:
         client_cert=_read(args.client_cert, "--client-cert") if args.client_cert else None,
         client_key=_read(args.client_key, "--client-key") if args.client_key else None,
         tree_grace_seconds=args.tree_grace,
+        tree_gc_interval=args.tree_gc_interval,
         watch_drift=not args.no_drift_watch,
         retry_base=args.retry_base,
         retry_cap=args.retry_cap,
@@ -240,15 +259,42 @@ async def _agent(args: argparse.Namespace) -> int:
             interval_seconds=max(0.0, args.store_gc_interval),
         ),
     )
-    agent = Agent.from_config(config)
+    metrics = AgentMetrics() if args.metrics_listen else None
+    served = MetricsServer.start(args.metrics_listen, metrics.registry) if metrics else None
+    if served is not None:
+        logging.getLogger(__name__).info("metrics on %s", served.url)
+    agent = Agent.from_config(config, metrics=metrics)
+    notifier = Notifier.from_environ()
+    if notifier.active:
+
+        def show(result: ReconcileResult) -> None:  # `systemctl status` shows the last sync
+            verb = "synced" if result.ok else "sync failed:"
+            notifier.status(
+                f"{verb} {result.lockfile_hash[:12] or '(nothing desired)'}"
+                + ("" if result.ok else f" {result.error[:200]}")
+            )
+
+        agent.on_result = show
     loop = asyncio.get_running_loop()
     task = agent.start()
     # Runs record their outcome in the data dir; the agent's log carries them (run_outcome.py).
     runs = asyncio.create_task(follow_run_log(args.data_dir, logging.getLogger("satellite.runs")))
+
+    def stop() -> None:
+        notifier.stopping()
+        task.cancel()  # shutdown(): cancel the run, which unwinds
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, task.cancel)  # shutdown(): cancel the run, which unwinds
+        loop.add_signal_handler(sig, stop)
+
+    async def ready() -> None:
+        await agent.started.wait()  # the data dir is locked and clean; syncing starts
+        notifier.ready(f"syncing from {args.core}")
+
+    announce = asyncio.create_task(ready())
     try:
-        await task
+        async with notifier.watchdog():
+            await task
     except asyncio.CancelledError:  # shut down by a signal
         pass
     except Exception as exc:
@@ -257,8 +303,11 @@ async def _agent(args: argparse.Namespace) -> int:
         return 1  # the agent logged it with its traceback; a supervisor restarts us
     finally:
         runs.cancel()
+        announce.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await runs
+        if served is not None:
+            await asyncio.to_thread(served.close)
     return 0
 
 
@@ -313,7 +362,10 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         if sandbox is None and args.sandbox:
             sandbox = ""
         store = SatelliteStore(args.data_dir)
-        return runner.run_script(store, args.script, script_args, sandbox=sandbox)
+        return counted_run(  # counted for the agent's /metrics (satellite/run_stats.py)
+            store.root,
+            lambda: runner.run_script(store, args.script, script_args, sandbox=sandbox),
+        )
     elif args.command == "env" and args.paths:
         editor.print_paths(SatelliteStore(args.data_dir), args.json)  # satellite/editor.py
     elif args.command == "env":
@@ -345,7 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(split_sandbox_value(sys.argv[1:] if argv is None else argv))
     logging.getLogger("watchdog").setLevel(logging.INFO)  # its DEBUG logs every inotify event
     level = getattr(args, "log_level", "WARNING")
-    return run_command("spk-satellite", level, lambda: _dispatch(args))
+    log_format = getattr(args, "log_format", "text")
+    return run_command("spk-satellite", level, lambda: _dispatch(args), log_format)
 
 
 if __name__ == "__main__":

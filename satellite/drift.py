@@ -21,6 +21,7 @@ import contextlib
 import errno
 import logging
 import os
+import warnings
 from collections.abc import Callable
 from typing import Protocol
 
@@ -30,6 +31,14 @@ from watchdog.observers import Observer
 from satellite.store.data_dir import SatelliteStore
 
 log = logging.getLogger(__name__)
+# watchdog (7.x) shares one inotify fd per process; when a tree is renamed into place it adds
+# watches for directories whose inodes it already watches, and warns "Callback with id ...
+# already exists for watch ... It will be Overwritten" with the whole watch in the text (up to
+# 25 KB a line, on every sync of a real package set). Re-adding our own callback is harmless.
+# Its twin on removal ("... does not exist for watch ... cannot be removed") is as harmless.
+warnings.filterwarnings(
+    "ignore", message=r"Callback with id .* for watch ", category=RuntimeWarning
+)
 DEBOUNCE_SECONDS = 0.5
 # Events that mean content or names changed; reads (opened, closed_no_write) do not count.
 _CHANGES = {"created", "deleted", "modified", "moved", "closed"}

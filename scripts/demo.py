@@ -51,6 +51,13 @@ def wait_for(what: str, check, timeout: float = 300.0):  # type: ignore[no-untyp
     raise SystemExit(f"timed out waiting for {what}")
 
 
+def _current_hash(sat_dir: Path) -> str | None:
+    try:
+        return Path(os.readlink(sat_dir / "current")).name
+    except OSError:
+        return None
+
+
 def main() -> int:
     DEMO.mkdir(exist_ok=True)
     token_file = DEMO / "admin.token"
@@ -149,6 +156,9 @@ def main() -> int:
                 env=env,
             ).stdout
         )
+        # What this run has to do: a data dir left by an earlier run may already hold the tree.
+        before = _current_hash(sat_dir)
+        started_at = time.time()
         step(
             "starting the satellite agent"
             " (data dir spk-demo/satellite, log spk-demo/logs/satellite.log)"
@@ -176,20 +186,27 @@ def main() -> int:
                 apb.ListSatellitesRequest(), metadata=md, timeout=10
             ).satellites
             sat = next((s for s in sats if s.name == "demo-host"), None)
-            if sat and sat.status == "error":
+            # Only what this agent reported counts: the row keeps an earlier run's status.
+            if sat is None or not sat.connected or sat.last_seen_unix < int(started_at):
+                return None
+            if sat.status == "error":
                 raise SystemExit(f"satellite reported an error: {sat.error}")
             return (
-                sat
-                if sat and sat.current_hash == state.lockfile_hash and sat.status == "ready"
-                else None
+                sat if sat.current_hash == state.lockfile_hash and sat.status == "ready" else None
             )
 
         sat = wait_for("the satellite to converge", converged, 120)
-        print(
-            f"  satellite demo-host is at {sat.current_hash[:16]}…"
-            f" (last sync pulled {sat.last_pull_blobs} blobs, {sat.last_pull_bytes} bytes"
-            f" in {sat.last_duration_ms} ms)"
-        )
+        if before == state.lockfile_hash:
+            print(
+                f"  satellite demo-host already had {sat.current_hash[:16]}… from an earlier"
+                " run: nothing to pull this time"
+            )
+        else:
+            print(
+                f"  satellite demo-host is at {sat.current_hash[:16]}…"
+                f" (this sync pulled {sat.last_pull_blobs} blobs, {sat.last_pull_bytes} bytes"
+                f" in {sat.last_duration_ms} ms)"
+            )
 
         script = DEMO / "hello.py"
         script.write_text(SCRIPT)

@@ -147,7 +147,7 @@ def test_the_cli_exits_non_zero_when_the_worker_dies(
     (tmp_path / "token").write_text("t\n")
     (tmp_path / "key.pem").write_text(core.public_pem)
 
-    def from_config(config: AgentConfig) -> Agent:
+    def from_config(config: AgentConfig, metrics: object = None) -> Agent:
         core.desire(manifest.lockfile_hash)
         return Agent(config, _GoneForTheWorker(), lambda: core)
 

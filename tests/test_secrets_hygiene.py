@@ -1,5 +1,6 @@
-"""Canary secrets (registry token, admin token, satellite token) never leak: not in logs, error
-messages, any process's argv during an install or a sync, nor in plaintext in either data dir."""
+"""Canary secrets (registry token, admin token, satellite token) never leak: not in logs (text and
+JSON), error messages, metrics, any process's argv during an install or a sync, nor in plaintext
+in either data dir."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import grpc
 from shared.proto.scriptpkgs.v1 import admin_pb2 as apb
 from tests.core_process import CoreProcess, eventually
 from tests.index_server import PackageIndex
+from tests.prometheus_server import metrics_url, scrape
 from tests.satellite_process import SatelliteProcess
 from tests.wheelfactory import WheelSpec, build_wheel
 
@@ -60,8 +62,11 @@ def test_canaries_never_leak(tmp_path: Path, wheel_dir: Path) -> None:
     build_wheel(WheelSpec("beta", "1.0"), wheel_dir)
     errors: list[str] = []
     with PackageIndex(wheel_dir, token=REGISTRY_CANARY) as index:
-        core = CoreProcess(tmp_path / "core", admin_token=ADMIN_CANARY).start()
+        core = CoreProcess(tmp_path / "core", admin_token=ADMIN_CANARY)
+        core.extra_args = ["--log-format", "json", "--metrics-listen", "127.0.0.1:0"]
+        core.start()
         sat: SatelliteProcess | None = None
+        scrapes: list[str] = []
         try:
             admin = core.admin(token=ADMIN_CANARY)
             admin.SetRegistryConfig(
@@ -78,7 +83,10 @@ def test_canaries_never_leak(tmp_path: Path, wheel_dir: Path) -> None:
                 )
                 state = admin.install_and_wait()
                 assert state.status == apb.INSTALL_STATUS_READY, state.error
-                sat = SatelliteProcess(core, "sat-canary", tmp_path).register()
+                sat = SatelliteProcess(
+                    core, "sat-canary", tmp_path, "--log-format", "json", "--metrics-listen",
+                    "127.0.0.1:0",
+                ).register()  # fmt: skip
                 sat_token = sat.token_file.read_text()
                 sat.start()
                 eventually(lambda: sat is not None and sat.current() == state.lockfile_hash, 60)
@@ -89,6 +97,10 @@ def test_canaries_never_leak(tmp_path: Path, wheel_dir: Path) -> None:
                     errors.append(exc.details() or "")
             errors.append(str(admin.GetRegistryConfig()))
             errors.append(str(admin.ListSatellites()))
+            for log_text in (core.log(), sat.log()):
+                url = metrics_url(log_text)
+                assert url is not None, log_text[-2000:]
+                scrapes.append(scrape(url))
         finally:
             if sat is not None:
                 sat.stop()
@@ -100,7 +112,26 @@ def test_canaries_never_leak(tmp_path: Path, wheel_dir: Path) -> None:
     leaks += [f"error: {e[:120]}" for e in errors for c in canaries if c in e]
     leaks += [f"core log: {c}" for c in canaries if c in core.log()]
     leaks += [f"satellite log: {c}" for c in canaries if sat and c in sat.log()]
+    leaks += [f"metrics: {c}" for c in canaries for text in scrapes if c in text]
+    assert len(scrapes) == 2 and all("spk_" in text for text in scrapes)
+    assert core.log().startswith("{") and sat is not None and sat.log().startswith("{")
     leaks += _plaintext_hits(core.data_dir, canaries)
     if sat is not None:
         leaks += _plaintext_hits(sat.data_dir, canaries)
     assert not leaks, leaks
+
+
+def test_secrets_come_from_systemd_credentials(tmp_path: Path) -> None:
+    """LoadCredential=SPK_ADMIN_TOKEN:... puts the token in a file of $CREDENTIALS_DIRECTORY;
+    the core reads it there, so the environment need not hold it."""
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    (creds / "SPK_ADMIN_TOKEN").write_text(ADMIN_CANARY + "\n")
+    env = {"SPK_ADMIN_TOKEN": "", "CREDENTIALS_DIRECTORY": str(creds)}
+    core = CoreProcess(tmp_path / "core", env=env, admin_token=ADMIN_CANARY).start()
+    try:
+        assert core.admin(token=ADMIN_CANARY).ListPackages().packages == []
+        environ = Path(f"/proc/{core.proc.pid}/environ").read_bytes() if core.proc else b""
+        assert ADMIN_CANARY.encode() not in environ
+    finally:
+        core.stop()

@@ -6,15 +6,17 @@ status codes, so servicers stay thin and never build statuses by hand.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import ipaddress
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from core.api.request_limits import check_request
 from core.api.status import status_code
 from core.state import fleet
 from core.state.db import Database
@@ -119,6 +121,7 @@ def _wrap(
             token = None
             try:
                 token = _identity.set(await authenticate(context))
+                check_request(request)
                 return await inner_uu(request, context)
             except grpc.aio.AbortError:
                 raise
@@ -126,27 +129,37 @@ def _wrap(
                 await fail(context, exc)
             finally:
                 if token is not None:
-                    _identity.reset(token)
+                    _identity.reset(token)  # a unary handler ends in the task it began in
 
         return grpc.unary_unary_rpc_method_handler(
             unary_unary, handler.request_deserializer, handler.response_serializer
         )
+
+    async def authenticate_or_abort(context: Ctx) -> Identity:
+        try:
+            return await authenticate(context)
+        except Exception as exc:
+            await fail(context, exc)
+            raise  # pragma: no cover - fail() always aborts
+
     if handler.unary_stream is not None:
-        inner_us: Callable[..., AsyncIterator[Any]] = handler.unary_stream  # type: ignore[assignment]
+        inner_us: Callable[..., AsyncGenerator[Any, None]] = handler.unary_stream  # type: ignore[assignment]
 
         async def unary_stream(request: Any, context: Ctx) -> Any:
-            token = None
+            # No reset of the identity here: a stream whose client went away (an agent killed
+            # mid-download) may be closed by asyncio's async-generator finalizer in another
+            # task, where reset() raises "created in a different Context" ("Task exception was
+            # never retrieved"). Each RPC runs in its own task, so the value dies with it.
+            _identity.set(await authenticate_or_abort(context))
             try:
-                token = _identity.set(await authenticate(context))
-                async for item in inner_us(request, context):
-                    yield item
+                check_request(request)
+                async with contextlib.aclosing(inner_us(request, context)) as stream:
+                    async for item in stream:
+                        yield item
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
                 await fail(context, exc)
-            finally:
-                if token is not None:
-                    _identity.reset(token)
 
         return grpc.unary_stream_rpc_method_handler(
             unary_stream, handler.request_deserializer, handler.response_serializer

@@ -13,6 +13,7 @@ import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from core.api.auth import current_identity
+from core.api.metrics import CoreMetrics
 from core.fanout.hub import Hub
 from core.state import fleet, lockfiles
 from core.state.db import Database, database_proxy
@@ -27,6 +28,7 @@ from shared.errors import (
     Unauthenticated,
     Unavailable,
 )
+from shared.logs import fields
 from shared.names import check_lockfile_hash, check_sha256
 from shared.proto.scriptpkgs.v1 import common_pb2, distribution_pb2_grpc
 from shared.proto.scriptpkgs.v1 import distribution_pb2 as pb
@@ -141,9 +143,11 @@ class DistributionService(distribution_pb2_grpc.PackageDistributionServicer):
         limits: ClientLimits | None = None,
         urls: BlobUrls | None = None,
         deltas: DeltaService | None = None,
+        metrics: CoreMetrics | None = None,
     ) -> None:
         limits = limits or ClientLimits()
         self._deltas = deltas
+        self._metrics = metrics
         self._downloads = _Counter(limits.max_downloads, "blob downloads")
         self._subscriptions = _Counter(limits.max_subscriptions, "refresh streams")
         self._db = db
@@ -171,11 +175,18 @@ class DistributionService(distribution_pb2_grpc.PackageDistributionServicer):
         )
         with self._subscriptions.enter(name):
             subscription = self._hub.subscribe(name, host)
-            log.info("satellite %s subscribed", name)
+            log.info("satellite %s subscribed", name, extra=fields(satellite=name))
+            if self._metrics is not None:
+                self._metrics.subscriptions.inc()
             try:
                 async for offer in subscription.values():
                     if offer.unserved:
-                        log.warning("satellite %s is unserved: %s", name, offer.unserved)
+                        log.warning(
+                            "satellite %s is unserved: %s",
+                            name,
+                            offer.unserved,
+                            extra=fields(satellite=name, status="unserved"),
+                        )
                     yield pb.Refresh(
                         lockfile_hash=offer.lockfile_hash,
                         environment=offer.environment,
@@ -183,7 +194,9 @@ class DistributionService(distribution_pb2_grpc.PackageDistributionServicer):
                         unserved_reason=offer.unserved,
                     )
             finally:
-                log.info("satellite %s unsubscribed", name)
+                if self._metrics is not None:
+                    self._metrics.subscriptions.dec()
+                log.info("satellite %s unsubscribed", name, extra=fields(satellite=name))
         if subscription.revoked:
             raise Unauthenticated("satellite token revoked")
         if subscription.closed:
@@ -205,6 +218,18 @@ class DistributionService(distribution_pb2_grpc.PackageDistributionServicer):
     async def _stream_blob(self, request: pb.DownloadBlobRequest) -> AsyncIterator[pb.BlobChunk]:
         sha = check_sha256(request.sha256)
         offset = request.offset
+        metrics = self._metrics
+        if metrics is not None:
+            metrics.blob_downloads.inc()
+            if offset:
+                metrics.blob_resumes.inc()
+                log.info(
+                    "satellite %s resumes blob %s at offset %d",
+                    current_identity().name,
+                    sha[:12],
+                    offset,
+                    extra=fields(satellite=current_identity().name, blob=sha, offset=offset),
+                )
         # Size, open and the first chunk in one thread hop: most blobs are one chunk, and each
         # hop costs event-loop work that a 200-agent fan-out multiplies (docs/benchmarks.md).
         total, reader, data = await asyncio.to_thread(self._open_blob, sha, offset)
@@ -213,6 +238,9 @@ class DistributionService(distribution_pb2_grpc.PackageDistributionServicer):
         chunk = CHUNK_SIZE
         try:
             while data:
+                if metrics is not None:  # once per read-ahead batch, not per chunk
+                    metrics.blob_bytes.inc(len(data))
+                    metrics.blob_chunks.inc(-(-len(data) // chunk))
                 for start in range(0, len(data), chunk):
                     piece = data[start : start + chunk]
                     yield pb.BlobChunk(data=piece, offset=offset, total_size=total)
@@ -256,6 +284,8 @@ class DistributionService(distribution_pb2_grpc.PackageDistributionServicer):
             request.patches_used,
         )
         await self._reports.record(current_identity().name, report)
+        if self._metrics is not None:
+            self._metrics.sync_reports.labels(status).inc()
         return pb.ReportSyncStateResponse()
 
     async def GetSigningKey(self, request: pb.GetSigningKeyRequest, context: Ctx) -> pb.SigningKey:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from core.app import release_cli
+from core.app import fleet_view, release_cli
 from shared.errors import InvalidArgument, SpkError
 from shared.proto.scriptpkgs.v1 import admin_pb2 as pb
 from shared.proto.scriptpkgs.v1 import admin_pb2_grpc, common_pb2
@@ -51,7 +52,21 @@ def add_parser(sub: Any) -> None:
 
     install = cmd.add_parser("install", help="InstallNow, then follow it until it settles")
     install.add_argument("--no-wait", action="store_true")
+    install.add_argument(
+        "--wait-fleet",
+        action="store_true",
+        help="then follow the fleet until every satellite runs the new release",
+    )
+    install.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        help="with --wait-fleet: seconds to wait for the fleet (default 600)",
+    )
     cmd.add_parser("state")
+    cmd.add_parser(
+        "status", help="one screen: desired release, install, fleet, storage, migration, GC"
+    )
     man = cmd.add_parser("manifest", help="a manifest by hash, or an environment's desired one")
     man.add_argument("hash", nargs="?", default="")
     man.add_argument("--environment", default="", help="default: the default environment")
@@ -208,11 +223,7 @@ def _summary(reply: Message) -> str:
             f"{p.name}=={p.version}{'' if p.enabled else '  (disabled)'}" for p in reply.packages
         )
     if isinstance(reply, pb.ListSatellitesResponse):
-        return "\n".join(
-            f"{s.name:<20} {'up' if s.connected else 'down':<5} {s.environment or '-':<12} "
-            f"{s.status:<8} {(s.current_hash or '-')[:12]:<12} {s.error}"
-            for s in reply.satellites
-        )
+        return fleet_view.satellites_table(reply, time.time())
     if isinstance(reply, pb.ListEnvironmentsResponse):
         return "\n".join(_env_line(e) for e in reply.environments)
     if isinstance(reply, common_pb2.Environment):
@@ -343,25 +354,54 @@ def _request(args: argparse.Namespace) -> tuple[str, Message]:
     raise InvalidArgument("command", f"unknown admin command {c} {op or ''}".strip())
 
 
+def _status(admin: _Admin, as_json: bool) -> int:
+    replies = fleet_view.collect_status(admin)
+    print(
+        fleet_view.status_json(replies)
+        if as_json
+        else fleet_view.status_screen(replies, time.time())
+    )
+    return 0
+
+
+def _install(admin: _Admin, args: argparse.Namespace, reply: Any) -> int:
+    """Follow WatchInstall to its end; with --wait-fleet, then the fleet."""
+    for state in admin.stream("WatchInstall", pb.WatchInstallRequest()):
+        if not args.json:
+            print(_install_line(state), flush=True)
+        reply = state
+    if args.json:
+        print(json_format.MessageToJson(reply, preserving_proto_field_name=True))
+    if reply.status != pb.INSTALL_STATUS_READY:
+        return 1
+    if not args.wait_fleet:
+        return 0
+    return fleet_view.wait_fleet(
+        lambda: admin("ListSatellites", pb.ListSatellitesRequest()),
+        args.timeout,
+        out=sys.stderr if args.json else sys.stdout,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
-    """Returns the exit code: 0 ok, 1 a refused call or a failed install."""
+    """Returns the exit code: 0 ok, 1 a refused call, a failed install or a fleet that did not
+    converge in time (--wait-fleet)."""
     if args.admin_command in release_cli.COMMANDS:
         with _channel(args) as channel:
             stub = admin_pb2_grpc.PackageAdminStub(channel)
             return release_cli.run(args, _Admin(stub, _token(args)))
-    method, request = _request(args)
+    if args.admin_command == "status":
+        method, request = "", None
+    else:
+        method, request = _request(args)
     with _channel(args) as channel:
         admin = _Admin(admin_pb2_grpc.PackageAdminStub(channel), _token(args))
         try:
+            if request is None:
+                return _status(admin, args.json)
             reply = admin(method, request)
             if method == "InstallNow" and not args.no_wait:
-                for state in admin.stream("WatchInstall", pb.WatchInstallRequest()):
-                    if not args.json:
-                        print(_install_line(state), flush=True)
-                    reply = state
-                if args.json:
-                    print(json_format.MessageToJson(reply, preserving_proto_field_name=True))
-                return 0 if reply.status == pb.INSTALL_STATUS_READY else 1
+                return _install(admin, args, reply)
         except grpc.RpcError as exc:
             print(f"spk-core admin: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1

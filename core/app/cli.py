@@ -22,11 +22,25 @@ from core.storage.blob_urls import BlobUrlPolicy
 from core.storage.delta_plan import DeltaPolicy
 from core.storage.gc import GcPolicy
 from shared.cli import run_command
+from shared.credentials import environ_with_credentials
 from shared.errors import SpkError
+from shared.logs import FORMATS
+from shared.metrics_http import parse_listen
+from shared.sd_notify import Notifier
 from shared.signing import public_key_pem
 from shared.tree_content import TreeContentPolicy
 
 log = logging.getLogger("spk-core")
+# The secrets `spk-core serve` reads from the environment, or from systemd credentials of the same
+# name (docs/operations.md): the bootstrap admin token, the secret key, a Postgres URL with its
+# password, and the S3 keys.
+CREDENTIALS = (
+    "SPK_ADMIN_TOKEN",
+    "SPK_SECRET_KEY",
+    "SPK_DATABASE_URL",
+    "SPK_S3_ACCESS_KEY_ID",
+    "SPK_S3_SECRET_ACCESS_KEY",
+)
 T = TypeVar("T", int, float)
 
 
@@ -159,7 +173,13 @@ def _parser() -> argparse.ArgumentParser:
         default=20.0,
         help="how long a satellite's GetDeltas waits for a patch being computed (default 20)",
     )
+    serve.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)",
+    )
     serve.add_argument("--log-level", default="INFO")
+    serve.add_argument("--log-format", choices=FORMATS, default="text", help="default text")
 
     tok = sub.add_parser("admin-token", help="manage admin tokens")
     tok_sub = tok.add_subparsers(dest="action", required=True)
@@ -259,11 +279,15 @@ async def _migrate_offline(args: argparse.Namespace) -> int:
 
 
 async def _serve(args: argparse.Namespace) -> None:
+    # Secrets may come as systemd credentials (LoadCredential=NAME:path) instead of variables.
+    environ = environ_with_credentials(CREDENTIALS)
+    if args.metrics_listen:
+        parse_listen(args.metrics_listen)  # a typo fails before the data dir is touched
     config = CoreConfig(
         data_dir=args.data_dir,
         listen=args.listen,
-        database_url=args.database_url,
-        bootstrap_admin_token=os.environ.get(tokens.BOOTSTRAP_ENV) or None,
+        database_url=args.database_url or environ.get("SPK_DATABASE_URL") or None,
+        bootstrap_admin_token=environ.get(tokens.BOOTSTRAP_ENV) or None,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
@@ -282,8 +306,11 @@ async def _serve(args: argparse.Namespace) -> None:
         content=TreeContentPolicy.allowing(args.allow_pth),
         audit_interval_seconds=round(args.audit_interval_hours * 3600),
         deltas=_delta_policy(args),
+        metrics_listen=args.metrics_listen,
+        environ=environ,
     )
     core = CoreServer(config)
+    notifier = Notifier.from_environ()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()  # a signal only sets it: the stop itself runs in this task
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -293,7 +320,11 @@ async def _serve(args: argparse.Namespace) -> None:
             tmp = args.port_file.with_suffix(".tmp")
             tmp.write_text(str(core.port))
             tmp.replace(args.port_file)
-        await stop.wait()
+        # Schema and storage migrations ran in start(): systemd may send traffic now.
+        notifier.ready(f"serving on port {core.port}")
+        async with notifier.watchdog():
+            await stop.wait()
+        notifier.stopping("draining calls")
         log.info("stopping: draining calls (health NOT_SERVING)")
     log.info("core stopped")
 
@@ -338,7 +369,8 @@ def _dispatch(args: argparse.Namespace) -> int | None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     level = getattr(args, "log_level", "INFO")
-    return run_command("spk-core", level, lambda: _dispatch(args))
+    log_format = getattr(args, "log_format", "text")
+    return run_command("spk-core", level, lambda: _dispatch(args), log_format)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -21,8 +21,9 @@ from grpc_reflection.v1alpha import reflection_pb2 as refl_pb2
 from core.api.admin_service import AdminService
 from core.api.auth import AuthInterceptor, TransportPolicy
 from core.api.distribution_service import DistributionService
+from core.api.metrics import CoreMetrics
 from core.api.release_tools import ReleaseTools
-from core.api.storage_service import StorageOps
+from core.app.metrics_runtime import MetricsSampler, MetricsServer
 from core.app.storage_runtime import StorageRuntime
 from core.fanout import notify
 from core.fanout.desired import load_desired
@@ -48,7 +49,10 @@ from shared.proto.scriptpkgs.v1 import (
 from shared.tree_content import DEFAULT_CONTENT_POLICY, TreeContentPolicy
 
 log = logging.getLogger(__name__)
-MAX_MESSAGE = 4 * 1024 * 1024
+# gRPC's receive limit. Generous on purpose: a request over it gets RESOURCE_EXHAUSTED without a
+# word about which field; below it, core/api/request_limits.py refuses anything over 1 MiB (or a
+# string over 64 KiB) with INVALID_ARGUMENT naming the field.
+MAX_RECEIVE = 16 * 1024 * 1024
 SERVICE_NAMES = (
     admin_pb2.DESCRIPTOR.services_by_name["PackageAdmin"].full_name,
     distribution_pb2.DESCRIPTOR.services_by_name["PackageDistribution"].full_name,
@@ -84,6 +88,11 @@ class CoreConfig:
         """Postgres: other core instances may serve the same fleet from the same state."""
         return (self.database_url or "").startswith(("postgres://", "postgresql://"))
 
+    metrics_listen: str | None = None  # HOST:PORT for /metrics; None: no metrics endpoint
+    # Where SPK_SECRET_KEY and the SPK_S3_* settings are read from: the environment merged with
+    # systemd credentials (shared/credentials.py) by the CLI; None: os.environ.
+    environ: Mapping[str, str] | None = field(default=None, repr=False)
+
 
 def server_credentials(config: CoreConfig) -> grpc.ServerCredentials | None:
     if config.tls_cert is None and config.tls_key is None:
@@ -115,6 +124,25 @@ def _add_reflection_v1(server: grpc.aio.Server, servicer: Any) -> None:
         },
     )
     server.add_generic_rpc_handlers((handler,))
+
+
+def _registered_methods() -> list[tuple[str, str]]:
+    """(full method, grpc_type) of every method of our services, health and reflection."""
+    kinds = {
+        (False, False): "unary",
+        (False, True): "server_stream",
+        (True, False): "client_stream",
+        (True, True): "bidi_stream",
+    }
+    found = []
+    for file in (admin_pb2.DESCRIPTOR, distribution_pb2.DESCRIPTOR, health_pb2.DESCRIPTOR):
+        for service in file.services_by_name.values():
+            for m in service.methods:
+                kind = kinds[(m.client_streaming, m.server_streaming)]
+                found.append((f"/{service.full_name}/{m.name}", kind))
+    for name in (reflection.SERVICE_NAME, REFLECTION_V1):
+        found.append((f"/{name}/ServerReflectionInfo", "bidi_stream"))
+    return found
 
 
 def _log_failure(task: asyncio.Future[Any]) -> None:
@@ -155,6 +183,9 @@ class CoreServer:
         self.installer: Installer | None = None
         self.deltas: DeltaService | None = None
         self.storage: StorageRuntime | None = None
+        # Counted only when served: with metrics off no interceptor runs and no hook counts.
+        self.metrics = CoreMetrics() if config.metrics_listen else None
+        self.metrics_server: MetricsServer | None = None
 
     async def start(self) -> None:
         try:
@@ -167,7 +198,8 @@ class CoreServer:
         cfg = self.config
         stack = self._stack
         prepare_data_dir(cfg.data_dir)
-        box = SecretBox(load_or_create_key(cfg.data_dir))
+        environ = os.environ if cfg.environ is None else cfg.environ
+        box = SecretBox(load_or_create_key(cfg.data_dir, dict(environ)))
         self._db = db = Database(
             await asyncio.to_thread(open_database, cfg.data_dir, cfg.database_url)
         )
@@ -175,7 +207,7 @@ class CoreServer:
         if cfg.bootstrap_admin_token:
             await db.run(tokens.ensure_bootstrap_token, cfg.bootstrap_admin_token)
         self.storage = storage = await StorageRuntime.open(
-            db, cfg.data_dir, os.environ, shared=cfg.shares_state
+            db, cfg.data_dir, environ, shared=cfg.shares_state
         )
         stack.push_async_callback(storage.stop)
         # Under the installer lock: with Postgres, another instance may be installing right now.
@@ -203,11 +235,13 @@ class CoreServer:
             auditor=auditor,
             deltas=deltas,
         )
+        installer.observer = self.metrics
         stack.push_async_callback(installer.cancel)
         tools = ReleaseTools(db, box, auditor, store)
         storage_ops = storage.bind(self.hub, key, cfg.gc)
         await storage.migrator.resume_if_stuck()  # before serving, so no install can slip in
-        server = self._build_server(db, box, installer, storage_ops, store, key.public_key(), tools)
+        admin = AdminService(db, box, installer, self.hub, storage_ops, tools)
+        server = self._build_server(db, admin, store, key.public_key())
         credentials = server_credentials(cfg)
         try:
             if credentials is None:
@@ -227,6 +261,8 @@ class CoreServer:
             self._start_notify(cfg.database_url, db)
         storage.start_background()
         self._spawn(auditor.run_schedule(), "audit-schedule")
+        if self.metrics is not None and cfg.metrics_listen:
+            self._serve_metrics(self.metrics, cfg.metrics_listen, admin)
         log.info(
             "core listening on %s (port %d, %s), data dir %s",
             cfg.listen,
@@ -235,29 +271,36 @@ class CoreServer:
             cfg.data_dir,
         )
 
+    def _serve_metrics(self, metrics: CoreMetrics, listen: str, admin: AdminService) -> None:
+        self.metrics_server = served = MetricsServer.start(listen, metrics.registry)
+        self._stack.push_async_callback(asyncio.to_thread, served.close)
+        self._spawn(MetricsSampler(metrics, admin).run(), "metrics-sampler")
+        log.info("metrics on %s", served.url)
+
     def _build_server(
         self,
         db: Database,
-        box: SecretBox,
-        installer: Installer,
-        storage_ops: StorageOps,
+        admin: AdminService,
         store: StoreRegistry,
         public_key: Ed25519PublicKey,
-        tools: ReleaseTools,
     ) -> grpc.aio.Server:
         cfg = self.config
+        interceptors: list[grpc.aio.ServerInterceptor] = []
+        if self.metrics is not None:  # outermost: it sees the status every call ends with
+            interceptors.append(self.metrics.grpc.interceptor())
+        interceptors.append(
+            AuthInterceptor(
+                db,
+                TransportPolicy(
+                    allow_plaintext_tokens=cfg.insecure,
+                    require_client_cert=cfg.tls_client_ca is not None,
+                ),
+            )
+        )
         server = grpc.aio.server(
-            interceptors=[
-                AuthInterceptor(
-                    db,
-                    TransportPolicy(
-                        allow_plaintext_tokens=cfg.insecure,
-                        require_client_cert=cfg.tls_client_ca is not None,
-                    ),
-                )
-            ],
+            interceptors=interceptors,
             options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE),
+                ("grpc.max_receive_message_length", MAX_RECEIVE),
                 ("grpc.max_send_message_length", 2 * 1024 * 1024),
                 # Let agents ping every 10 s while idle so a dead peer is noticed; more is abuse.
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
@@ -267,9 +310,7 @@ class CoreServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        admin_pb2_grpc.add_PackageAdminServicer_to_server(
-            AdminService(db, box, installer, self.hub, storage_ops, tools), server
-        )
+        admin_pb2_grpc.add_PackageAdminServicer_to_server(admin, server)
         distribution_pb2_grpc.add_PackageDistributionServicer_to_server(
             DistributionService(
                 db,
@@ -278,6 +319,7 @@ class CoreServer:
                 public_key,
                 urls=BlobUrls(cfg.blob_urls, store),
                 deltas=self.deltas,
+                metrics=self.metrics,
             ),
             server,
         )
@@ -286,6 +328,8 @@ class CoreServer:
         refl = reflection.aio.ReflectionServicer(names)
         reflection.enable_server_reflection(names, server)
         _add_reflection_v1(server, refl)
+        if self.metrics is not None:
+            self.metrics.grpc.preregister(_registered_methods())
         return server
 
     async def _drain(self, server: grpc.aio.Server) -> None:

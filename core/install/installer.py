@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from packaging.utils import parse_wheel_filename
@@ -40,6 +41,7 @@ from core.storage.blobstore import BlobStore
 from core.storage.deltas import DeltaService
 from shared.environments import Environment, supported_tags
 from shared.errors import FailedPrecondition, IntegrityError, SpkError
+from shared.logs import fields as log_fields
 from shared.manifest import Manifest, ManifestEntry
 from shared.tags import native_platform
 from shared.tree_content import DEFAULT_CONTENT_POLICY, TreeContentPolicy
@@ -69,6 +71,15 @@ class _Built:
     warnings: dict[str, list[str]]
     # environment -> sha256 -> where it came from (exports name it; not part of the manifest)
     origins: dict[str, dict[str, Origin]] = field(default_factory=dict)
+
+
+class InstallObserver(Protocol):
+    """Told when an install starts and how it ended (core/api/metrics.py counts them)."""
+
+    def install_started(self) -> None: ...
+    def install_settled(self, result: str, seconds: float) -> None:
+        """`result` is ready or error; `seconds` the install's wall time."""
+        ...
 
 
 def check_fits(env: Environment, native: str, wheels: Sequence[LockedWheel]) -> None:
@@ -110,6 +121,8 @@ class Installer:
         self._content = content  # start-up hooks allowed (shared.tree_content)
         self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
+        self.observer: InstallObserver | None = None
+        self._phase = ""  # the last phase logged
 
     @property
     def running(self) -> bool:
@@ -147,10 +160,16 @@ class Installer:
         return state
 
     async def _run_holding(self, lease: Lease) -> None:
+        began = time.monotonic()
+        result = "error"
+        if self.observer is not None:
+            self.observer.install_started()
         try:
-            await self._run()
+            result = await self._run()
         finally:
             await lease.release()
+            if self.observer is not None:
+                self.observer.install_settled(result, time.monotonic() - began)
 
     async def wait(self) -> None:
         if self._task is not None:
@@ -176,11 +195,17 @@ class Installer:
 
     async def _set(self, **fields: object) -> InstallState:
         state = await self._db.run(lambda: update_state(**fields))
+        phase = fields.get("phase")
+        if isinstance(phase, str) and phase and phase != self._phase:
+            log.info("install phase %s", phase, extra=log_fields(phase=phase, status="installing"))
+        if isinstance(phase, str):
+            self._phase = phase
         event, self._changed = self._changed, asyncio.Event()
         event.set()
         return state
 
-    async def _run(self) -> None:
+    async def _run(self) -> str:
+        """Runs the install to its end; "ready" or "error" (recorded in the install state)."""
         progress: list[EnvProgress] = []
         try:
             built = await self._build(progress)
@@ -200,18 +225,25 @@ class Installer:
                     f"{e.name} {e.lockfile_hash[:12]} ({e.wheels} wheels)"
                     for e in state.environments
                 ),
+                extra=log_fields(
+                    sequence=state.release_sequence,
+                    lockfile_hash=state.lockfile_hash,
+                    status="ready",
+                ),
             )
+            return "ready"
         except asyncio.CancelledError:
             await self._fail(
                 progress, "the core stopped during this install; the previous release stays"
             )
             raise
         except SpkError as exc:
-            log.warning("install failed: %s", exc.message)
+            log.warning("install failed: %s", exc.message, extra=log_fields(status="error"))
             await self._fail(progress, exc.message)
         except Exception as exc:
-            log.exception("install failed unexpectedly")
+            log.exception("install failed unexpectedly", extra=log_fields(status="error"))
             await self._fail(progress, f"internal error: {type(exc).__name__}; see the core log")
+        return "error"
 
     async def _fail(self, progress: list[EnvProgress], message: str) -> None:
         # The environment that failed says "error" already; the others were not published

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from core.fanout.desired import load_desired
 from core.fanout.hub import Hub
-from core.install.install_state import EnvProgress, update_state
+from core.install.install_state import EnvProgress, read_state, update_state
 from core.state import releases
 from core.state.db import Database, database_proxy, now
 from core.state.lockfiles import get_manifest
@@ -68,6 +68,25 @@ def make_desired(sequence: int, key: Ed25519PrivateKey) -> releases.ReleaseView:
     return release
 
 
+def confirm_desired(release: releases.ReleaseView) -> None:
+    """The install state says `ready` on `release` (the desired one), without a stale error."""
+    state = read_state()
+    if state.status != "error":
+        return
+    envs = [(name, get_manifest(h)) for name, h in release.manifests]
+    update_state(
+        status="ready",
+        attempted_hash=state.lockfile_hash,
+        warnings=[],
+        error="",
+        phase="",
+        environments=[
+            EnvProgress(name, "ready", m.lockfile_hash, len(m.entries), m.total_size)
+            for name, m in envs
+        ],
+    )
+
+
 async def rollback(
     lockfile_hash: str,
     db: Database,
@@ -85,7 +104,10 @@ async def rollback(
         old = await db.run(releases.get_release, wanted)
         current = await db.run(releases.desired_release)
         if current is not None and dict(current.manifests) == dict(old.manifests):
-            return current  # already desired: nothing to push, no new sequence
+            # Already desired: nothing to push, no new sequence. A failed install since then
+            # is about a set that was just declined: the answer must not carry its error.
+            await db.run(confirm_desired, current)
+            return current
         manifests = [await db.run(get_manifest, h) for h in old.hashes]
         missing = [
             (m, e) for m in manifests for e in await asyncio.to_thread(missing_blobs, m, store)

@@ -337,11 +337,28 @@ def migrate(db: pw.Database) -> int:
     return SCHEMA_VERSION
 
 
+def _require_driver(url: str) -> None:
+    """A Postgres URL without psycopg2 installed: say what to install, in one line (peewee would
+    fail later with "Postgres driver not installed!" and a traceback). The URL is never echoed:
+    it may carry a password."""
+    scheme = url.partition("://")[0].lower()
+    if not scheme.startswith("postgres"):
+        return
+    try:
+        import psycopg2  # noqa: F401 - only whether it imports
+    except ImportError:
+        raise StoreError(
+            f"--database-url is a {scheme}:// URL but the Postgres driver (psycopg2) is not"
+            " installed: pip install 'script-packages[postgres]'"
+        ) from None
+
+
 def open_database(data_dir: Path, url: str | None = None) -> pw.Database:
     """SQLite in the data dir (WAL) by default; Postgres when a postgres:// URL is given."""
     if url:
         from playhouse.db_url import connect
 
+        _require_driver(url)
         db: pw.Database = connect(url)
     else:
         db = pw.SqliteDatabase(

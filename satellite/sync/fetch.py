@@ -88,6 +88,14 @@ async def fetch_blob(
     for attempt in (1, 2):
         sink = await open_sink(ref.sha256, ref.size)
         resumed_at = sink.offset
+        if resumed_at:
+            log.info(
+                "resuming the download of %s at offset %d of %d bytes",
+                ref.label,
+                resumed_at,
+                ref.size,
+                extra={"blob": ref.sha256, "offset": resumed_at, "bytes": ref.size},
+            )
         stream = sources.core.download_blob(ref.sha256, resumed_at)
         try:
             await receive(stream, sink, progress)

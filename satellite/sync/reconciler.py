@@ -87,7 +87,7 @@ async def reconcile_to_hash(
     if current == target:
         await _record(deps, desired_hash=target, status=SyncStatus.READY, error="")
         await _report(deps, SyncReport(target, SyncStatus.READY, current_hash=target))
-        collected = await _collect_trees(deps)
+        collected = await collect_trees(deps)
         return ReconcileResult(target, Outcome.ALREADY_CURRENT, trees_collected=collected)
 
     progress = Progress()
@@ -139,7 +139,7 @@ async def reconcile_to_hash(
     except Exception:  # the new tree is live; a missed mark is retried after the next flip
         log.exception("retiring old trees after the flip to %s failed", target)
     await _report(deps, sync_report(result, SyncStatus.READY, target))
-    collected = await _collect_trees(deps)
+    collected = await collect_trees(deps)
     store_gc = await collect_store(deps)
     return replace(result, trees_collected=collected, store_gc=store_gc)
 
@@ -244,7 +244,8 @@ def _check_manifest(
         )
 
 
-async def _collect_trees(deps: ReconcileDeps) -> tuple[str, ...]:
+async def collect_trees(deps: ReconcileDeps) -> tuple[str, ...]:
+    """Tree GC with the configured grace; never fails (housekeeping), returns what went."""
     try:
         removed = await deps.trees.gc_trees(deps.tree_grace_seconds, deps.wall_clock())
     except Exception:  # GC is housekeeping: it must never fail a reconcile

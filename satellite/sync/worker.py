@@ -8,7 +8,7 @@ import logging
 from collections.abc import Callable
 
 from satellite.sync.ports import ReconcileDeps
-from satellite.sync.reconciler import collect_store, reconcile_to_hash, repair_tree
+from satellite.sync.reconciler import collect_store, collect_trees, reconcile_to_hash, repair_tree
 from satellite.sync.results import ReconcileResult
 
 log = logging.getLogger(__name__)
@@ -21,7 +21,9 @@ class Reconciler:
     runs ends on h3 with at most one reconcile in between. A run whose hash is no longer the
     newest request stops before its flip (SUPERSEDED), so a stale hash is never made current
     after a newer one was asked for. `request_repair()` queues drift repair of `current`, done
-    by the same worker so it never races a reconcile.
+    by the same worker so it never races a reconcile. `request_gc()` queues a GC pass and
+    nothing else (the agent's timers: a tree retired while a run pinned it goes once unpinned;
+    `store=True` also collects blobs/ and pkgs/).
 
     The worker ends only when shut down or when it dies of an error a reconcile does not catch
     (reading `current` failed, say): then `start()`'s task holds that error, `wait_idle()`
@@ -39,7 +41,9 @@ class Reconciler:
         self._requested = 0  # generation of the newest request
         self._handled = 0  # generation the worker has finished
         self._repair = False
+        self._reconcile = False  # a reconcile (or repair) was asked for, not only a GC pass
         self._gc = False
+        self._store_gc = False
         self._wake = asyncio.Event()
         self._idle = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
@@ -57,18 +61,22 @@ class Reconciler:
         """
         if lockfile_hash is not None:
             self._desired = lockfile_hash
+        self._reconcile = True
         self._requested += 1
         self._wake.set()
 
     def request_repair(self) -> None:
         self._repair = True
+        self._reconcile = True
         self._requested += 1
         self._wake.set()
 
-    def request_gc(self) -> None:
-        """Queue a store GC pass (the schedule's): run by this worker, between reconciles, so
-        it never races one that is about to use a blob or package."""
+    def request_gc(self, store: bool = False) -> None:
+        """Queue a housekeeping pass, without a reconcile or a report: tree GC (grace and pins
+        as always), then with `store` store GC when enabled. Run by this worker, between
+        reconciles, so it never races one that is about to use a blob or package."""
         self._gc = True
+        self._store_gc = self._store_gc or store
         self._requested += 1
         self._wake.set()
 
@@ -87,8 +95,9 @@ class Reconciler:
             if self._repair:
                 self._repair = False
                 await self._repair_current()
+            reconcile, self._reconcile = self._reconcile, False
             target = self._desired
-            if target is not None:
+            if target is not None and reconcile:
 
                 def still_wanted(wanted: str = target) -> bool:
                     return self._desired == wanted
@@ -96,8 +105,11 @@ class Reconciler:
                 result = await reconcile_to_hash(target, self._deps, still_wanted)
                 self._publish(result)
             if self._gc:
-                self._gc = False
-                await collect_store(self._deps)
+                store, self._gc, self._store_gc = self._store_gc, False, False
+                if not reconcile:  # a reconcile runs the same tree GC after its flip
+                    await collect_trees(self._deps)
+                if store:
+                    await collect_store(self._deps)
             async with self._idle:
                 self._handled = generation
                 self._idle.notify_all()
