@@ -23,6 +23,7 @@ Messages are written for operators and never contain secrets.
 from __future__ import annotations
 
 import errno
+from typing import Any
 
 
 class SpkError(Exception):
@@ -34,6 +35,19 @@ class SpkError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Subclasses take other arguments than the message (UnsafeWheel(wheel, reason)), which
+        # pickle's default would pass back wrongly; errors cross processes (the satellite's
+        # unpack workers), so they are rebuilt from their state instead.
+        return _rebuild, (type(self), self.message, self.__dict__)
+
+
+def _rebuild(cls: type[SpkError], message: str, state: dict[str, Any]) -> SpkError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, message)
+    error.__dict__.update(state)
+    return error
 
 
 class InvalidArgument(SpkError):

@@ -100,6 +100,7 @@ class PlannedEntry:
     algorithm: str  # of `digest`, a key of RECORD_HASHES
     size: int
     mode: int
+    data_offset: int  # where its compressed bytes start (past the local header, checked)
 
 
 def _check_count(wheel: str, count: int | None, limits: WheelLimits) -> None:
@@ -166,7 +167,7 @@ def plan(
         declared += info.file_size
         if declared > limits.max_unpacked_bytes:
             raise UnsafeWheel(wheel, f"unpacks to over {limits.max_unpacked_bytes} bytes (limit)")
-    _check_overlaps(wheel, fd, infos, zf.start_dir)
+    data_offsets = _check_local_headers(wheel, fd, infos, zf.start_dir)
 
     dist_info = _dist_info_dir(wheel, files, name, version)
     # Before the layout is read further: a new major version may change what it means.
@@ -185,7 +186,8 @@ def plan(
     for raw, info in files.items():
         algorithm, digest, size = _expected(wheel, raw, info, record.pop(raw, None), dist_info)
         mode = 0o555 if (info.external_attr >> 16) & 0o111 else 0o444
-        entries.append(PlannedEntry(info, targets[raw], digest, algorithm, size, mode))
+        offset = data_offsets[info.header_offset]
+        entries.append(PlannedEntry(info, targets[raw], digest, algorithm, size, mode, offset))
     for raw in dirs:  # some writers list directories in RECORD; harmless
         record.pop(raw, None)
     if record:
@@ -260,28 +262,45 @@ def _name_problem(name: str) -> str | None:
     return None
 
 
-def _check_overlaps(wheel: str, fd: int, infos: list[zipfile.ZipInfo], cd_start: int) -> None:
-    """Refuse entries whose data runs into the next local header (or the central directory).
+def _check_local_headers(
+    wheel: str, fd: int, infos: list[zipfile.ZipInfo], cd_start: int
+) -> dict[int, int]:
+    """Refuse entries whose data runs into the next local header (or the central directory),
+    or whose local header names another file; header offset -> where the data starts.
 
     Overlapping entries let a small archive expand the same compressed bytes many times over.
     The local header is read here (not trusted from the central directory) because its extra
-    field length decides where the data really starts.
+    field length decides where the data really starts; its name must be the central
+    directory's, as zipfile requires, since extraction reads the data from here on.
     """
     ordered = sorted(infos, key=lambda i: i.header_offset)
     if ordered and ordered[0].header_offset != 0:
         raise UnsafeWheel(wheel, f"has {ordered[0].header_offset} bytes before its first entry")
+    starts: dict[int, int] = {}
     for i, info in enumerate(ordered):
-        header = os.pread(fd, 30, info.header_offset)
-        if len(header) != 30 or header[:4] != b"PK\x03\x04":
+        # The name is read with the header: one pread per entry (a longer one falls back).
+        header = os.pread(fd, 30 + 256, info.header_offset)
+        if len(header) < 30 or header[:4] != b"PK\x03\x04":
             raise entry_error(wheel, info.orig_filename, "has no valid local header")
+        (flags,) = struct.unpack_from("<H", header, 6)
         name_len, extra_len = struct.unpack_from("<HH", header, 26)
-        end = info.header_offset + 30 + name_len + extra_len + info.compress_size
+        name = header[30 : 30 + name_len]
+        if len(name) < name_len:
+            name = os.pread(fd, name_len, info.header_offset + 30)
+        local = name.decode("utf-8" if flags & 0x800 else "cp437", "replace")
+        if local != info.orig_filename:
+            raise entry_error(
+                wheel, info.orig_filename, f"has {local!r} in its local header (names differ)"
+            )
+        starts[info.header_offset] = info.header_offset + 30 + name_len + extra_len
+        end = starts[info.header_offset] + info.compress_size
         limit = ordered[i + 1].header_offset if i + 1 < len(ordered) else cd_start
         if end > limit:
             other = ordered[i + 1].orig_filename if i + 1 < len(ordered) else "central directory"
             raise entry_error(
                 wheel, info.orig_filename, f"overlaps {other!r} (overlapping zip entries)"
             )
+    return starts
 
 
 def _dist_info_dir(

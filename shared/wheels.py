@@ -28,7 +28,6 @@ from shared.errors import UnsafeWheel
 from shared.tree_content import DEFAULT_CONTENT_POLICY, TreeContentPolicy, left_out
 from shared.wheel_checks import (
     DEFAULT_LIMITS,
-    ZIP_ERRORS,
     PlannedEntry,
     WheelInfo,
     WheelLimits,
@@ -37,6 +36,7 @@ from shared.wheel_checks import (
     open_zip,
     plan,
 )
+from shared.zip_members import CorruptMember, member_chunks
 
 __all__ = ["WheelInfo", "WheelLimits", "check_identity", "extract_wheel", "inspect_wheel"]
 
@@ -56,7 +56,7 @@ def inspect_wheel(
         info, entries = plan(zf, f.fileno(), wheel, limits)
         left_out(wheel, info, entries, content)  # what no tree may hold (shared.tree_content)
         for entry in entries:
-            _copy_verified(zf, wheel, entry, None)
+            _copy_verified(f.fileno(), wheel, entry, None)
     return info
 
 
@@ -78,6 +78,7 @@ def extract_wheel(
     with path.open("rb") as f, open_zip(f, wheel, limits) as zf:
         info, entries = plan(zf, f.fileno(), wheel, limits)
         skipped = left_out(wheel, info, entries, content)
+        src = f.fileno()
         # Created only now, so a structurally hostile wheel never touches the disk; an existing
         # dest raises FileExistsError and is left alone, since it is not ours to delete.
         dest.mkdir(mode=0o755, parents=True)
@@ -86,11 +87,11 @@ def extract_wheel(
             hashes: dict[str, tuple[str, int]] = {}
             for entry in entries:
                 if entry.target in skipped:  # checked against RECORD all the same
-                    _copy_verified(zf, wheel, entry, None)
+                    _copy_verified(src, wheel, entry, None)
                     continue
                 fd = writer.create_file(entry.target, entry.mode)
                 try:
-                    hashes[entry.target] = (_copy_verified(zf, wheel, entry, fd), entry.size)
+                    hashes[entry.target] = (_copy_verified(src, wheel, entry, fd), entry.size)
                 finally:
                     os.close(fd)
         except BaseException:
@@ -118,38 +119,38 @@ def check_identity(info: WheelInfo, name: str, version: str) -> None:
         )
 
 
-def _copy_verified(zf: zipfile.ZipFile, wheel: str, entry: PlannedEntry, fd: int | None) -> str:
+def _copy_verified(fd_in: int, wheel: str, entry: PlannedEntry, fd: int | None) -> str:
     """Stream one member through sha256 (and into `fd`), compare it with RECORD; its sha256 hex.
 
     sha256 always, since callers record it; a RECORD that uses a stronger algorithm is checked
     with that one too (a second pass over each chunk, only for such wheels).
     """
-    raw = entry.info.orig_filename
+    info = entry.info
     hasher = hashlib.sha256()
     checker = hashlib.new(entry.algorithm) if entry.algorithm != "sha256" else hasher
-    remaining = entry.size
+    chunks = member_chunks(
+        fd_in,
+        entry.data_offset,
+        info.compress_size,
+        entry.size,
+        info.CRC,
+        info.compress_type == zipfile.ZIP_DEFLATED,
+        _CHUNK,
+    )
     try:
-        with zf.open(entry.info) as src:
-            # Ask for one byte past the promise so a member that keeps going is noticed without
-            # ever reading more than size + 1 bytes of it.
-            while chunk := src.read(min(_CHUNK, remaining + 1)):
-                remaining -= len(chunk)
-                if remaining < 0:
-                    raise entry_error(wheel, raw, "is longer than its declared size")
-                hasher.update(chunk)
-                if checker is not hasher:
-                    checker.update(chunk)
-                if fd is not None:
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(fd, view) :]
-    except ZIP_ERRORS as exc:
-        raise entry_error(wheel, raw, f"is corrupt: {exc}") from None
-    if remaining:
-        raise entry_error(wheel, raw, f"is shorter than its declared {entry.size} bytes")
+        for chunk in chunks:
+            hasher.update(chunk)
+            if checker is not hasher:
+                checker.update(chunk)
+            if fd is not None:
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view) :]
+    except CorruptMember as exc:
+        raise entry_error(wheel, info.orig_filename, str(exc)) from None
     if entry.digest is not None and (actual := checker.digest()) != entry.digest:
         rule = f"RECORD says {entry.algorithm}={b64(entry.digest)}, content is {b64(actual)}"
-        raise entry_error(wheel, raw, f"RECORD hash mismatch: {rule}")
+        raise entry_error(wheel, info.orig_filename, f"RECORD hash mismatch: {rule}")
     return hasher.hexdigest()
 
 

@@ -6,7 +6,9 @@ in the default executor with `asyncio.to_thread`. One call is one thread hop, so
 the sync logic does is kept exactly: a BlobSink.write carries a whole batch of chunks (one hop
 per ~4 MiB, not per chunk), `missing_pkgs` looks at a whole manifest at once, and
 `publish_pkgs` publishes every staged package behind one syncfs. Unpacks run concurrently
-because each `stage_pkg` is its own hop (the materialiser bounds how many at once).
+because each `stage_pkg` is its own hop (the materialiser bounds how many at once), and each
+hop hands the extraction itself to a worker process (unpack_pool.py: the GIL made threads
+barely faster than one), started when `missing_pkgs` first finds something to unpack.
 
 It is also the I/O edge for errors: an OSError meaning the disk or quota is full (ENOSPC,
 EDQUOT) becomes shared.errors.DiskFull here, so the sync logic sees types, never errno. Other
@@ -24,6 +26,7 @@ from typing import TypeVar
 from satellite.store.blobs import BlobWriter
 from satellite.store.data_dir import SatelliteStore
 from satellite.store.pkgs import StagedPkg
+from satellite.store.unpack_pool import UnpackPool, shared_pool
 from satellite.sync.ports import (
     AgentState,
     BlobSink,
@@ -84,14 +87,21 @@ class AsyncBlobSink:
 class AsyncStore:
     """The async face of one data dir; `disk` is the synchronous SatelliteStore underneath."""
 
-    def __init__(self, disk: SatelliteStore) -> None:
+    def __init__(self, disk: SatelliteStore, unpacker: UnpackPool | None = None) -> None:
+        """`unpacker`: where extraction runs (default: this process's shared worker pool)."""
         self.disk = disk
+        self._unpacker = unpacker if unpacker is not None else shared_pool()
+        self._warming: asyncio.Future[None] | None = None
 
     # -- PackageStore ----------------------------------------------------------------------
 
     async def missing_pkgs(self, entries: Sequence[ManifestEntry]) -> list[ManifestEntry]:
         disk = self.disk
-        return await _in_thread(lambda: [e for e in entries if not disk.has_pkg(e.sha256)])
+        missing = await _in_thread(lambda: [e for e in entries if not disk.has_pkg(e.sha256)])
+        if missing and (self._warming is None or self._warming.done()):
+            # The workers start while the blobs are pulled (warm() logs its own failures).
+            self._warming = asyncio.get_running_loop().run_in_executor(None, self._unpacker.warm)
+        return missing
 
     async def has_blob(self, sha256: str) -> bool:
         return await _in_thread(lambda: self.disk.has_blob(sha256))
@@ -113,7 +123,8 @@ class AsyncStore:
         await _in_thread(lambda: self.disk.apply_patch(entry, offer, max_window_log))
 
     async def stage_pkg(self, entry: ManifestEntry, blob_verified: bool = False) -> Staged | None:
-        return await _in_thread(lambda: self.disk.stage_pkg(entry, blob_verified))
+        unpack = self._unpacker.unpack
+        return await _in_thread(lambda: self.disk.stage_pkg(entry, blob_verified, unpack))
 
     async def publish_pkgs(self, staged: Sequence[Staged]) -> None:
         ours = [_own(item) for item in staged]
@@ -123,7 +134,7 @@ class AsyncStore:
         return await _in_thread(lambda: self.disk.verify_pkg(sha256))
 
     async def replace_pkg(self, entry: ManifestEntry) -> None:
-        await _in_thread(lambda: self.disk.replace_pkg(entry))
+        await _in_thread(lambda: self.disk.replace_pkg(entry, self._unpacker.unpack))
 
     # -- TreeStore -------------------------------------------------------------------------
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from satellite.store import deltas, store_gc
 from satellite.store.blobs import BlobDir, BlobWriter, checked_sha
-from satellite.store.pkgs import TMP_PREFIX, PkgDir, StagedPkg, remove_dir
+from satellite.store.pkgs import TMP_PREFIX, PkgDir, StagedPkg, Unpacker, remove_dir
 from satellite.store.trees import TreeDir, TreePin
 from satellite.sync.ports import (
     AgentState,
@@ -44,6 +44,7 @@ from satellite.sync.ports import (
 from shared.errors import IntegrityError, StoreError
 from shared.fsutil import fsync_dir, write_bytes_atomic
 from shared.manifest import Manifest, ManifestEntry
+from shared.tree_build import unpack_package
 
 log = logging.getLogger(__name__)
 
@@ -129,17 +130,20 @@ class SatelliteStore:
         self.blobs.note(entry)
         return site
 
-    def stage_pkg(self, entry: ManifestEntry, blob_verified: bool = False) -> StagedPkg | None:
+    def stage_pkg(
+        self, entry: ManifestEntry, blob_verified: bool = False, unpack: Unpacker = unpack_package
+    ) -> StagedPkg | None:
         """Unpack into a temp dir (None: already unpacked); `publish_pkgs` makes it visible.
 
         `blob_verified`: the blob was hashed while it was written just now, so it is not read
         once more; otherwise it is re-verified first (disks rot) and BlobCorrupt deletes it.
+        `unpack` may run the extraction elsewhere (AsyncStore: worker processes).
         """
         if self.pkgs.has(entry.sha256):
             return None
         blobs = self.blobs
         blob = blobs.path(entry.sha256) if blob_verified else blobs.verify(entry.sha256)
-        staged = self.pkgs.stage(entry, blob)
+        staged = self.pkgs.stage(entry, blob, unpack=unpack)
         blobs.note(entry)  # what this blob is: store GC and delta bases go by it
         return staged
 
@@ -150,7 +154,7 @@ class SatelliteStore:
     def verify_pkg(self, sha256: str) -> list[str]:
         return self.pkgs.verify(sha256)
 
-    def replace_pkg(self, entry: ManifestEntry) -> None:
+    def replace_pkg(self, entry: ManifestEntry, unpack: Unpacker = unpack_package) -> None:
         """Drift repair: unpack a fresh copy from the blob and swap it in atomically, so trees
         linking to the package never see it missing. Without a good blob that cannot be done:
         the package is discarded and the next materialise pulls it (a short gap)."""
@@ -159,7 +163,7 @@ class SatelliteStore:
         except (IntegrityError, StoreError):  # gone or rotten (BlobCorrupt deleted it)
             self.pkgs.discard(entry.sha256)
             return
-        staged = self.pkgs.stage(entry, blob, replace=True)
+        staged = self.pkgs.stage(entry, blob, replace=True, unpack=unpack)
         if staged is not None:
             self.pkgs.publish([staged])
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +66,9 @@ __all__ = [
 ]
 
 
+Unpacker = Callable[[ManifestEntry, Path, Path], FileMap]
+
+
 @dataclass(frozen=True)
 class StagedPkg:
     """An unpacked, sealed package in its temp dir, waiting for PkgDir.publish."""
@@ -101,11 +104,18 @@ class PkgDir:
             self.publish([staged])
         return self.site(entry.sha256)
 
-    def stage(self, entry: ManifestEntry, blob: Path, replace: bool = False) -> StagedPkg | None:
+    def stage(
+        self,
+        entry: ManifestEntry,
+        blob: Path,
+        replace: bool = False,
+        unpack: Unpacker = unpack_package,
+    ) -> StagedPkg | None:
         """Extract and seal the blob in a temp dir, not yet durable nor visible (see publish).
 
         None when the package is already unpacked, unless `replace` (drift repair: a fresh copy
-        that publish swaps in). Safe to run for different shas in parallel.
+        that publish swaps in). Safe to run for different shas in parallel. `unpack` is
+        shared.tree_build.unpack_package or a stand-in running it elsewhere (unpack_pool.py).
         """
         sha = checked_sha(entry.sha256)
         if self.has(sha) and not replace:
@@ -113,7 +123,7 @@ class PkgDir:
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / temp_name(sha)
         try:
-            unpack_package(entry, blob, tmp)
+            unpack(entry, blob, tmp)
         except BaseException:
             remove_dir(tmp)
             raise
