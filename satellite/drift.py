@@ -3,7 +3,9 @@ broken `current`, and asks the reconciler (its single worker) to re-verify and r
 
 Trees are mostly symlinks into `pkgs/` (satellite/store/trees.py), so a write "into the tree"
 lands in `pkgs/<sha>/`: that directory is watched as well, and a change there counts when the
-package belongs to the current tree.
+package belongs to the current tree. The observer thread passes on only changes to `current`,
+the current tree and the current tree's packages; publishing new packages (renamed into
+`pkgs/` whole, from `staging/`) costs watchdog's own walk of them and nothing on the loop.
 
 The observer thread only records that something happened; the decision runs on the event loop
 after a short debounce, so a burst of events (a `pip install` into the tree, say) costs one
@@ -77,14 +79,16 @@ class _Handler(FileSystemEventHandler):
         self._watcher = watcher
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        # Our own builds happen in `.tmp-*` dirs and are renamed into place: not drift. Dropped
-        # here, in the observer thread, so unpacking thousands of files costs no loop callbacks.
-        if f"{os.sep}.tmp-" in str(event.src_path):
+        # Only what can be drift reaches the loop: `current` itself, the current tree and its
+        # packages. Publishing a package (thousands of events when it is renamed into pkgs/)
+        # and our own `.tmp-*` builds are dropped here, in the observer thread, at the cost of
+        # one startswith per event.
+        if event.event_type not in _CHANGES:
             return
-        if event.event_type in _CHANGES:
-            self._watcher.notify_from_thread(
-                str(event.src_path), str(getattr(event, "dest_path", ""))
-            )
+        src, dest = str(event.src_path), str(getattr(event, "dest_path", ""))
+        watcher = self._watcher
+        if f"{os.sep}.tmp-" not in src and (watcher.concerns(src) or watcher.concerns(dest)):
+            watcher.notify_from_thread(src, dest)
 
 
 class DriftWatcher:
@@ -104,6 +108,10 @@ class DriftWatcher:
         self._pending: asyncio.TimerHandle | None = None
         self._paths: set[str] = set()
         self.repairs_requested = 0
+        # Path prefixes of the current tree and its packages; replaced whole (a tuple) when
+        # `current` changes, so the observer thread reads it without a lock.
+        self._scope: tuple[str, ...] = ()
+        self._current_link = str(store.root / "current")
 
     @property
     def active(self) -> bool:
@@ -112,7 +120,26 @@ class DriftWatcher:
     async def start(self) -> None:
         """Watch the store; an inotify limit only turns drift repair off (one warning)."""
         self._loop = asyncio.get_running_loop()
+        self._refresh_scope()
         self._observer = await asyncio.to_thread(self._start_observer)
+
+    def concerns(self, path: str) -> bool:
+        """Whether a change at `path` may be drift (called in the observer thread)."""
+        return path == self._current_link or path.startswith(self._scope or (self._current_link,))
+
+    def _refresh_scope(self) -> None:
+        current = self._store.current_hash()
+        if current is None:
+            self._scope = ()
+            return
+        scope = [str(self._store.tree_site(current).parent)]
+        try:
+            entries = self._store.tree_manifest(current).entries
+        except Exception:  # unreadable meta: watch all packages; verification will tell
+            scope.append(str(self._store.pkgs.root))
+        else:
+            scope += [str(self._store.pkgs.dir(e.sha256)) for e in entries]
+        self._scope = tuple(scope)
 
     def _start_observer(self) -> ObserverLike | None:
         trees = self._store.root / "trees"
@@ -162,6 +189,8 @@ class DriftWatcher:
             loop.call_soon_threadsafe(self._note, paths)
 
     def _note(self, paths: tuple[str, ...]) -> None:
+        if self._current_link in paths:  # a flip (or drift of the link): the scope moves on
+            self._refresh_scope()
         self._paths.update(p for p in paths if p)
         if self._pending is None:
             assert self._loop is not None
@@ -170,7 +199,7 @@ class DriftWatcher:
     def _decide(self) -> None:
         self._pending = None
         paths, self._paths = self._paths, set()
-        current_link = str(self._store.root / "current")
+        current_link = self._current_link
         current_hash = self._store.current_hash()
         if current_hash is None:
             if os.path.lexists(current_link) or current_link in paths:

@@ -258,6 +258,28 @@ def test_deleted_file_in_current_tree_is_repaired(
     assert sat.current() == first
 
 
+def test_drift_is_watched_in_the_tree_current_names_after_a_flip(
+    core: CoreProcess, tmp_path: Path, wheel_dir: Path, satellites: list[SatelliteProcess]
+) -> None:
+    # The watcher passes on only changes to the current tree and its packages: after a flip
+    # it must follow `current` to the new tree's packages, which were published while the old
+    # tree was current (their events then were not drift).
+    build_wheel(WheelSpec("alpha", "1.0"), wheel_dir)
+    build_wheel(WheelSpec("alpha", "2.0"), wheel_dir)
+    admin = core.admin()
+    first = _install(admin, ("alpha", "1.0"))
+    sat = _sat(core, tmp_path, satellites, "sat-drift-flip")
+    _converged(sat, first)
+    second = _install(admin, ("alpha", "2.0"))
+    _converged(sat, second)
+    target = sat.data_dir / "trees" / second / "site-packages" / "alpha" / "__init__.py"
+    original = target.read_bytes()
+    target.chmod(0o644)
+    target.write_bytes(b"raise SystemExit('tampered')\n")
+    eventually(lambda: target.read_bytes() == original, timeout=30)
+    assert sat.current() == second
+
+
 def test_core_killed_mid_download_resumes_without_repulling(
     tmp_path: Path, package_index: PackageIndex, wheel_dir: Path, satellites: list[SatelliteProcess]
 ) -> None:

@@ -13,6 +13,8 @@ import json
 import os
 import pickle
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -86,10 +88,13 @@ def test_errors_survive_pickling_with_their_fields() -> None:
 
 
 def test_a_dead_worker_fails_its_package_and_the_pool_recovers(
-    tmp_path: Path, pool: UnpackPool, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, pool: UnpackPool
 ) -> None:
     wheel = build_wheel(WheelSpec("demo", "1.0", files=FILES), tmp_path / "w")
     entry = _entry(wheel)
+    # A "blob" that is a FIFO: the worker blocks opening it, so the kill lands mid-task.
+    stuck = tmp_path / "stuck-1.0-py3-none-any.whl"
+    os.mkfifo(stuck)
     pool.warm()
     executor = pool._executor
     assert executor is not None
@@ -97,22 +102,62 @@ def test_a_dead_worker_fails_its_package_and_the_pool_recovers(
     assert len(workers) == 2
 
     def kill_soon() -> None:
-        time.sleep(0.2)
+        time.sleep(0.3)
         for process in workers:
             os.kill(process.pid, signal.SIGKILL)
 
-    # A wheel big enough to still be unpacking when the kill lands.
-    slow = build_wheel(
-        WheelSpec("slow", "1.0", files={f"slow/m{i}.bin": os.urandom(4096) for i in range(3000)}),
-        tmp_path / "w",
-    )
     killer = threading.Thread(target=kill_soon)
     killer.start()
-    with pytest.raises(StoreError, match=r"the process unpacking slow-1\.0-.* died"):
-        pool.unpack(_entry(slow), slow, tmp_path / "killed")
+    with pytest.raises(StoreError, match=r"the process unpacking stuck-1\.0-.* died"):
+        pool.unpack(
+            ManifestEntry("stuck", "1.0", stuck.name, "0" * 64, 1, True), stuck, tmp_path / "k"
+        )
     killer.join()
     assert pool.unpack(entry, wheel, tmp_path / "after")  # a new pool, same result
     assert (tmp_path / "after" / PKG_MARKER).is_file()
+
+
+def test_workers_die_with_the_agent(tmp_path: Path) -> None:
+    """A SIGKILLed parent takes its workers along (PR_SET_PDEATHSIG), even one stuck in a task
+    (without it, the one blocked on the FIFO would live on)."""
+    script = tmp_path / "parent.py"
+    stuck = tmp_path / "stuck-1.0-py3-none-any.whl"
+    os.mkfifo(stuck)  # a worker opening it blocks until killed
+    script.write_text(
+        "import sys, threading, time\n"
+        "from pathlib import Path\n"
+        "from satellite.store.unpack_pool import UnpackPool\n"
+        "from shared.manifest import ManifestEntry\n"
+        "if __name__ == '__main__':\n"
+        "    pool = UnpackPool(2)\n"
+        "    pool.warm()\n"
+        f"    blob = Path({str(stuck)!r})\n"
+        "    entry = ManifestEntry('stuck', '1.0', blob.name, '0' * 64, 1, True)\n"
+        "    job = lambda: pool.unpack(entry, blob, blob.with_name('out'))\n"
+        "    threading.Thread(target=job, daemon=True).start()\n"
+        "    time.sleep(0.5)\n"
+        "    print(' '.join(str(p.pid) for p in pool._executor._processes.values()), flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    parent = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    assert parent.stdout is not None
+    pids = [int(p) for p in parent.stdout.readline().split()]
+    assert len(pids) == 2
+    parent.kill()
+    parent.wait()
+
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] == "Z"  # reaped by nobody yet: dead all the same
+
+    eventually(lambda: all(gone(p) for p in pids), timeout=10)
 
 
 def test_without_processes_unpacking_stays_in_the_thread(

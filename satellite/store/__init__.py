@@ -6,6 +6,7 @@ pkgs.py         unpacked wheels, batched durable publishing
 trees.py        install trees assembled by links, pins, retirement, GC
 async_store.py  AsyncStore: SatelliteStore behind satellite.sync's async Protocols, in
                 worker threads; a full disk becomes shared.errors.DiskFull here
+unpack_pool.py  extraction in worker processes (one pool per process)
 """
 
 from satellite.store.async_store import AsyncStore

@@ -8,6 +8,7 @@
     <data>/blobs/.partial/<sha256>  resumable downloads
     <data>/blobs/.patches/<sha256>  a downloaded patch until it is applied (deltas.py)
     <data>/pkgs/<sha256>/           unpacked wheels             (satellite/store/pkgs.py)
+    <data>/staging/                 packages being built, swapped out or deleted
     <data>/trees/<hash>/            assembled install trees     (satellite/store/trees.py)
     <data>/current -> trees/<hash>  relative symlink, replaced by rename(2), never unlinked first
 
@@ -15,7 +16,8 @@ Every method is synchronous and blocking. The agent's sync logic reaches them on
 satellite/store/async_store.py, which runs them in worker threads; the script runner and
 `spk-satellite status` call them directly. Operations on different sha256s are independent, so
 unpacking several wheels at once from several threads is safe. Anything named `.tmp-*` or
-`current.tmp-*` is an unfinished build that `cleanup_temp()` removes at agent start.
+`current.tmp-*`, and anything in `staging/`, is an unfinished build that `cleanup_temp()`
+removes at agent start.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ log = logging.getLogger(__name__)
 
 CURRENT = "current"
 CURRENT_TMP = "current.tmp-"
+STAGING = "staging"  # packages being built, swapped out or deleted (satellite/store/pkgs.py)
 STATE_FILE = "state.json"
 LOCK_FILE = "agent.lock"
 PINNED_KEY_FILE = "signing-key.pem"  # written on trust-on-first-use
@@ -61,7 +64,7 @@ class SatelliteStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.blobs = BlobDir(self.root / "blobs")
-        self.pkgs = PkgDir(self.root / "pkgs")
+        self.pkgs = PkgDir(self.root / "pkgs", self.root / STAGING)
         self.trees = TreeDir(self.root / "trees")
 
     # -- agent lock ------------------------------------------------------------------------
@@ -279,10 +282,10 @@ class SatelliteStore:
         Call it only while holding the agent lock: another agent's builds look the same.
         """
         removed = self.trees.cleanup_temp()
-        if self.pkgs.root.is_dir():
-            for path in self.pkgs.root.glob(f"{TMP_PREFIX}*"):
-                remove_dir(path)
-                removed.append(path)
+        leftovers = [self.pkgs.root.glob(f"{TMP_PREFIX}*"), self.pkgs.staging.glob("*")]
+        for path in (p for group in leftovers for p in group):  # pkgs/.tmp-*: older versions
+            remove_dir(path)
+            removed.append(path)
         if self.root.is_dir():
             for pattern in (f"{CURRENT_TMP}*", f"{TMP_PREFIX}*"):
                 for path in self.root.glob(pattern):
@@ -290,4 +293,5 @@ class SatelliteStore:
                     removed.append(path)
         for path in removed:
             log.info("removed leftover %s", path)
+        self.pkgs.staging.mkdir(parents=True, exist_ok=True)  # part of the layout from the start
         return removed

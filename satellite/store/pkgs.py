@@ -3,8 +3,12 @@
     pkgs/<sha256>/site-packages/   the wheel extracted by shared.wheels (RECORD-verified, 0o444)
     pkgs/<sha256>/.spk-complete    JSON: the wheel and every file's sha256 and size
 
-A package is built in `pkgs/.tmp-<sha>-<rand>/`, made durable, then renamed into place, so a
-directory under `pkgs/` with its marker is always complete. The marker's hashes are the reference
+A package is built in `staging/.tmp-<sha>-<rand>/` (beside `pkgs/`, on the same file system),
+made durable, then renamed into place, so a directory under `pkgs/` with its marker is always
+complete. Staging, swaps and deletions happen outside `pkgs/` because the drift watcher watches
+`pkgs/` recursively: every file created there is an inotify event watchdog handles in Python (on
+wsci, 84,000-91,000 events and 1.4-1.6 s of the agent's CPU per cold sync, against 17,400 events
+and 0.4 s when only the finished packages are renamed in). The marker's hashes are the reference
 for drift checks: trees hard-link these files, so a write through a tree changes the file here
 too (the same inode), and only hashes recorded at unpack time can tell.
 
@@ -81,8 +85,9 @@ class StagedPkg:
 class PkgDir:
     """The `pkgs/` directory: one unpacked, verified wheel per blob sha256."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, staging: Path) -> None:
         self.root = root
+        self.staging = staging  # temp dirs: builds, swapped-out and doomed copies
 
     def dir(self, sha256: str) -> Path:
         return self.root / checked_sha(sha256)
@@ -121,7 +126,8 @@ class PkgDir:
         if self.has(sha) and not replace:
             return None
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / temp_name(sha)
+        self.staging.mkdir(parents=True, exist_ok=True)
+        tmp = self.staging / temp_name(sha)
         try:
             unpack(entry, blob, tmp)
         except BaseException:
@@ -160,7 +166,7 @@ class PkgDir:
         if exchange(tmp, final):
             remove_dir(tmp)
             return
-        old = self.root / temp_name(f"old-{final.name}")  # no renameat2: a moment's gap
+        old = self.staging / temp_name(f"old-{final.name}")  # no renameat2: a moment's gap
         os.rename(final, old)
         os.rename(tmp, final)
         remove_dir(old)
@@ -176,7 +182,8 @@ class PkgDir:
         if not final.exists():
             return
         # Rename first so a crash mid-delete never leaves a half package that looks complete.
-        doomed = self.root / temp_name(f"discard-{final.name}")
+        self.staging.mkdir(parents=True, exist_ok=True)
+        doomed = self.staging / temp_name(f"discard-{final.name}")
         os.rename(final, doomed)
         fsync_dir(self.root)
         remove_dir(doomed)

@@ -16,7 +16,7 @@ a reconcile runs):
   such a tree is skipped). `current` and pinned trees always stay, even over the cap
   (`over_cap` in the report, a warning in the log).
 
-Crash safety (kill -9 at any point): a package is renamed to `pkgs/.tmp-gc-*` before it is
+Crash safety (kill -9 at any point): a package is renamed into `staging/` before it is
 deleted and a tree to `trees/.tmp-gc-*` (both removed by the next start's cleanup_temp), so no
 half-deleted entry is ever visible under its name; a blob is one unlink; the needed set is read
 from the trees that are on disk, so an interrupted pass leaves only more than needed.

@@ -7,7 +7,9 @@ GIL and the hand-offs cost more than the second core gives), two spawned process
 One pool per process, shared by every agent in it (the fan-out benchmark runs hundreds), sized
 to the CPU count. Workers are spawned, never forked (the agent runs grpc's threads), on first
 use, and the pool shuts down after `IDLE_SECONDS` without work, so an idle agent holds no
-extra processes or memory. The worker runs exactly shared.tree_build.unpack_package, every
+extra processes or memory; a worker dies with the agent (shared/parent_death.py). A program
+that starts agents must guard its main module (`if __name__ == "__main__"`), as multiprocessing
+requires of spawned children. The worker runs exactly shared.tree_build.unpack_package, every
 check included; its errors come back as themselves (shared.errors pickles). Where processes
 cannot be started at all, unpacking stays in the calling thread, with one warning.
 """
@@ -24,6 +26,7 @@ from pathlib import Path
 
 from shared.errors import StoreError
 from shared.manifest import ManifestEntry
+from shared.parent_death import die_with_parent
 from shared.tree_build import FileMap, unpack_package
 from shared.tree_content import AT_SATELLITE, TreeContentPolicy
 
@@ -95,8 +98,12 @@ class UnpackPool:
                 self._idle_timer = None
             if self._executor is None and not self._unavailable:
                 try:
-                    context = multiprocessing.get_context("spawn")
-                    self._executor = ProcessPoolExecutor(self.workers, mp_context=context)
+                    self._executor = ProcessPoolExecutor(
+                        self.workers,
+                        mp_context=multiprocessing.get_context("spawn"),
+                        initializer=die_with_parent,
+                        initargs=(os.getpid(),),
+                    )
                 except OSError as exc:
                     self._unavailable = True
                     log.warning("cannot start unpack processes (%s); unpacking in threads", exc)

@@ -17,6 +17,7 @@ from scripts.benchlib import (
     sandbox,
     scale,
     transfer,
+    wsci,
 )
 from scripts.benchlib.common import REPO, Bench, format_row, remove_tree
 from scripts.benchlib.workload import prepare
@@ -32,6 +33,7 @@ FIGURES = (
     "sandbox",
     "scale",
     "deltas",
+    "wsci",
 )
 ANALYSIS = REPO / "docs" / "benchmarks-analysis.md"
 
@@ -87,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         if bench.wants("materialise"):
             materialise.run(bench, workload)
             bench.note_load("after figure 1")
+        if bench.wants("wsci"):  # its own workload and index
+            wsci.run(bench)
+            bench.note_load("after figure 10")
         wants_core = any(
             bench.wants(f)
             for f in ("install", "environments", "transfer", "delta", "fanout", "scale", "deltas")

@@ -23,9 +23,10 @@ from tests.core_process import ADMIN_TOKEN, AdminClient
 
 
 class BenchCore:
-    def __init__(self, data_dir: Path, chunk: int = 0) -> None:
+    def __init__(self, data_dir: Path, chunk: int = 0, extra: tuple[str, ...] = ()) -> None:
         self.data_dir = data_dir
         self.chunk = chunk
+        self.extra = list(extra)  # more `spk-core serve` flags
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self._channel: grpc.Channel | None = None
@@ -47,7 +48,7 @@ class BenchCore:
         log = (self.data_dir.parent / f"{self.data_dir.name}.log").open("ab")
         argv = [PYTHON, "-m", "scripts.benchlib.cores", str(self.chunk), "serve"]
         argv += ["--data-dir", str(self.data_dir), "--listen", f"127.0.0.1:{self.port}"]
-        argv += ["--port-file", str(port_file), "--log-level", "WARNING"]
+        argv += ["--port-file", str(port_file), "--log-level", "WARNING", *self.extra]
         self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 60
         while not port_file.exists():
