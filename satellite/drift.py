@@ -27,7 +27,18 @@ import warnings
 from collections.abc import Callable
 from typing import Protocol
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 
 from satellite.store.data_dir import SatelliteStore
@@ -44,6 +55,19 @@ warnings.filterwarnings(
 DEBOUNCE_SECONDS = 0.5
 # Events that mean content or names changed; reads (opened, closed_no_write) do not count.
 _CHANGES = {"created", "deleted", "modified", "moved", "closed"}
+# The same, as watchdog's event filter: it also narrows the inotify mask, so the imports of every
+# script run (opens and reads of the tree's files) raise no events at all, and a directory's
+# own "modified" (one per file created in it, as when a package is renamed in whole) is skipped.
+_EVENT_FILTER: list[type[FileSystemEvent]] = [
+    FileCreatedEvent,
+    DirCreatedEvent,
+    FileModifiedEvent,
+    FileClosedEvent,
+    FileDeletedEvent,
+    DirDeletedEvent,
+    FileMovedEvent,
+    DirMovedEvent,
+]
 # What watchdog raises when a limit is reached (OSError with these errnos), and the knob for it.
 _INOTIFY_LIMITS = {
     errno.EMFILE: ("instance", "fs.inotify.max_user_instances"),
@@ -66,7 +90,12 @@ class ObserverLike(Protocol):
     daemon: bool
 
     def schedule(
-        self, handler: FileSystemEventHandler, path: str, *, recursive: bool
+        self,
+        handler: FileSystemEventHandler,
+        path: str,
+        *,
+        recursive: bool,
+        event_filter: list[type[FileSystemEvent]] | None = None,
     ) -> object: ...
 
     def start(self) -> None: ...
@@ -150,9 +179,10 @@ class DriftWatcher:
         observer = self._observer_factory()
         handler = _Handler(self)
         try:
-            observer.schedule(handler, str(trees), recursive=True)
-            observer.schedule(handler, str(pkgs), recursive=True)
-            observer.schedule(handler, str(self._store.root), recursive=False)  # `current`
+            for path, recursive in ((trees, True), (pkgs, True), (self._store.root, False)):
+                observer.schedule(
+                    handler, str(path), recursive=recursive, event_filter=_EVENT_FILTER
+                )  # the root, not recursively: for `current`
             observer.daemon = True
             observer.start()
         except OSError as exc:

@@ -194,7 +194,9 @@ class _NoInotifyLeft:
         self._error = OSError(errno_, message)
         self.stopped = False
 
-    def schedule(self, handler: object, path: str, *, recursive: bool) -> object:
+    def schedule(
+        self, handler: object, path: str, *, recursive: bool, event_filter: object = None
+    ) -> object:
         raise self._error
 
     def start(self) -> None:

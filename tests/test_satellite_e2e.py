@@ -277,6 +277,14 @@ def test_drift_is_watched_in_the_tree_current_names_after_a_flip(
     target.chmod(0o644)
     target.write_bytes(b"raise SystemExit('tampered')\n")
     eventually(lambda: target.read_bytes() == original, timeout=30)
+    # Replaced the way editors and installers write (a new file renamed over it): a move
+    # into a watched directory, which the watcher sees as a creation.
+    package_dir = target.resolve().parent
+    package_dir.chmod(0o755)
+    outside = tmp_path / "replacement.py"  # written outside any watch: only the move is seen
+    outside.write_bytes(b"raise SystemExit('replaced')\n")
+    os.rename(outside, package_dir / "__init__.py")
+    eventually(lambda: target.read_bytes() == original, timeout=30)
     assert sat.current() == second
 
 
