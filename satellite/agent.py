@@ -48,6 +48,7 @@ from satellite.sync import (
     ReconcileResult,
     StateStore,
     StoreGcPolicy,
+    StoreGcReport,
     TreeStore,
     UrlSource,
 )
@@ -253,7 +254,9 @@ class Agent:
                     max_window_log=cfg.max_window_log,
                     store_gc=cfg.store_gc,
                 )
-                reconciler = Reconciler(deps, on_result=self._on_result)
+                reconciler = Reconciler(
+                    deps, on_result=self._on_result, on_store_gc=self._on_store_gc
+                )
                 self._retry = SyncRetry(reconciler, Backoff(cfg.retry_base, cfg.retry_cap))
                 # Leaving this block re-raises the error a dead worker died of (shutdown()).
                 async with reconciler:
@@ -364,6 +367,12 @@ class Agent:
             self.on_result(result)
         if self._retry is not None:
             self._retry.on_result(result)
+
+    def _on_store_gc(self, report: StoreGcReport) -> None:
+        """A scheduled store GC pass (the one after a flip comes with its result)."""
+        if self.metrics is not None:
+            self.metrics.store_gc(report)
+            self._sample_disk()
 
     def _count(self, metrics: AgentMetrics, result: ReconcileResult) -> None:
         metrics.record(result, self._clock())

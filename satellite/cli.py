@@ -277,8 +277,10 @@ async def _agent(args: argparse.Namespace) -> int:
         agent.on_result = show
     loop = asyncio.get_running_loop()
     task = agent.start()
-    # Runs record their outcome in the data dir; the agent's log carries them (run_outcome.py).
-    runs = asyncio.create_task(follow_run_log(args.data_dir, logging.getLogger("satellite.runs")))
+    # Runs record their outcome in the data dir; the agent's log and metrics carry them.
+    runs_log = logging.getLogger("satellite.runs")
+    count_run = metrics.script_run if metrics is not None else None
+    runs = asyncio.create_task(follow_run_log(args.data_dir, runs_log, on_record=count_run))
 
     def stop() -> None:
         notifier.stopping()

@@ -8,22 +8,29 @@ process: the fan-out benchmark hosts hundreds, so nothing here is global).
     spk_satellite_last_sync_success_timestamp_seconds
     spk_satellite_sync_duration_seconds                        histogram, reconciles that ran
     spk_satellite_syncs_total{outcome}                         flipped | already_current | ...
-    spk_satellite_pulled_blobs_total / _pulled_bytes_total
+    spk_satellite_pulled_blobs_total / _pulled_bytes_total / _pulled_wheel_bytes_total
+    spk_satellite_blobs_by_url_total / _url_fallbacks_total    URLs instead of the core, and not
+    spk_satellite_patches_used_total / _patch_fallbacks_total  binary deltas, and whole blobs
     spk_satellite_verification_failures_total                  a hash, size or signature mismatch
     spk_satellite_stream_connected / _reconnects_total
     spk_satellite_drift_repairs_total{result}                  intact | repaired | failed
     spk_satellite_store_bytes{area} / _current_tree_bytes / _trees   on disk
+    spk_satellite_store_gc_freed_bytes_total / _store_over_cap      store GC passes
     spk_satellite_script_runs_started_total / _finished_total{exit_code} / _refused_total
+    spk_satellite_script_runs_recorded_total{sandboxed} / _stopped_total{limit}
+    spk_satellite_script_run_duration_seconds / _peak_memory_bytes   histograms
 
 A hash label is fine here (one series per agent, replaced on a flip); the core never has one.
 Script runs are separate processes (`spk-satellite run`): they count into a small file in the
-data dir (satellite/run_stats.py) that this registry reads at scrape time.
+data dir (satellite/run_stats.py) that this registry reads at scrape time, and append a record
+to runs.jsonl (satellite/run_outcome.py) that the agent follows into `script_run`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -36,12 +43,22 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
+from satellite.run_outcome import STOPPERS
 from satellite.run_stats import RunStats, read_run_stats
-from satellite.sync import Outcome, ReconcileResult
+from satellite.sync import Outcome, ReconcileResult, StoreGcReport
 from shared.errors import IntegrityError, UnsafeWheel
 
 SYNC_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+RUN_BUCKETS = (0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 4 * 3600.0)
+MEMORY_BUCKETS = tuple(float(1 << n) for n in range(24, 36))  # 16 MiB .. 32 GiB
 AREAS = ("blobs", "pkgs", "trees")
+
+
+def _number(value: object) -> float | None:
+    """A JSON number (not a bool) of a run record, or None (a line written by hand, say)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
 
 
 def is_verification_failure(exc: BaseException | None) -> bool:
@@ -134,6 +151,32 @@ class AgentMetrics:
         self.pulled_bytes = Counter(
             "spk_satellite_pulled_bytes", "Blob bytes downloaded from the core.", registry=r
         )
+        self.pulled_wheel_bytes = Counter(
+            "spk_satellite_pulled_wheel_bytes",
+            "Bytes of the blobs the pulls produced (pulled_bytes counts the wire: the difference"
+            " is what patches saved).",
+            registry=r,
+        )
+        self.blobs_by_url = Counter(
+            "spk_satellite_blobs_by_url",
+            "Of the blobs pulled: fetched from a URL (object store, CDN), not from the core.",
+            registry=r,
+        )
+        self.url_fallbacks = Counter(
+            "spk_satellite_url_fallbacks",
+            "Blob URL fetches that failed and fell back to the core.",
+            registry=r,
+        )
+        self.patches_used = Counter(
+            "spk_satellite_patches_used",
+            "Of the blobs pulled: made from a binary patch and a version held.",
+            registry=r,
+        )
+        self.patch_fallbacks = Counter(
+            "spk_satellite_patch_fallbacks",
+            "Patches that failed (fetch, apply or verify): the whole blob was pulled instead.",
+            registry=r,
+        )
         self.verification_failures = Counter(
             "spk_satellite_verification_failures",
             "Syncs or repairs that failed on a hash, size or signature mismatch.",
@@ -167,10 +210,51 @@ class AgentMetrics:
         self.trees = Gauge(
             "spk_satellite_trees", "Complete trees on disk, current included.", registry=r
         )
+        self.store_gc_freed = Counter(
+            "spk_satellite_store_gc_freed_bytes",
+            "Bytes store GC removed from blobs/ and pkgs/ (and trees evicted for the byte cap).",
+            registry=r,
+        )
+        self.store_over_cap = Gauge(
+            "spk_satellite_store_over_cap",
+            "1 when the last store GC pass found that what must stay (the current tree, pinned"
+            " runs) alone exceeds --max-store-bytes.",
+            registry=r,
+        )
+        # ---- script runs, from the records runs append to runs.jsonl (run_outcome.py) ----
+        self.script_runs_recorded = Counter(
+            "spk_satellite_script_runs_recorded",
+            "Script runs recorded in the run log while the agent ran, by whether a sandbox policy"
+            " applied.",
+            ["sandboxed"],
+            registry=r,
+        )
+        self.script_runs_stopped = Counter(
+            "spk_satellite_script_runs_stopped",
+            "Script runs ended by a limit: timeout, cpu, memory, processes.",
+            ["limit"],
+            registry=r,
+        )
+        self.script_run_duration = Histogram(
+            "spk_satellite_script_run_duration_seconds",
+            "Wall time of recorded script runs.",
+            buckets=RUN_BUCKETS,
+            registry=r,
+        )
+        self.script_run_memory = Histogram(
+            "spk_satellite_script_run_peak_memory_bytes",
+            "The largest resident set of any process of a recorded script run.",
+            buckets=MEMORY_BUCKETS,
+            registry=r,
+        )
         for outcome in (o for o in Outcome if o not in (Outcome.REPAIRED, Outcome.INTACT)):
             self.syncs.labels(outcome.value)
         for result in ("intact", "repaired", "failed"):
             self.drift_repairs.labels(result)
+        for sandboxed in ("true", "false"):
+            self.script_runs_recorded.labels(sandboxed)
+        for limit in STOPPERS:
+            self.script_runs_stopped.labels(limit)
         self.stream_connected.set(0)
         self.unserved.set(0)
 
@@ -182,6 +266,13 @@ class AgentMetrics:
         """Count one reconcile or drift-repair result."""
         self.pulled_blobs.inc(result.blobs_pulled)
         self.pulled_bytes.inc(result.bytes_pulled)
+        self.pulled_wheel_bytes.inc(result.wheel_bytes)
+        self.blobs_by_url.inc(result.blobs_by_url)
+        self.url_fallbacks.inc(result.url_fallbacks)
+        self.patches_used.inc(result.patches_used)
+        self.patch_fallbacks.inc(result.patch_fallbacks)
+        if result.store_gc is not None:
+            self.store_gc(result.store_gc)
         if result.outcome is Outcome.FAILED and is_verification_failure(result.exception):
             self.verification_failures.inc()
         if result.drift_repair:
@@ -203,3 +294,21 @@ class AgentMetrics:
             self.store_bytes.labels(area).set(usage.get(area, 0))
         self.tree_bytes.set(tree_bytes)
         self.trees.set(trees)
+
+    def store_gc(self, report: StoreGcReport) -> None:
+        """Count one store GC pass (after a flip, or on its schedule)."""
+        self.store_gc_freed.inc(report.bytes_freed)
+        self.store_over_cap.set(1 if report.over_cap else 0)
+
+    def script_run(self, record: Mapping[str, Any]) -> None:
+        """Count one run record of runs.jsonl (satellite.run_outcome.follow_run_log's callback)."""
+        self.script_runs_recorded.labels("true" if record.get("sandbox") else "false").inc()
+        stopped_by = record.get("stopped_by")
+        if stopped_by in STOPPERS:
+            self.script_runs_stopped.labels(stopped_by).inc()
+        duration = _number(record.get("duration_seconds"))
+        if duration is not None and duration >= 0:
+            self.script_run_duration.observe(duration)
+        memory = _number(record.get("peak_memory_bytes"))
+        if memory is not None and memory >= 0:
+            self.script_run_memory.observe(memory)

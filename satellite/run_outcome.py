@@ -7,8 +7,10 @@ that stopped it, and where that goes.
 `spk-satellite status` shows the last ones, and the agent follows the file into its log
 (`follow_run_log`), so both see runs started by anyone who can write the data dir. A caller who
 cannot write it (an ordinary user on a host whose data dir belongs to the agent) still gets the
-exit code; the record is then skipped with one warning. The fields are what metrics will export
-(a counter by `stopped_by`, histograms of duration and peak memory) once metrics exist.
+exit code; the record is then skipped with one warning. With --metrics-listen the agent also
+hands each record to its metrics (satellite/metrics.py `AgentMetrics.script_run`): runs by
+`sandbox` (set or ""), `spk_satellite_script_runs_stopped_total{limit}` by `stopped_by`, and
+histograms of `duration_seconds` and `peak_memory_bytes`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import logging
 import os
 import resource
 import signal
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -130,8 +132,14 @@ class RunLog:
         return records
 
 
-async def follow_run_log(data_dir: Path, logger: logging.Logger, interval: float = 1.0) -> None:
-    """Log every run recorded from now on (the agent runs this beside itself until cancelled)."""
+async def follow_run_log(
+    data_dir: Path,
+    logger: logging.Logger,
+    interval: float = 1.0,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
+) -> None:
+    """Log every run recorded from now on (the agent runs this beside itself until cancelled);
+    `on_record` is called with each record, as parsed (the agent's metrics count them)."""
     import asyncio  # here: `spk-satellite run` imports this module and needs no event loop
 
     run_log = RunLog(data_dir)
@@ -149,9 +157,19 @@ async def follow_run_log(data_dir: Path, logger: logging.Logger, interval: float
             cut = chunk.rfind(b"\n") + 1  # a line still being written waits for the next pass
             offset += cut
             for line in chunk[:cut].splitlines():
-                with contextlib.suppress(ValueError, TypeError):
+                try:
                     record = json.loads(line)
+                except ValueError:
+                    continue
+                if not isinstance(record, dict):  # not ours: anyone who can write may append
+                    continue
+                with contextlib.suppress(ValueError, TypeError):
                     logger.info("script run: %s", describe_record(record))
+                if on_record is not None:
+                    try:
+                        on_record(record)
+                    except Exception:  # a metric is not worth losing the log of runs for
+                        logger.exception("counting a script run failed")
 
 
 def describe_record(record: dict[str, Any]) -> str:

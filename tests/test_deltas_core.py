@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from core.api.metrics import CoreMetrics
 from core.state import patches, releases
 from core.state.db import BLOB_PATCH, BlobRecord, DeltaPatch, database_proxy
 from core.state.patches import READY, USELESS, PatchRow, WheelRef
@@ -145,6 +146,14 @@ def _wheel_entry(name: str, version: str, data: bytes) -> ManifestEntry:
     return ManifestEntry(name, version, f"{name}-{version}-py3-none-any.whl", sha, len(data), True)
 
 
+def _computed(metrics: CoreMetrics) -> dict[str, float]:
+    """spk_delta_computations_total by result (the service's observer)."""
+    return {
+        r: metrics.registry.get_sample_value("spk_delta_computations_total", {"result": r}) or 0
+        for r in ("ready", "useless", "failed")
+    }
+
+
 def _release(env: StorageEnv, *entries: ManifestEntry) -> int:
     with database_proxy.atomic():
         view, _ = releases.publish_release(
@@ -169,11 +178,13 @@ async def test_service_computes_after_a_publish_offers_and_gc_removes_it(
     for data in (old, new):
         env.add_blob(data, created_at=0)
     service = DeltaService(env.database, env.registry, DeltaPolicy(level=3), tmp_path / "work")
+    service.observer = metrics = CoreMetrics()
     try:
         _release(env, e1)
         sequence = _release(env, e2)
         service.after_publish(sequence)
         await service.wait_idle()
+        assert _computed(metrics) == {"ready": 1, "useless": 0, "failed": 0}
         rows = list(DeltaPatch.select())
         assert [(r.base_sha256, r.target_sha256, r.status) for r in rows] == [
             (e1.sha256, e2.sha256, READY)
@@ -186,6 +197,8 @@ async def test_service_computes_after_a_publish_offers_and_gc_removes_it(
         assert [(o.target_sha256, o.base_sha256, o.patch_sha256) for o in offers] == [
             (e2.sha256, e1.sha256, patch)
         ]
+        assert offers[0].target_size == len(new)  # what the satellite saves is its difference
+        assert _computed(metrics)["ready"] == 1  # offered from the row, not computed again
         # Unknown bases, or a satellite holding nothing of the kind, get nothing.
         assert await service.offers([e2.sha256], ["f" * 64]) == []
 
@@ -214,6 +227,7 @@ async def test_service_computes_on_first_request_and_remembers_useless_pairs(
     for data in (a, b):
         env.add_blob(data, created_at=0)
     service = DeltaService(env.database, env.registry, DeltaPolicy(level=3), tmp_path / "work")
+    service.observer = metrics = CoreMetrics()
     try:
         _release(env, e1)
         _release(env, e2)  # no after_publish: the first request computes it
@@ -223,9 +237,30 @@ async def test_service_computes_on_first_request_and_remembers_useless_pairs(
         assert BlobRecord.select().where(BlobRecord.kind == BLOB_PATCH).count() == 0
         assert await service.offers([e2.sha256], [e1.sha256]) == []  # not computed again
         assert DeltaPatch.select().count() == 1
+        assert _computed(metrics) == {"ready": 0, "useless": 1, "failed": 0}
         # Computing it again (another instance did it too, say) replaces the row, no error.
         patches.record(patches.rows_for([e2.sha256])[(e2.sha256, e1.sha256)])
         assert DeltaPatch.select().count() == 1
+    finally:
+        await service.stop()
+        env.database.close()
+
+
+async def test_a_failed_computation_is_counted_and_not_retried_at_once(tmp_path: Path) -> None:
+    env = StorageEnv(tmp_path)
+    e1, e2 = _wheel_entry("big", "1.0", BASE), _wheel_entry("big", "2.0", TARGET)
+    for data in (BASE, TARGET):
+        env.add_blob(data, created_at=0)
+    env.fs.path_for(e2.sha256).write_bytes(TARGET[:-1] + b"!")  # a rotten copy in the store
+    service = DeltaService(env.database, env.registry, DeltaPolicy(level=3), tmp_path / "work")
+    service.observer = metrics = CoreMetrics()
+    try:
+        _release(env, e1)
+        _release(env, e2)
+        assert await service.offers([e2.sha256], [e1.sha256]) == []
+        assert await service.offers([e2.sha256], [e1.sha256]) == []  # within RETRY_SECONDS
+        assert _computed(metrics) == {"ready": 0, "useless": 0, "failed": 1}
+        assert DeltaPatch.select().count() == 0
     finally:
         await service.stop()
         env.database.close()

@@ -1,15 +1,22 @@
 """A real Prometheus server scrapes a real core and a real agent during installs and syncs; the
-series are asserted through Prometheus' HTTP API, and `promtool check metrics` lints both."""
+series are asserted through Prometheus' HTTP API, and `promtool check metrics` lints both.
+
+The releases are audited against the fake advisory service (alpha 1.0 has a high advisory,
+alpha 2.0 none) and alpha 2.0 shares a payload with 1.0, so the upgrade is served as a patch."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import pytest
 
 from shared.proto.scriptpkgs.v1 import admin_pb2 as apb
+from tests.advisory_server import FIXTURES, AdvisoryServer
 from tests.core_process import CoreProcess, eventually
 from tests.index_server import PackageIndex
 from tests.prometheus_server import PROMTOOL, Prometheus, metrics_url, promtool_check, scrape
@@ -17,6 +24,13 @@ from tests.satellite_process import SatelliteProcess
 from tests.wheelfactory import WheelSpec, build_wheel
 
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
+PAYLOAD = os.urandom(256 * 1024)  # incompressible, the same in both versions of alpha
+
+
+@pytest.fixture
+def adv() -> Iterator[AdvisoryServer]:
+    with AdvisoryServer(FIXTURES) as server:
+        yield server
 
 
 def _install(core: CoreProcess, *pins: tuple[str, str]) -> str:
@@ -36,10 +50,15 @@ def _at_least(prom: Prometheus, promql: str, wanted: float) -> float:
 
 
 def test_prometheus_scrapes_core_and_agent_during_install_and_sync(
-    tmp_path: Path, package_index: PackageIndex, wheel_dir: Path, satellites: list[SatelliteProcess]
+    tmp_path: Path,
+    package_index: PackageIndex,
+    wheel_dir: Path,
+    satellites: list[SatelliteProcess],
+    adv: AdvisoryServer,
 ) -> None:
     for version in ("1.0", "2.0"):
-        build_wheel(WheelSpec("alpha", version, requires=["beta==1.0"]), wheel_dir)
+        files = {"alpha/__init__.py": f"V = {version!r}\n".encode(), "alpha/data.bin": PAYLOAD}
+        build_wheel(WheelSpec("alpha", version, files=files, requires=["beta==1.0"]), wheel_dir)
     build_wheel(WheelSpec("beta", "1.0"), wheel_dir)
     core = CoreProcess(tmp_path / "core")
     core.extra_args = ["--metrics-listen", "127.0.0.1:0"]
@@ -47,6 +66,7 @@ def test_prometheus_scrapes_core_and_agent_during_install_and_sync(
     try:
         admin = core.admin()
         admin.SetRegistryConfig(apb.SetRegistryConfigRequest(index_url=package_index.url))
+        admin.SetAuditPolicy(apb.SetAuditPolicyRequest(source="osv", url=adv.url))
         first = _install(core, ("alpha", "1.0"))
         sat = SatelliteProcess(core, "sat-prom", tmp_path, "--metrics-listen", "127.0.0.1:0")
         satellites.append(sat.register().start())
@@ -56,8 +76,23 @@ def test_prometheus_scrapes_core_and_agent_during_install_and_sync(
         with Prometheus(tmp_path / "prom", targets) as prom:
             eventually(lambda: all(prom.targets_up().values()) and len(prom.targets_up()) == 2, 45)
             eventually(lambda: sat.current() == first, timeout=60)
+            # The first release's audit (after its publish): alpha 1.0's high advisory.
+            _at_least(prom, 'spk_audit_findings{severity="high"}', 1)
+            _at_least(prom, 'spk_audit_new_findings_total{severity="high"}', 1)
+            _at_least(prom, "spk_audit_last_checked_timestamp_seconds", 1.7e9)
+            _at_least(prom, "spk_audit_next_run_timestamp_seconds", 1.7e9)
+            assert prom.value("spk_audit_incomplete") == 0
             second = _install(core, ("alpha", "2.0"))  # scraped while it runs and syncs
             eventually(lambda: sat.current() == second, timeout=60)
+            # alpha 2.0 is clean, and came as a patch from 1.0.
+            eventually(lambda: prom.value('spk_audit_findings{severity="high"}') == 0, 45)
+            _at_least(prom, 'spk_delta_computations_total{result="ready"}', 1)
+            _at_least(prom, "spk_delta_offers_total", 1)
+            _at_least(prom, "spk_delta_offered_saved_bytes_total", len(PAYLOAD) // 2)
+            _at_least(prom, "spk_satellite_patches_used_total", 1)
+            _at_least(prom, "spk_satellite_pulled_wheel_bytes_total", len(PAYLOAD))
+            assert prom.value("spk_satellite_patch_fallbacks_total") == 0
+            assert prom.value("spk_satellite_store_gc_freed_bytes_total") is not None
             try:  # a refused call is counted with the code it really ended with
                 admin.AddPackage(apb.AddPackageRequest(name="alpha", version=">=1"))
             except grpc.RpcError as exc:
@@ -104,6 +139,11 @@ def test_prometheus_scrapes_core_and_agent_during_install_and_sync(
             _at_least(prom, 'spk_satellite_store_bytes{area="blobs"}', 1)
             _at_least(prom, "spk_satellite_current_tree_bytes", 1)
             _at_least(prom, 'spk_satellite_script_runs_finished_total{exit_code="0"}', 1)
+            # The run's record in runs.jsonl, followed by the agent (unsandboxed here).
+            _at_least(prom, 'spk_satellite_script_runs_recorded_total{sandboxed="false"}', 1)
+            _at_least(prom, "spk_satellite_script_run_duration_seconds_count", 1)
+            _at_least(prom, "spk_satellite_script_run_peak_memory_bytes_sum", 1)
+            assert prom.value('spk_satellite_script_runs_stopped_total{limit="timeout"}') == 0
             assert prom.value("spk_satellite_verification_failures_total") == 0
             _at_least(prom, 'process_resident_memory_bytes{job="core"}', 1)
             _at_least(prom, 'process_resident_memory_bytes{job="satellite"}', 1)
@@ -130,9 +170,17 @@ def test_metrics_are_off_unless_asked_for(core: CoreProcess) -> None:
 
 
 def test_alert_rules_pass_promtool() -> None:
-    rules = Path(__file__).resolve().parent.parent / "contrib" / "prometheus" / "spk-alerts.yml"
+    here = Path(__file__).resolve().parent
+    rules = here.parent / "contrib" / "prometheus" / "spk-alerts.yml"
     assert PROMTOOL, "promtool not installed (Debian package prometheus; .ci/run installs it)"
     out = subprocess.run(
         [PROMTOOL, "check", "rules", str(rules)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0 and "SUCCESS" in out.stdout, out.stdout + out.stderr
+    # The alerts fire on the series they are about, once (several core instances), labelled
+    # as documented: tests/data/spk-alerts-test.yml feeds them series and expects the alerts.
+    cases = here / "data" / "spk-alerts-test.yml"
+    out = subprocess.run(
+        [PROMTOOL, "test", "rules", str(cases)], capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 0 and "SUCCESS" in out.stdout, out.stdout + out.stderr

@@ -97,3 +97,40 @@ async def test_the_agent_follows_new_runs_into_its_log(
     assert "script run: /srv/job.py: exit 7 after 0.50 s" in caplog.text
     assert "stopped by the memory limit" in caplog.text
     assert "exit 3" not in caplog.text
+
+
+async def test_each_record_followed_is_handed_to_the_callback_as_parsed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen: list[dict[str, object]] = []
+    calls = 0
+
+    def count(record: dict[str, object]) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("exporter down")  # logged; the next records still arrive
+        seen.append(record)
+
+    logger = logging.getLogger("test.runs.counted")
+    task = asyncio.create_task(follow_run_log(tmp_path, logger, interval=0.02, on_record=count))
+    try:
+        with caplog.at_level(logging.INFO, logger="test.runs.counted"):
+            await asyncio.sleep(0.1)
+            log = RunLog(tmp_path)
+            log.append(outcome(exit_code=1))
+            with log.path.open("a") as f:  # anyone who can write the data dir may append
+                f.write('torn {"script\n42\n["a list"]\n')
+            log.append(outcome(exit_code=137, signal=9, stopped_by="timeout", sandbox=""))
+            for _ in range(100):
+                if seen:
+                    break
+                await asyncio.sleep(0.02)
+    finally:
+        task.cancel()
+    assert calls == 2  # the two records; the torn line and the non-objects are skipped
+    assert "counting a script run failed" in caplog.text
+    (record,) = seen
+    assert record["stopped_by"] == "timeout" and record["sandbox"] == ""
+    assert record["duration_seconds"] == 0.5 and record["peak_memory_bytes"] == 10 << 20
+    assert "exit 1 after" in caplog.text and "signal 9 after" in caplog.text

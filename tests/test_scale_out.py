@@ -17,6 +17,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from core.state.keys import SECRET_KEY_ENV
 from shared.proto.scriptpkgs.v1 import admin_pb2 as apb
@@ -24,6 +25,7 @@ from shared.proto.scriptpkgs.v1 import admin_pb2_grpc
 from tests.core_process import ADMIN_TOKEN, AdminClient, CoreProcess, eventually
 from tests.index_server import PackageIndex
 from tests.nginx_process import Nginx
+from tests.prometheus_server import metrics_url, scrape
 from tests.satellite_process import SatelliteProcess
 from tests.storage_servers import MotoS3
 from tests.tcp_proxy import TcpProxy
@@ -218,6 +220,14 @@ def test_blob_bytes_come_from_the_object_store_with_presigned_urls(
         d.close()
 
 
+def _metric(url: str, name: str) -> float:
+    """The sum of `name`'s samples in one scrape of `url`."""
+    text = scrape(url)
+    return sum(
+        s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name
+    )
+
+
 def test_blob_bytes_come_from_a_cdn_and_fall_back_to_the_core_when_it_is_gone(
     tmp_path: Path, package_index: PackageIndex, wheel_dir: Path, satellites: list[SatelliteProcess]
 ) -> None:
@@ -225,23 +235,33 @@ def test_blob_bytes_come_from_a_cdn_and_fall_back_to_the_core_when_it_is_gone(
     build_wheel(WheelSpec("zeta", "1.0"), wheel_dir)
     core = CoreProcess(tmp_path / "core")
     cdn = Nginx(tmp_path, blobs_root=core.data_dir)
-    core.extra_args = ["--blob-base-url", cdn.blob_base_url]
+    core.extra_args = ["--blob-base-url", cdn.blob_base_url, "--metrics-listen", "127.0.0.1:0"]
     core.start()
     cdn.start()
     try:
         admin = core.admin()
         first = _install(admin, package_index, ("eps", "1.0"))
-        sat = SatelliteProcess(core, "sat-cdn", tmp_path, *RETRY).register()
+        metrics = ("--metrics-listen", "127.0.0.1:0")
+        sat = SatelliteProcess(core, "sat-cdn", tmp_path, *RETRY, *metrics).register()
         satellites.append(sat.start())
         _converged(sat, first)
         gets = [line for line in cdn.access_log().splitlines() if ".whl" in line]
         assert gets and all(" 200 " in line or " 206 " in line for line in gets), gets
         assert all('"auth=-"' in line for line in gets)  # the satellite token stays home
         assert "1 from URLs" in sat.log()
+        core_url, sat_url = metrics_url(core.log()), metrics_url(sat.log())
+        assert core_url and sat_url
+        assert _metric(core_url, "spk_blob_locations_issued_total") == 1
+        # Counted once the agent has the result, a moment after its report.
+        eventually(lambda: _metric(sat_url, "spk_satellite_blobs_by_url_total") == 1)
+        assert _metric(sat_url, "spk_satellite_url_fallbacks_total") == 0
         cdn.stop()  # the CDN is gone: the next release comes through the core
         second = _install(admin, package_index, ("eps", "1.0"), ("zeta", "1.0"))
         _converged(sat, second)
         assert "falling back to the core" in sat.log()
+        assert _metric(core_url, "spk_blob_locations_issued_total") == 2
+        eventually(lambda: _metric(sat_url, "spk_satellite_url_fallbacks_total") == 1)
+        assert _metric(sat_url, "spk_satellite_blobs_by_url_total") == 1
     finally:
         cdn.stop()
         core.stop()

@@ -9,7 +9,14 @@ import logging
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from satellite.sync import Outcome, ReconcileDeps, StoreGcPolicy, reconcile_to_hash
+from satellite.sync import (
+    Outcome,
+    ReconcileDeps,
+    Reconciler,
+    StoreGcPolicy,
+    StoreGcReport,
+    reconcile_to_hash,
+)
 from satellite.sync.materialiser import PUBLISH_GROUP
 from shared import tags
 from shared.manifest import Manifest, ManifestEntry
@@ -168,6 +175,22 @@ async def test_store_gc_after_the_flip_keeps_the_previous_version_as_a_base(
     assert old.sha256 in world.store.blobs  # the delta base for the next upgrade
     assert old.sha256 not in world.store.pkgs  # but no tree needs it unpacked
     assert gone.sha256 not in world.store.blobs  # a distribution no tree uses any more
+
+
+async def test_a_scheduled_store_gc_pass_is_told_to_its_callback(world: World) -> None:
+    old, old_data = fake_package("big", "1.0", size=50_000)
+    first = world.publish((old, old_data))
+    reports: list[StoreGcReport] = []
+    async with Reconciler(world.deps, on_store_gc=reports.append) as reconciler:
+        reconciler.request(first.lockfile_hash)
+        flipped = await reconciler.wait_idle()
+        assert flipped is not None and flipped.store_gc is not None  # in the result, not here
+        assert reports == []
+        reconciler.request_gc(store=True)  # the agent's hourly timer
+        await reconciler.wait_idle()
+        reconciler.request_gc()  # tree GC only: no store pass, nothing told
+        await reconciler.wait_idle()
+    assert len(reports) == 1 and world.store.store_gc_calls == [StoreGcPolicy()] * 2
 
 
 async def test_a_patch_with_a_url_comes_from_it_and_the_wheel_keeps_its_url(world: World) -> None:

@@ -297,6 +297,8 @@ class DistributionService(distribution_pb2_grpc.PackageDistributionServicer):
         if self._urls is None or not self._urls.policy.enabled:
             return pb.GetBlobLocationsResponse()
         found = await self._db.run(self._urls.locate, list(request.sha256))
+        if self._metrics is not None:
+            self._metrics.blob_locations.inc(len(found))
         return pb.GetBlobLocationsResponse(
             locations=[
                 pb.BlobLocation(sha256=loc.sha256, url=loc.url, expires_at_unix=loc.expires_at)
@@ -313,6 +315,10 @@ class DistributionService(distribution_pb2_grpc.PackageDistributionServicer):
         if self._deltas is None:
             return pb.GetDeltasResponse()
         offers = await self._deltas.offers(wanted, bases)
+        if self._metrics is not None and offers:
+            self._metrics.delta_offers.inc(len(offers))
+            saved = sum(max(0, o.target_size - o.patch_size) for o in offers)
+            self._metrics.delta_offered_saving.inc(saved)
         return pb.GetDeltasResponse(
             deltas=[
                 pb.Delta(

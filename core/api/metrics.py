@@ -1,14 +1,16 @@
 """Every metric the core exposes, defined in one place on a registry passed in.
 
 Naming follows Prometheus conventions: `spk_` prefix, `_total` counters, `_seconds`, `_bytes`,
-base units. No label takes an unbounded value: never a satellite name, a hash or a package; the
-labels are `result`, `status`, `state` (fixed sets), `environment` (the admin's short list) and
-`backend` (filesystem | database | s3). Per-satellite detail is in `spk-core admin satellites
-list` and on each agent's own /metrics.
+base units. No label takes an unbounded value: never a satellite name, a hash, a URL or a
+package; the labels are `result`, `status`, `state`, `severity` (fixed sets), `environment` (the
+admin's short list) and `backend` (filesystem | database | s3). Per-satellite detail is in
+`spk-core admin satellites list` and on each agent's own /metrics.
 
-Counted where things happen (installs, blob streams, reports, subscriptions) or sampled from the
-database by core/app/metrics_runtime.py (fleet, releases, storage, GC, migration), whose gauges
-are set here through `FleetView` and friends.
+Counted where things happen (installs, blob streams, reports, subscriptions, blob URLs and delta
+offers, patch computations, new audit findings), through small hooks: the installer's
+`observer`, the DeltaService's `observer`, the server's FindingsCounter. What lives in the
+database (fleet, releases, storage, GC, migration, the desired release's audit) is sampled by
+core/app/metrics_runtime.py into the gauges defined here.
 """
 
 from __future__ import annotations
@@ -16,9 +18,13 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 from core.api.grpc_metrics import GrpcServerMetrics
+from core.state.audits import SEVERITIES
 
 INSTALL_BUCKETS = (1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 FLEET_STATES = ("converged", "syncing", "error", "unserved", "other")
+# How a patch computation ended (core.storage.deltas.DeltaObserver): stored and offered, not
+# worth keeping (too big, or too large a window), or an error (retried later).
+DELTA_RESULTS = ("ready", "useless", "failed")
 
 
 class CoreMetrics:
@@ -157,6 +163,60 @@ class CoreMetrics:
             "Bytes copied by the current or last migration.",
             registry=r,
         )
+        # ---- blob URLs and deltas (counted where they are handed out or computed) ----
+        self.blob_locations = Counter(
+            "spk_blob_locations_issued",
+            "Blob URLs (presigned or CDN) handed out by GetBlobLocations.",
+            registry=r,
+        )
+        self.delta_offers = Counter(
+            "spk_delta_offers", "Patches offered to satellites by GetDeltas.", registry=r
+        )
+        self.delta_offered_saving = Counter(
+            "spk_delta_offered_saved_bytes",
+            "Wheel bytes minus patch bytes of the patches offered: what satellites save on the"
+            " wire when they apply them (one that falls back pulls the whole wheel).",
+            registry=r,
+        )
+        self.delta_computations = Counter(
+            "spk_delta_computations",
+            "Patch computations by result: ready (stored, offered), useless (not worth keeping),"
+            " failed (retried later).",
+            ["result"],
+            registry=r,
+        )
+        # ---- audits: new findings counted as recorded; the rest sampled from the database ----
+        self.audit_new_findings = Counter(
+            "spk_audit_new_findings",
+            "Advisories new or worse than at the previous complete audit, by severity, as this"
+            " instance recorded them.",
+            ["severity"],
+            registry=r,
+        )
+        self.audit_findings = Gauge(
+            "spk_audit_findings",
+            "Advisories (ignored ones left out) in the latest audit of the desired release, by"
+            " severity; while that audit is incomplete, at least those of the last complete one.",
+            ["severity"],
+            registry=r,
+        )
+        self.audit_last_checked = Gauge(
+            "spk_audit_last_checked_timestamp_seconds",
+            "When the desired release was last audited (Unix time); 0 before its first audit.",
+            registry=r,
+        )
+        self.audit_incomplete = Gauge(
+            "spk_audit_incomplete",
+            "1 when the desired release has no complete audit: its latest audit's status is not"
+            " ok (the advisory source could not be checked) or it has none yet; 0 while auditing"
+            " is off.",
+            registry=r,
+        )
+        self.audit_next_run = Gauge(
+            "spk_audit_next_run_timestamp_seconds",
+            "When the desired release's next scheduled audit is due; 0 when none is scheduled.",
+            registry=r,
+        )
         self.sampled_at = Gauge(
             "spk_metrics_sampled_timestamp_seconds",
             "When the database-derived gauges above were last refreshed.",
@@ -166,6 +226,10 @@ class CoreMetrics:
             self.installs.labels(result)
         for status in ("syncing", "ready", "error"):
             self.sync_reports.labels(status)
+        for result in DELTA_RESULTS:
+            self.delta_computations.labels(result)
+        for severity in SEVERITIES:
+            self.audit_new_findings.labels(severity)
 
     # ---- the installer's observer (core.install.installer.InstallObserver) ----
     def install_started(self) -> None:
@@ -176,3 +240,12 @@ class CoreMetrics:
         self.install_running.set(0)
         self.installs.labels(result).inc()
         self.install_duration.labels(result).observe(seconds)
+
+    # ---- the DeltaService's observer (core.storage.deltas.DeltaObserver) ----
+    def delta_computed(self, result: str) -> None:
+        """`result` is one of DELTA_RESULTS."""
+        self.delta_computations.labels(result).inc()
+
+    # ---- a FindingsCounter listener (core.install.audit.FindingsCounter.subscribe) ----
+    def audit_finding(self, severity: str, count: int) -> None:
+        self.audit_new_findings.labels(severity).inc(count)

@@ -1,10 +1,10 @@
 """The core's /metrics: the HTTP server, and the gauges sampled from the database.
 
 Counters are counted where things happen (core/api/metrics.py). What lives in the database (the
-fleet, the desired release, storage, GC, migration) is sampled every `interval` seconds through
-the same servicer methods the admin API answers with, so a dashboard and `spk-core admin status`
-never disagree about what "converged" means. One sample is a handful of small queries on the
-database thread; with metrics off nothing here runs.
+fleet, the desired release and its latest audit, storage, GC, migration) is sampled every
+`interval` seconds through the same servicer methods the admin API answers with, so a dashboard
+and `spk-core admin status` never disagree about what "converged" means. One sample is a
+handful of small queries on the database thread; with metrics off nothing here runs.
 """
 
 from __future__ import annotations
@@ -15,11 +15,14 @@ import time
 
 from core.api.admin_service import AdminService
 from core.api.metrics import FLEET_STATES, CoreMetrics
+from core.state.audits import SEVERITIES
+from shared.errors import NotFound
 from shared.metrics_http import MetricsServer
 from shared.proto.scriptpkgs.v1 import admin_pb2 as pb
 
 log = logging.getLogger(__name__)
 SAMPLE_SECONDS = 5.0
+AUDIT_HISTORY = 10  # older audits searched for the last complete one
 
 
 class MetricsSampler:
@@ -58,6 +61,13 @@ class MetricsSampler:
         m.migration_done.set(mig.done)
         m.migration_total.set(mig.total)
         m.migration_bytes.set(mig.bytes)
+        try:  # the desired release's audits
+            audit: pb.GetAuditResponse | None = await a.GetAudit(
+                pb.GetAuditRequest(history=AUDIT_HISTORY), None
+            )
+        except NotFound:  # nothing published yet
+            audit = None
+        set_audit_gauges(m, audit, await a.GetAuditPolicy(pb.GetAuditPolicyRequest(), None))
         m.sampled_at.set(time.time())
 
     def _fleet(self, reply: pb.ListSatellitesResponse) -> None:
@@ -94,4 +104,31 @@ class MetricsSampler:
             await asyncio.sleep(interval)
 
 
-__all__ = ["MetricsSampler", "MetricsServer"]
+def set_audit_gauges(
+    m: CoreMetrics, audit: pb.GetAuditResponse | None, policy: pb.AuditPolicy
+) -> None:
+    """The audit gauges from GetAudit of the desired release (None: nothing published yet).
+
+    Findings are the latest audit's; while that one is incomplete, at least the last complete
+    one's, so an advisory source that is down does not clear a known finding.
+    """
+    has_latest = audit is not None and audit.HasField("latest")
+    audits = [audit.latest, *audit.history] if audit is not None and has_latest else []
+    latest = audits[0] if audits else None
+    last_complete = next((x for x in audits if x.status == "ok"), None)
+    counts = dict.fromkeys(SEVERITIES, 0)
+    for x in (latest, last_complete):
+        for c in x.counts if x is not None else ():
+            if c.severity in counts:  # a fixed set of labels, whatever the database holds
+                counts[c.severity] = max(counts[c.severity], c.count)
+    for severity, count in counts.items():
+        m.audit_findings.labels(severity).set(count)
+    m.audit_last_checked.set(latest.checked_at_unix if latest is not None else 0)
+    # Incomplete: published, but its latest audit did not reach the source (or none ran yet).
+    # Auditing turned off by policy is a choice, not an incomplete audit.
+    checked = latest is not None and latest.status == "ok"
+    m.audit_incomplete.set(0 if audit is None or checked or policy.source == "off" else 1)
+    m.audit_next_run.set(policy.next_run_unix)
+
+
+__all__ = ["MetricsSampler", "MetricsServer", "set_audit_gauges"]

@@ -28,7 +28,7 @@ from core.app.storage_runtime import StorageRuntime
 from core.fanout import notify
 from core.fanout.desired import load_desired
 from core.fanout.hub import Desired, Hub
-from core.install.audit import DAY_SECONDS, Auditor
+from core.install.audit import DAY_SECONDS, Auditor, FindingsCounter
 from core.install.install_state import recover_stale_install, remove_stale_work
 from core.install.installer import Installer
 from core.state import environments, lockfiles, tokens
@@ -186,6 +186,11 @@ class CoreServer:
         # Counted only when served: with metrics off no interceptor runs and no hook counts.
         self.metrics = CoreMetrics() if config.metrics_listen else None
         self.metrics_server: MetricsServer | None = None
+        # This server's new audit findings (not the module's AUDIT_FINDINGS, which every core
+        # of a process would share).
+        self.findings = FindingsCounter()
+        if self.metrics is not None:
+            self.findings.subscribe(self.metrics.audit_finding)
 
     async def start(self) -> None:
         try:
@@ -219,9 +224,10 @@ class CoreServer:
         await db.run(environments.ensure_default)
         self.hub.publish(await db.run(load_desired))
         store = storage.registry  # writes to the active backend, reads fall back across all
-        auditor = Auditor(db, box, cfg.audit_interval_seconds)
+        auditor = Auditor(db, box, cfg.audit_interval_seconds, findings=self.findings)
         stack.push_async_callback(auditor.close)  # after the installer's cancel (LIFO)
         self.deltas = deltas = DeltaService(db, store, cfg.deltas, cfg.data_dir / "deltas-tmp")
+        deltas.observer = self.metrics
         stack.push_async_callback(deltas.stop)
         self.installer = installer = Installer(
             db,

@@ -11,7 +11,9 @@
 Every audit is bounded by the policy's timeout; a source that is down, slow or broken gives an
 audit of status `unknown` with the reason, never an error and never a blocked install. An
 advisory that is new, or worse, than at the last complete audit is logged once and counted in
-AUDIT_FINDINGS (the hook for metrics: `AUDIT_FINDINGS.subscribe(callback)`).
+the auditor's FindingsCounter (the hook for metrics: `subscribe(callback)`); each CoreServer
+passes its own, so cores sharing a process do not count each other's. AUDIT_FINDINGS is the
+default for an Auditor built without one.
 """
 
 from __future__ import annotations

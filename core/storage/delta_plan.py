@@ -48,6 +48,7 @@ class Offer:
     patch_sha256: str
     patch_size: int
     window_log: int
+    target_size: int = 0  # the wheel's: what the satellite would pull without the patch
 
 
 def _version(text: str) -> Version | None:
@@ -119,6 +120,7 @@ def plan_offers(
                         row.patch_sha256,
                         row.patch_size,
                         row.window_log,
+                        target.size,
                     )
                 )
                 break

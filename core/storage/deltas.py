@@ -12,6 +12,7 @@ blobs (a pair still computing when the wait ends is simply not offered this time
 stored content-addressed through the same BlobStore as wheels (its index row has kind `patch`),
 so backends, migration and GetBlobLocations handle it like any blob; GC (gc.py) removes a patch
 once its target is gone. A failure is logged and retried no sooner than RETRY_SECONDS later.
+Each computation's end is told to `observer` (core/api/metrics.py counts them).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Protocol
 
 from core.state import patches
 from core.state.db import Database
@@ -41,6 +43,13 @@ RETRY_SECONDS = 600.0
 MAX_PER_REQUEST = 4096
 
 
+class DeltaObserver(Protocol):
+    """Told how each patch computation ended: ready (stored, offered), useless (computed or
+    judged too big to keep), failed (an error; retried later)."""
+
+    def delta_computed(self, result: str) -> None: ...
+
+
 class DeltaService:
     def __init__(self, db: Database, store: BlobStore, policy: DeltaPolicy, work_dir: Path) -> None:
         self.policy = policy
@@ -54,6 +63,7 @@ class DeltaService:
         self._failed: dict[tuple[str, str], float] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._dropped_logged = False
+        self.observer: DeltaObserver | None = None
         # Temp files of an earlier process (killed while storing a patch); ours are unique.
         for leftover in work_dir.glob("delta-*") if work_dir.is_dir() else []:
             with contextlib.suppress(OSError):
@@ -77,7 +87,12 @@ class DeltaService:
             if row is not None and worth_offering(row, self.policy):
                 offers.append(
                     Offer(
-                        target.sha256, base.sha256, row.patch_sha256, row.patch_size, row.window_log
+                        target.sha256,
+                        base.sha256,
+                        row.patch_sha256,
+                        row.patch_size,
+                        row.window_log,
+                        target.size,
                     )
                 )
         return offers
@@ -148,6 +163,8 @@ class DeltaService:
             await self._db.run(patches.record, row, backend)
         except Exception as exc:
             self._failed[key] = time.monotonic()
+            if self.observer is not None:
+                self.observer.delta_computed("failed")
             log.warning(
                 "delta %s -> %s failed (retried in %d s): %s",
                 base.filename or base.sha256[:12],
@@ -158,6 +175,8 @@ class DeltaService:
             return None
         self._failed.pop(key, None)
         self._dropped_logged = False
+        if self.observer is not None:
+            self.observer.delta_computed("ready" if row.status == READY else "useless")
         if row.status == READY:
             log.info(
                 "delta %s -> %s: %d bytes (%.1f%% of %d) in %d ms",

@@ -7,7 +7,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from satellite.sync.ports import ReconcileDeps
+from satellite.sync.ports import ReconcileDeps, StoreGcReport
 from satellite.sync.reconciler import collect_store, collect_trees, reconcile_to_hash, repair_tree
 from satellite.sync.results import ReconcileResult
 
@@ -23,7 +23,8 @@ class Reconciler:
     after a newer one was asked for. `request_repair()` queues drift repair of `current`, done
     by the same worker so it never races a reconcile. `request_gc()` queues a GC pass and
     nothing else (the agent's timers: a tree retired while a run pinned it goes once unpinned;
-    `store=True` also collects blobs/ and pkgs/).
+    `store=True` also collects blobs/ and pkgs/, and tells `on_store_gc` what it did; the pass
+    after a flip is in the reconcile's result instead).
 
     The worker ends only when shut down or when it dies of an error a reconcile does not catch
     (reading `current` failed, say): then `start()`'s task holds that error, `wait_idle()`
@@ -34,9 +35,11 @@ class Reconciler:
         self,
         deps: ReconcileDeps,
         on_result: Callable[[ReconcileResult], None] | None = None,
+        on_store_gc: Callable[[StoreGcReport], None] | None = None,
     ) -> None:
         self._deps = deps
         self._on_result = on_result
+        self._on_store_gc = on_store_gc
         self._desired: str | None = None
         self._requested = 0  # generation of the newest request
         self._handled = 0  # generation the worker has finished
@@ -108,8 +111,12 @@ class Reconciler:
                 store, self._gc, self._store_gc = self._store_gc, False, False
                 if not reconcile:  # a reconcile runs the same tree GC after its flip
                     await collect_trees(self._deps)
-                if store:
-                    await collect_store(self._deps)
+                report = await collect_store(self._deps) if store else None
+                if report is not None and self._on_store_gc is not None:
+                    try:
+                        self._on_store_gc(report)
+                    except Exception:
+                        log.exception("store GC callback failed")
             async with self._idle:
                 self._handled = generation
                 self._idle.notify_all()
