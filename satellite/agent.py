@@ -98,6 +98,7 @@ class AgentConfig:
     # before GetDeltas); the largest zstd window (2**N bytes of memory) a patch may ask for.
     deltas: bool = True
     max_window_log: int = DEFAULT_MAX_WINDOW_LOG
+    delta_wait_seconds: float | None = None  # None: by the measured link (sync/link_rate.py)
     # GC of blobs/ and pkgs/ after each flip and every store_gc.interval_seconds.
     store_gc: StoreGcPolicy = field(default_factory=StoreGcPolicy)
     # Tree GC also runs on this timer, not only after a flip: a superseded tree that a script
@@ -252,6 +253,7 @@ class Agent:
                     tree_grace_seconds=cfg.tree_grace_seconds,
                     deltas=cfg.deltas,
                     max_window_log=cfg.max_window_log,
+                    delta_wait_seconds=cfg.delta_wait_seconds,
                     store_gc=cfg.store_gc,
                 )
                 reconciler = Reconciler(

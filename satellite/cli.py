@@ -92,6 +92,15 @@ def _parser() -> argparse.ArgumentParser:
         help="refuse patches needing a zstd window above 2**N bytes of memory (default 27)",
     )
     agent.add_argument(
+        "--delta-wait",
+        type=_delta_wait,
+        default=None,
+        metavar="SECONDS|auto",
+        help="how long the core may wait for a patch it is still computing (default auto:"
+        " half the time this host's measured link needs for the whole wheels; the core caps"
+        " it at its --delta-wait-seconds)",
+    )
+    agent.add_argument(
         "--keep-delta-bases",
         type=int,
         default=1,
@@ -175,6 +184,18 @@ def _size(text: str) -> int:
     return int(value * _UNITS[unit])
 
 
+def _delta_wait(text: str) -> float | None:
+    if text == "auto":
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither seconds nor 'auto'") from None
+    if not 0 <= seconds <= 3600:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 3600 seconds, got {text}")
+    return seconds
+
+
 def _read(path: Path, flag: str) -> bytes:
     try:
         return path.read_bytes()
@@ -252,6 +273,7 @@ async def _agent(args: argparse.Namespace) -> int:
         blob_base_url=args.blob_base_url,
         deltas=not args.no_deltas,
         max_window_log=args.delta_max_window_log,
+        delta_wait_seconds=args.delta_wait,
         store_gc=StoreGcPolicy(
             enabled=not args.no_store_gc,
             keep_bases=max(0, args.keep_delta_bases),

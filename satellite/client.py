@@ -241,7 +241,9 @@ class GrpcCoreClient:
             found.update({loc.sha256: loc.url for loc in reply.locations if loc.url})
         return found
 
-    async def deltas(self, wanted: Sequence[str], bases: Sequence[str]) -> dict[str, DeltaOffer]:
+    async def deltas(
+        self, wanted: Sequence[str], bases: Sequence[str], max_wait_ms: int | None = None
+    ) -> dict[str, DeltaOffer]:
         """Patches for blobs this satellite lacks; {} from a core older than GetDeltas."""
         found: dict[str, DeltaOffer] = {}
         held = list(bases[:DELTAS_PER_CALL])  # nearest versions first: the tail matters least
@@ -249,7 +251,9 @@ class GrpcCoreClient:
             try:
                 reply = await self._stub.GetDeltas(
                     pb.GetDeltasRequest(
-                        wanted=list(wanted[start : start + DELTAS_PER_CALL]), bases=held
+                        wanted=list(wanted[start : start + DELTAS_PER_CALL]),
+                        bases=held,
+                        max_wait_ms=max_wait_ms,
                     ),
                     metadata=self._metadata,
                     timeout=DELTAS_TIMEOUT,

@@ -110,6 +110,7 @@ class FakeCore:
         self.location_calls: list[list[str]] = []
         self.offers: dict[str, DeltaOffer] = {}  # target sha256 -> what deltas() offers
         self.delta_calls: list[tuple[list[str], list[str]]] = []
+        self.delta_waits: list[int | None] = []
         self.deltas_unimplemented = False  # an older core: deltas() answers nothing
 
     def offer_patch(self, base: bytes, target: bytes, corrupt: bool = False) -> DeltaOffer:
@@ -168,8 +169,11 @@ class FakeCore:
         self.location_calls.append(list(sha256s))
         return {s: self.locations[s] for s in sha256s if s in self.locations}
 
-    async def deltas(self, wanted: Sequence[str], bases: Sequence[str]) -> dict[str, DeltaOffer]:
+    async def deltas(
+        self, wanted: Sequence[str], bases: Sequence[str], max_wait_ms: int | None = None
+    ) -> dict[str, DeltaOffer]:
         self.delta_calls.append((list(wanted), list(bases)))
+        self.delta_waits.append(max_wait_ms)
         if self.deltas_unimplemented:
             return {}
         held = set(bases)

@@ -246,6 +246,28 @@ async def test_service_computes_on_first_request_and_remembers_useless_pairs(
         env.database.close()
 
 
+async def test_a_satellite_bound_of_zero_is_not_kept_waiting_and_the_computation_goes_on(
+    tmp_path: Path,
+) -> None:
+    env = StorageEnv(tmp_path)
+    e1, e2 = _wheel_entry("big", "1.0", BASE), _wheel_entry("big", "2.0", TARGET)
+    for data in (BASE, TARGET):
+        env.add_blob(data, created_at=0)
+    service = DeltaService(env.database, env.registry, DeltaPolicy(level=3), tmp_path / "work")
+    try:
+        _release(env, e1)
+        _release(env, e2)
+        # A fast link's satellite: whole wheels beat any wait, so none is offered yet ...
+        assert await service.offers([e2.sha256], [e1.sha256], max_wait=0) == []
+        await service.wait_idle()
+        # ... but the computation it started is kept for the next sync (or satellite).
+        offers = await service.offers([e2.sha256], [e1.sha256], max_wait=0)
+        assert [(o.target_sha256, o.base_sha256) for o in offers] == [(e2.sha256, e1.sha256)]
+    finally:
+        await service.stop()
+        env.database.close()
+
+
 async def test_a_failed_computation_is_counted_and_not_retried_at_once(tmp_path: Path) -> None:
     env = StorageEnv(tmp_path)
     e1, e2 = _wheel_entry("big", "1.0", BASE), _wheel_entry("big", "2.0", TARGET)

@@ -9,6 +9,7 @@ and an agent that never asks for deltas (as older agents) still gets whole wheel
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sqlite3
 import textwrap
@@ -93,12 +94,16 @@ def test_upgrade_uses_a_patch_and_a_tampered_patch_falls_back(
     wheels = {v: _big(v, wheel_dir) for v in ("1.0", "2.0", "3.0")}
     admin = core.admin()
     first = _install(admin, "1.0")
-    sat = SatelliteProcess(core, "sat-delta", tmp_path).register().start()
+    # Told to wait for patches as a host on a slow link would (on loopback, left to measure
+    # its link, it would rightly pull the wheel rather than wait for the computation).
+    sat = SatelliteProcess(core, "sat-delta", tmp_path, "--delta-wait", "30").register().start()
     old = SatelliteProcess(core, "sat-old", tmp_path, "--no-deltas").register().start()
     satellites += [sat, old]
     row = _converged(sat, first)
     assert row.last_pull_patches == 0 and row.last_pull_bytes == wheels["1.0"].stat().st_size
     _converged(old, first)
+    state = json.loads((old.data_dir / "state.json").read_text())
+    assert state["pull_bytes_per_second"] > 0  # measured on the first pull, kept for restarts
 
     # 1.0 -> 2.0: the core computes the patch after the publish; the satellite waits for it.
     second = _install(admin, "2.0")
@@ -182,7 +187,14 @@ def test_store_stays_under_the_cap_over_many_upgrades_and_each_uses_a_patch(
     admin = core.admin()
     first = _install(admin, versions[0])
     sat = SatelliteProcess(
-        core, "sat-bound", tmp_path, "--no-drift-watch", "--max-store-bytes", str(cap)
+        core,
+        "sat-bound",
+        tmp_path,
+        "--no-drift-watch",
+        "--max-store-bytes",
+        str(cap),
+        "--delta-wait",
+        "30",
     )
     satellites.append(sat.register().start())
     _converged(sat, first)

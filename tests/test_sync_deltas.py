@@ -17,6 +17,7 @@ from satellite.sync import (
     StoreGcReport,
     reconcile_to_hash,
 )
+from satellite.sync.link_rate import patch_wait_ms
 from satellite.sync.materialiser import PUBLISH_GROUP
 from shared import tags
 from shared.manifest import Manifest, ManifestEntry
@@ -92,6 +93,36 @@ async def test_an_upgrade_pulls_a_patch_and_reports_wire_and_wheel_bytes(world: 
     )
     assert world.store.blobs[new.sha256]  # the result, verified against the manifest entry
     assert not world.store.patches  # applied, then gone
+
+
+async def test_the_wait_for_patches_follows_the_link_this_satellite_measured(
+    world: World,
+) -> None:
+    big, big_data = fake_package("big", "1.0", size=3 * 1024 * 1024)
+    first = world.publish((big, big_data))
+    assert (await reconcile_to_hash(first.lockfile_hash, world.deps)).ok
+    rate = world.store.state.pull_bytes_per_second
+    assert rate > 0  # measured on the 3 MiB pull, kept in the agent state
+    new, new_data = upgraded_package(big, big_data, "2.0")
+    world.core.offer_patch(big_data, new_data)
+    second = world.publish((new, new_data), sequence=2)
+    assert (await reconcile_to_hash(second.lockfile_hash, world.deps)).ok
+    assert world.core.delta_waits == [patch_wait_ms(rate, new.size)]
+
+    # A fixed --delta-wait overrides the measurement.
+    newer, newer_data = upgraded_package(new, new_data, "3.0")
+    third = world.publish((newer, newer_data), sequence=3)
+    fixed = dataclasses.replace(world.deps, delta_wait_seconds=7.0)
+    assert (await reconcile_to_hash(third.lockfile_hash, fixed)).ok
+    assert world.core.delta_waits[-1] == 7000
+
+
+async def test_an_agent_that_never_measured_its_link_leaves_the_wait_to_the_core(
+    world: World,
+) -> None:
+    await _upgrade(world)  # 200 kB pulled: too little to measure bandwidth by
+    assert world.store.state.pull_bytes_per_second == 0
+    assert world.core.delta_waits == [None]
 
 
 async def test_a_corrupt_patch_falls_back_to_the_whole_wheel_and_says_so(

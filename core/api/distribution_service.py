@@ -314,7 +314,9 @@ class DistributionService(distribution_pb2_grpc.PackageDistributionServicer):
         bases = [check_sha256(s) for s in request.bases]
         if self._deltas is None:
             return pb.GetDeltasResponse()
-        offers = await self._deltas.offers(wanted, bases)
+        # The satellite's bound (its link's time for the whole wheels); the core's caps it.
+        wait = request.max_wait_ms / 1000 if request.HasField("max_wait_ms") else None
+        offers = await self._deltas.offers(wanted, bases, wait)
         if self._metrics is not None and offers:
             self._metrics.delta_offers.inc(len(offers))
             saved = sum(max(0, o.target_size - o.patch_size) for o in offers)

@@ -3,7 +3,8 @@
     after_publish(sequence)   background: patches from the previous release's wheels (the bases
                               satellites most likely hold) to the ones this release changed
     offers(wanted, bases)     GetDeltas: what the planner (delta_plan.py) picks; pairs never
-                              computed are computed now, waited for up to `wait_seconds`
+                              computed are computed now, waited for up to `wait_seconds` or
+                              the satellite's own bound (its link's time for the wheels)
 
 Bounds: `workers` computations at once, in a thread pool of that size (zstd releases the GIL);
 each holds the base, the target and zstd's tables for a window of at most 2**max_window_log
@@ -71,17 +72,26 @@ class DeltaService:
 
     # ---- GetDeltas ----
 
-    async def offers(self, wanted: Sequence[str], bases: Sequence[str]) -> list[Offer]:
+    async def offers(
+        self, wanted: Sequence[str], bases: Sequence[str], max_wait: float | None = None
+    ) -> list[Offer]:
+        """Offers for `wanted` from `bases`; pairs still computing are waited for up to the
+        policy's wait, or `max_wait` (the asker's bound) when that is shorter."""
         if not self.policy.enabled or not wanted or not bases:
             return []
         targets, held, rows = await self._db.run(self._load, list(wanted), list(bases))
         offers, compute = plan_offers(targets, held, rows, self.policy)
         scheduled = [(b, t, self._schedule(b, t)) for b, t in compute]
         running = [(b, t, task) for b, t, task in scheduled if task is not None]
-        if not running or self.policy.wait_seconds <= 0:
+        wait = (
+            self.policy.wait_seconds
+            if max_wait is None
+            else min(max_wait, self.policy.wait_seconds)
+        )
+        if not running or wait <= 0:
             return offers
         # Wait without cancelling: the computation goes on for the next satellite if we give up.
-        await asyncio.wait([task for *_, task in running], timeout=self.policy.wait_seconds)
+        await asyncio.wait([task for *_, task in running], timeout=wait)
         for base, target, task in running:
             row = task.result() if task.done() and not task.cancelled() else None
             if row is not None and worth_offering(row, self.policy):

@@ -186,7 +186,7 @@ class SatelliteStore:
 
     def tree_manifest(self, lockfile_hash: str) -> Manifest:
         """The manifest a tree was built from, read offline from its `.spk-tree.json`."""
-        return self.trees.meta(lockfile_hash).manifest
+        return self.trees.manifest(lockfile_hash)
 
     def verify_tree(self, lockfile_hash: str) -> list[str]:
         return self.trees.verify(lockfile_hash)

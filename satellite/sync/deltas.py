@@ -12,7 +12,7 @@ pulled instead.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from satellite.sync.fetch import BlobRef, Sources, fetch_blob
 from satellite.sync.ports import BlobSource, DeltaOffer, PackageStore
@@ -28,8 +28,11 @@ async def find_deltas(
     store: PackageStore,
     core: BlobSource,
     max_window_log: int,
+    wait: Callable[[int], int | None] = lambda _bytes: None,
 ) -> tuple[list[ManifestEntry], dict[str, DeltaOffer]]:
-    """(the entries whose blob is not held, the usable offers for them by target sha256)."""
+    """(the entries whose blob is not held, the usable offers for them by target sha256).
+    `wait(wheel_bytes)`: how long the core may wait for patches being computed (None: its own
+    default), given the bytes of wheels they would replace."""
     if not missing:
         return [], {}
     held = await store.delta_bases(missing)
@@ -38,7 +41,8 @@ async def find_deltas(
     if not to_fetch or not held.bases:
         return to_fetch, {}
     try:
-        offers = await core.deltas([e.sha256 for e in to_fetch], list(held.bases))
+        wait_ms = wait(sum(e.size for e in to_fetch))
+        offers = await core.deltas([e.sha256 for e in to_fetch], list(held.bases), wait_ms)
     except SpkError as exc:
         log.warning("asking the core for deltas failed (%s); pulling whole wheels", exc)
         return to_fetch, {}

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from satellite.sync.deltas import find_deltas, pull_via_patch
 from satellite.sync.fetch import (
@@ -61,13 +61,14 @@ async def plan_sources(
     base_url: str,
     deltas: bool,
     max_window_log: int,
+    delta_wait: Callable[[int], int | None] = lambda _bytes: None,
 ) -> Sources:
     """Everything a sync asks the core before pulling: patches (one GetDeltas), then URLs for
     what may be fetched (one GetBlobLocations): the patches and the whole blobs (those too that
     come as patches: a patch that fails falls back to the blob, from its URL where it has one)."""
     if not deltas:
         return Sources(core, urls, await find_locations(missing, core, urls, base_url))
-    to_fetch, offers = await find_deltas(missing, store, core, max_window_log)
+    to_fetch, offers = await find_deltas(missing, store, core, max_window_log, delta_wait)
     fetched: list[HasSha] = list(to_fetch)
     fetched += [BlobRef(o.patch_sha256, o.patch_size, "patch") for o in offers.values()]
     locations = await find_locations(fetched, core, urls, base_url)
@@ -205,6 +206,13 @@ async def obtain_blob(
     entry: ManifestEntry, store: PackageStore, sources: Sources, progress: Progress
 ) -> None:
     """The entry's blob into the store: from a patch where one is offered, else whole."""
+    with progress.pull_clock.pulling():
+        await _obtain_blob(entry, store, sources, progress)
+
+
+async def _obtain_blob(
+    entry: ManifestEntry, store: PackageStore, sources: Sources, progress: Progress
+) -> None:
     offer = sources.deltas.get(entry.sha256)
     if offer is not None:
         if await pull_via_patch(entry, offer, store, sources, progress):

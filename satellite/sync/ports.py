@@ -104,6 +104,7 @@ class AgentState:
     status: str = ""  # a SyncStatus value of the last reconcile
     error: str = ""  # the last reconcile's error, "" when it succeeded
     highest_sequence: int = 0  # highest manifest sequence ever flipped to (rollback guard)
+    pull_bytes_per_second: float = 0.0  # this host's measured pull rate (0: not yet measured)
     updated_at_unix: float = 0.0
 
 
@@ -125,9 +126,12 @@ class BlobSource(Protocol):
         itself; {} when it offers none (or is older than this call)."""
         ...
 
-    async def deltas(self, wanted: Sequence[str], bases: Sequence[str]) -> dict[str, DeltaOffer]:
+    async def deltas(
+        self, wanted: Sequence[str], bases: Sequence[str], max_wait_ms: int | None = None
+    ) -> dict[str, DeltaOffer]:
         """Patches for `wanted` blobs from `bases` this satellite holds, by target sha256; {}
-        when the core has none (or is older than this call)."""
+        when the core has none (or is older than this call). `max_wait_ms`: how long the core
+        may wait for patches still being computed (None: the core's own default)."""
         ...
 
 
@@ -303,4 +307,7 @@ class ReconcileDeps:
     # as agents before GetDeltas did); a patch needing a larger zstd window is refused.
     deltas: bool = True
     max_window_log: int = DEFAULT_MAX_WINDOW_LOG
+    # How long the core may wait for patches being computed: None measures the link (see
+    # satellite/sync/link_rate.py), a number fixes it (seconds; the core caps it at its own).
+    delta_wait_seconds: float | None = None
     store_gc: StoreGcPolicy = StoreGcPolicy()

@@ -8,7 +8,8 @@ production one satellite.store.AsyncStore), `deps.core` (satellite/client.py) an
     nothing desired -> report READY, touch nothing
     current == target -> report READY, tree GC
     report SYNCING -> manifest -> verify (hash, signature, sequence, wheel tags)
-      -> ask for patches (one GetDeltas) and URLs (one GetBlobLocations)
+      -> ask for patches (one GetDeltas, waiting for ones being computed only about as long as
+         this host's link needs for the whole wheels) and URLs (one GetBlobLocations)
       -> per package, concurrently: pull the blob if missing (a patch where offered, verified
          like the whole blob; resumes) -> unpack -> publish in groups
       -> assemble the tree -> still the newest request? -> flip -> retire others
@@ -26,6 +27,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import replace
 
+from satellite.sync.link_rate import patch_wait_ms, updated_rate
 from satellite.sync.materialiser import ensure_pkgs, is_expected, plan_sources
 from satellite.sync.ports import ReconcileDeps, StoreGcReport, SyncReport, SyncStatus
 from satellite.sync.results import Outcome, Progress, ReconcileResult, make_result, sync_report
@@ -40,8 +42,16 @@ class _Superseded(Exception):
     pass
 
 
+def _delta_wait(deps: ReconcileDeps, rate: float) -> Callable[[int], int | None]:
+    """How long the core may wait for patches, by the bytes of wheels they would replace."""
+    fixed = deps.delta_wait_seconds
+    if fixed is not None:
+        return lambda _bytes: int(1000 * fixed)
+    return lambda wheel_bytes: patch_wait_ms(rate, wheel_bytes)
+
+
 async def _materialise_pkgs(
-    entries: tuple[ManifestEntry, ...], deps: ReconcileDeps, progress: Progress
+    entries: tuple[ManifestEntry, ...], deps: ReconcileDeps, progress: Progress, rate: float
 ) -> None:
     # Without URLs or deltas nothing is asked: the core streams every blob, as it always did.
     asks = deps.urls is not None or deps.deltas
@@ -54,6 +64,7 @@ async def _materialise_pkgs(
         deps.blob_base_url,
         deps.deltas,
         deps.max_window_log,
+        _delta_wait(deps, rate),
     )
     await ensure_pkgs(
         entries,
@@ -102,7 +113,7 @@ async def reconcile_to_hash(
         state = await deps.state.load_state()
         _check_manifest(manifest, target, state.highest_sequence, deps)
         if not await trees.has_tree(target):
-            await _materialise_pkgs(manifest.entries, deps, progress)
+            await _materialise_pkgs(manifest.entries, deps, progress, state.pull_bytes_per_second)
             if not still_wanted():
                 raise _Superseded
             await trees.assemble_tree(manifest)
@@ -133,6 +144,9 @@ async def reconcile_to_hash(
         status=SyncStatus.READY,
         error="",
         highest_sequence=max(state.highest_sequence, manifest.sequence),
+        pull_rate=updated_rate(
+            state.pull_bytes_per_second, progress.bytes_pulled, progress.pull_clock.busy_seconds
+        ),
     )
     try:
         await trees.retire_others(deps.wall_clock())
@@ -203,7 +217,8 @@ async def repair_tree(lockfile_hash: str, deps: ReconcileDeps) -> ReconcileResul
                 # Swapped in whole: trees link into the package, so discarding it first would
                 # leave the current tree with a hole until the rebuild.
                 await pkgs.replace_pkg(entry)
-        await _materialise_pkgs(manifest.entries, deps, progress)
+        rate = (await deps.state.load_state()).pull_bytes_per_second
+        await _materialise_pkgs(manifest.entries, deps, progress, rate)
         await trees.assemble_tree(manifest, replace=True)
         progress.tree_built = True
     except Exception as exc:
@@ -293,6 +308,7 @@ async def _record(
     error: str,
     desired_hash: str | None = None,
     highest_sequence: int | None = None,
+    pull_rate: float | None = None,
 ) -> None:
     """Update the agent state (None keeps a field); bookkeeping, so a failure is only logged."""
     try:
@@ -302,6 +318,8 @@ async def _record(
             new = replace(new, desired_hash=desired_hash)
         if highest_sequence is not None:
             new = replace(new, highest_sequence=highest_sequence)
+        if pull_rate is not None:
+            new = replace(new, pull_bytes_per_second=pull_rate)
         if new != old:
             await deps.state.save_state(replace(new, updated_at_unix=deps.wall_clock()))
     except Exception as exc:

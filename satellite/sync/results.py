@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from satellite.sync.link_rate import PullClock
 from satellite.sync.ports import StoreGcReport, SyncReport, SyncStatus
 
 
@@ -31,6 +32,7 @@ class Progress:
     wheel_bytes: int = 0  # the blobs those pulls produced (bytes_pulled: on the wire)
     patches_used: int = 0  # of blobs_pulled: made from a binary delta
     patch_fallbacks: int = 0  # patches that failed: the whole blob was pulled instead
+    pull_clock: PullClock = field(default_factory=PullClock)  # the link rate's sample
 
 
 @dataclass(frozen=True)

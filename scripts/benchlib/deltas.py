@@ -306,8 +306,17 @@ def _store_bound(bench: Bench, index: PackageIndex) -> None:
     one = (size + 4096) * 2  # a version's blob + its unpacked package, about
     cap = 4 * one
     core = BenchCore(root / "core").start()
+    # Waits for each patch as a host on a slow link does (left to measure loopback, it would
+    # rightly pull the wheel while the core computes); figure 9's sync part covers both.
     sat = SatelliteProcess(  # type: ignore[arg-type]
-        core, "store-bound", root, "--no-drift-watch", "--max-store-bytes", str(cap)
+        core,
+        "store-bound",
+        root,
+        "--no-drift-watch",
+        "--max-store-bytes",
+        str(cap),
+        "--delta-wait",
+        "30",
     )
     sizes: list[int] = []
     wire = wheels_total = 0

@@ -361,6 +361,12 @@ class GetDeltasRequest(_message.Message):
 
     WANTED_FIELD_NUMBER: _builtins.int
     BASES_FIELD_NUMBER: _builtins.int
+    MAX_WAIT_MS_FIELD_NUMBER: _builtins.int
+    max_wait_ms: _builtins.int
+    """How long the satellite will wait for patches still being computed: about as long as its
+    link needs for the whole wheels, since a later patch must beat them. Absent: the core's
+    --delta-wait-seconds; the core never waits longer than that.
+    """
     @_builtins.property
     def wanted(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """blobs the satellite lacks (at most 4096)"""
@@ -374,12 +380,15 @@ class GetDeltasRequest(_message.Message):
         *,
         wanted: _abc.Iterable[_builtins.str] | None = ...,
         bases: _abc.Iterable[_builtins.str] | None = ...,
+        max_wait_ms: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_wait_ms", b"_max_wait_ms", "max_wait_ms", b"max_wait_ms"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bases", b"bases", "wanted", b"wanted"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_wait_ms", b"_max_wait_ms", "bases", b"bases", "max_wait_ms", b"max_wait_ms", "wanted", b"wanted"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__max_wait_ms: _TypeAlias = _typing.Literal["max_wait_ms"]  # noqa: Y015
+    _WhichOneofArgType__max_wait_ms: _TypeAlias = _typing.Literal["_max_wait_ms", b"_max_wait_ms"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_wait_ms) -> _WhichOneofReturnType__max_wait_ms | None: ...
 
 Global___GetDeltasRequest: _TypeAlias = GetDeltasRequest  # noqa: Y015
 
