@@ -3,7 +3,7 @@
 gRPC's own receive limit answers RESOURCE_EXHAUSTED ("received message larger than max")
 without saying which field was at fault, and what a careless client sent by mistake (a file
 pasted as a package name) deserves INVALID_ARGUMENT naming the field. So the transport limit is
-generous (server.MAX_RECEIVE, 16 MiB) and this check is the real one: no request of ours needs
+generous (grpc_server.MAX_RECEIVE, 16 MiB) and this check is the real one: no request of ours needs
 more than REQUEST_BYTES in all, or more than STRING_BYTES in one string.
 """
 

@@ -15,14 +15,19 @@ from typing import Any
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
-from grpc_reflection.v1alpha import reflection_pb2 as refl_pb2
 
 from core.api.admin_service import AdminService
 from core.api.auth import AuthInterceptor, TransportPolicy
 from core.api.distribution_service import DistributionService
 from core.api.metrics import CoreMetrics
 from core.api.release_tools import ReleaseTools
+from core.app.grpc_server import (
+    SERVER_OPTIONS,
+    SERVICE_NAMES,
+    add_reflection,
+    registered_methods,
+    server_credentials,
+)
 from core.app.metrics_runtime import MetricsSampler, MetricsServer
 from core.app.storage_runtime import StorageRuntime
 from core.fanout import notify
@@ -41,23 +46,12 @@ from core.storage.deltas import DeltaService
 from core.storage.gc import GcPolicy
 from shared.errors import StoreError
 from shared.proto.scriptpkgs.v1 import (
-    admin_pb2,
     admin_pb2_grpc,
-    distribution_pb2,
     distribution_pb2_grpc,
 )
 from shared.tree_content import DEFAULT_CONTENT_POLICY, TreeContentPolicy
 
 log = logging.getLogger(__name__)
-# gRPC's receive limit. Generous on purpose: a request over it gets RESOURCE_EXHAUSTED without a
-# word about which field; below it, core/api/request_limits.py refuses anything over 1 MiB (or a
-# string over 64 KiB) with INVALID_ARGUMENT naming the field.
-MAX_RECEIVE = 16 * 1024 * 1024
-SERVICE_NAMES = (
-    admin_pb2.DESCRIPTOR.services_by_name["PackageAdmin"].full_name,
-    distribution_pb2.DESCRIPTOR.services_by_name["PackageDistribution"].full_name,
-)
-REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 DESIRED_POLL_SECONDS = 2.0
 
 
@@ -92,57 +86,6 @@ class CoreConfig:
     # Where SPK_SECRET_KEY and the SPK_S3_* settings are read from: the environment merged with
     # systemd credentials (shared/credentials.py) by the CLI; None: os.environ.
     environ: Mapping[str, str] | None = field(default=None, repr=False)
-
-
-def server_credentials(config: CoreConfig) -> grpc.ServerCredentials | None:
-    if config.tls_cert is None and config.tls_key is None:
-        if config.tls_client_ca is not None:
-            raise StoreError("--tls-client-ca needs --tls-cert and --tls-key")
-        return None
-    if config.tls_cert is None or config.tls_key is None:
-        raise StoreError("TLS needs both --tls-cert and --tls-key")
-    try:
-        cert, key = config.tls_cert.read_bytes(), config.tls_key.read_bytes()
-        client_ca = config.tls_client_ca.read_bytes() if config.tls_client_ca else None
-    except OSError as exc:
-        raise StoreError(f"cannot read TLS file {exc.filename}: {exc.strerror}") from None
-    return grpc.ssl_server_credentials(
-        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
-    )
-
-
-def _add_reflection_v1(server: grpc.aio.Server, servicer: Any) -> None:
-    """grpcio-reflection ships only v1alpha; v1 has the same messages, so serve it by name too."""
-    handler = grpc.method_handlers_generic_handler(
-        "grpc.reflection.v1.ServerReflection",
-        {
-            "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
-                servicer.ServerReflectionInfo,
-                request_deserializer=refl_pb2.ServerReflectionRequest.FromString,
-                response_serializer=refl_pb2.ServerReflectionResponse.SerializeToString,
-            )
-        },
-    )
-    server.add_generic_rpc_handlers((handler,))
-
-
-def _registered_methods() -> list[tuple[str, str]]:
-    """(full method, grpc_type) of every method of our services, health and reflection."""
-    kinds = {
-        (False, False): "unary",
-        (False, True): "server_stream",
-        (True, False): "client_stream",
-        (True, True): "bidi_stream",
-    }
-    found = []
-    for file in (admin_pb2.DESCRIPTOR, distribution_pb2.DESCRIPTOR, health_pb2.DESCRIPTOR):
-        for service in file.services_by_name.values():
-            for m in service.methods:
-                kind = kinds[(m.client_streaming, m.server_streaming)]
-                found.append((f"/{service.full_name}/{m.name}", kind))
-    for name in (reflection.SERVICE_NAME, REFLECTION_V1):
-        found.append((f"/{name}/ServerReflectionInfo", "bidi_stream"))
-    return found
 
 
 def _log_failure(task: asyncio.Future[Any]) -> None:
@@ -248,7 +191,7 @@ class CoreServer:
         await storage.migrator.resume_if_stuck()  # before serving, so no install can slip in
         admin = AdminService(db, box, installer, self.hub, storage_ops, tools)
         server = self._build_server(db, admin, store, key.public_key())
-        credentials = server_credentials(cfg)
+        credentials = server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
         try:
             if credentials is None:
                 self.port = server.add_insecure_port(cfg.listen)
@@ -303,19 +246,7 @@ class CoreServer:
                 ),
             )
         )
-        server = grpc.aio.server(
-            interceptors=interceptors,
-            options=[
-                ("grpc.max_receive_message_length", MAX_RECEIVE),
-                ("grpc.max_send_message_length", 2 * 1024 * 1024),
-                # Let agents ping every 10 s while idle so a dead peer is noticed; more is abuse.
-                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-                ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.keepalive_time_ms", 30_000),
-                ("grpc.keepalive_timeout_ms", 10_000),
-                ("grpc.so_reuseport", 0),
-            ],
-        )
+        server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
         admin_pb2_grpc.add_PackageAdminServicer_to_server(admin, server)
         distribution_pb2_grpc.add_PackageDistributionServicer_to_server(
             DistributionService(
@@ -330,12 +261,9 @@ class CoreServer:
             server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        names = [*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1]
-        refl = reflection.aio.ReflectionServicer(names)
-        reflection.enable_server_reflection(names, server)
-        _add_reflection_v1(server, refl)
+        add_reflection(server)
         if self.metrics is not None:
-            self.metrics.grpc.preregister(_registered_methods())
+            self.metrics.grpc.preregister(registered_methods())
         return server
 
     async def _drain(self, server: grpc.aio.Server) -> None:
