@@ -18,8 +18,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import satellite.sync
-from satellite.store import AsyncStore, SatelliteStore
+from satellite.store import AsyncStore, SatelliteStore, async_store
 from satellite.store.blobs import BlobWriter
+from satellite.store.unpack_pool import UnpackPool
 from satellite.sync import Outcome, ReconcileDeps, reconcile_to_hash, repair_tree
 from shared import tags
 from shared.errors import DiskFull
@@ -163,6 +164,27 @@ async def test_a_refused_blob_leaves_nothing_half_built(store: AsyncStore, tmp_p
     assert disk.has_pkg(good[0].sha256)  # published although its sibling failed
     assert not disk.has_blob(bad[0].sha256) and disk.partial_offset(bad[0].sha256) == 0
     assert temp_leftovers(disk.root) == []
+
+
+@pytest.mark.parametrize(("spawn_min", "processes"), [(10**12, False), (0, True)])
+async def test_a_small_sync_unpacks_in_threads_and_a_big_one_starts_the_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spawn_min: int, processes: bool
+) -> None:
+    monkeypatch.setattr(async_store, "SPAWN_MIN_BYTES", spawn_min)
+    pool = UnpackPool(2)
+    try:
+        store = AsyncStore(SatelliteStore(tmp_path / "data"), unpacker=pool)
+        core = FakeCore(Ed25519PrivateKey.generate())
+        built = [wheel_entry(tmp_path / "w", WheelSpec(n, "1.0")) for n in ("alpha", "beta")]
+        manifest = core.publish(
+            make_manifest([e for e, _ in built]), {e.sha256: d for e, d in built}
+        )
+        result = await reconcile_to_hash(manifest.lockfile_hash, _deps(store, core))
+        assert result.outcome is Outcome.FLIPPED, result.error
+        assert pool.running is processes  # no process start for a few small wheels
+        assert store.disk.verify_tree(manifest.lockfile_hash) == []
+    finally:
+        pool.close()
 
 
 def test_the_sync_logic_leaves_threads_to_the_adapter() -> None:

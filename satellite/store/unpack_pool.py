@@ -46,6 +46,11 @@ class UnpackPool:
         self._unavailable = False
         self._breaks = 0  # pools broken in a row; at MAX_BREAKS unpacking moves to threads
 
+    @property
+    def running(self) -> bool:
+        """Whether worker processes are up (a sync may use them without paying their start)."""
+        return self._executor is not None
+
     def warm(self) -> None:
         """Start the workers now (a sync about to unpack): spawning overlaps the pull."""
         executor = self._acquire()
