@@ -1,11 +1,12 @@
 """The install pipeline: allowlist -> a resolution per environment -> checked wheels -> a release.
 
-One install at a time (the installer lock). Every environment is resolved concurrently (one uv
-run each); the wheels of all of them are deduplicated by sha256, so a pure-Python wheel several
-environments share is downloaded, checked and stored once, and a wheel the blob store already
-holds is not downloaded at all. The release (one signed manifest per environment under one
-sequence) is published in one transaction, or nothing is: any failure leaves the previous
-release desired everywhere, so the fleet stays on the last good set.
+One install at a time (the installer lock). Every environment is resolved (one uv run each: the
+first alone, the others then concurrently on the warm cache); the wheels of all of them are
+deduplicated by sha256, so a pure-Python wheel several environments share is downloaded, checked
+and stored once, and a wheel the blob store already holds is not downloaded at all. The release
+(one signed manifest per environment under one sequence) is published in one transaction, or
+nothing is: any failure leaves the previous release desired everywhere, so the fleet stays on
+the last good set.
 """
 
 from __future__ import annotations
@@ -318,7 +319,11 @@ class Installer:
         native: str,
         progress: list[EnvProgress],
     ) -> list[list[LockedWheel]]:
-        """Every environment at once; the first failure (in list order) fails the install."""
+        """The first environment alone, then every other at once; the first failure (in list
+        order) fails the install. uv's cache (index pages, wheel metadata) is shared, and after
+        one run it is warm: on w31 a further environment then resolved in 0.11-0.15 s against
+        0.21-0.39 s cold, while four cold runs at once took 0.75 s on 2 cores (figure 6: 2.01x
+        one environment before, 1.72x after)."""
         if not reqs:  # an empty allowlist needs no resolver and no scratch dir
             clean_pins(reqs)
             return [[] for _ in envs]
@@ -331,14 +336,21 @@ class Installer:
             p.status = "fetching"
             return wheels
 
-        tasks = [asyncio.create_task(one(e, p)) for e, p in zip(envs, progress, strict=True)]
+        if not envs:
+            return []
+        tasks = [asyncio.create_task(one(envs[0], progress[0]))]
         try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            await asyncio.wait(tasks)
+            if not tasks[0].cancelled() and tasks[0].exception() is None:
+                pairs = zip(envs[1:], progress[1:], strict=True)
+                tasks += [asyncio.create_task(one(e, p)) for e, p in pairs]
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         finally:
             for task in tasks:
                 task.cancel()
             results = await asyncio.gather(*tasks, return_exceptions=True)
-        for p, result in zip(progress, results, strict=True):
+        # Environments after a failed first one never started: they stay pending.
+        for p, result in zip(progress[: len(results)], results, strict=True):
             if isinstance(result, SpkError):
                 p.status, p.error = "error", result.message
         for result in results:
