@@ -3,6 +3,7 @@ Postgres) across core instances, each refusal naming what runs."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from shared.errors import FailedPrecondition
 
 
 async def test_in_process_lock_names_the_holder_and_releases_once() -> None:
-    lock = InstallerLock()
+    lock = InstallerLock(settle_seconds=0.05)
     lease = await lock.acquire(Activity.INSTALL)
     assert lock.holder is Activity.INSTALL
     for other in Activity:
@@ -34,7 +35,7 @@ async def test_postgres_advisory_lock_excludes_another_instance(
     db = open_database(tmp_path, postgres_url)
     try:
         # Two cores on the same database: two lock objects, two sessions.
-        core_a, core_b = InstallerLock(db), InstallerLock(db)
+        core_a, core_b = InstallerLock(db, 0.05), InstallerLock(db, 0.05)
         lease = await core_a.acquire(Activity.MIGRATION)
         with pytest.raises(FailedPrecondition, match="another core instance is running a storage"):
             await core_b.acquire(Activity.INSTALL)
@@ -44,5 +45,31 @@ async def test_postgres_advisory_lock_excludes_another_instance(
         with pytest.raises(FailedPrecondition, match="another core instance is installing"):
             await core_a.acquire(Activity.GC)
         await lease_b.release()
+    finally:
+        db.close()
+
+
+async def test_a_holder_letting_go_within_the_settle_time_is_waited_for() -> None:
+    """An install's `ready` is visible a moment before its lease goes: a migration started on
+    seeing it must get the lock, not "an install is running"."""
+    lock = InstallerLock(settle_seconds=5.0)
+    lease = await lock.acquire(Activity.INSTALL)
+    asyncio.get_running_loop().call_later(0.1, lambda: asyncio.ensure_future(lease.release()))
+    second = await lock.acquire(Activity.MIGRATION)
+    assert lock.holder is Activity.MIGRATION
+    await second.release()
+
+
+async def test_another_instance_letting_go_within_the_settle_time_is_waited_for(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    db = open_database(tmp_path, postgres_url)
+    try:
+        core_a, core_b = InstallerLock(db), InstallerLock(db, settle_seconds=5.0)
+        lease = await core_a.acquire(Activity.INSTALL)
+        asyncio.get_running_loop().call_later(0.2, lambda: asyncio.ensure_future(lease.release()))
+        second = await core_b.acquire(Activity.MIGRATION)
+        assert core_b.holder is Activity.MIGRATION
+        await second.release()
     finally:
         db.close()

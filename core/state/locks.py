@@ -1,6 +1,10 @@
 """The installer lock: installs, blob GC, storage migration and rollback exclude each other.
 
-Two layers, both non-blocking (a refused action tells the operator why instead of queueing):
+Two layers, neither queueing (a refused action tells the operator why instead of waiting its
+turn), though each gives a holder SETTLE_SECONDS to let go first: an install's `ready` is
+committed a moment before its lease is released, and an operator (or a script) that starts a
+migration the instant an install reports ready must not be refused for that moment (seen: a
+test's MigrateStorage right after `ready` got "an install is running"):
 - in this process: a holder slot, checked and set without awaiting in between, so two coroutines
   can never both pass;
 - across core instances sharing Postgres: a session advisory lock (`pg_try_advisory_lock`) on a
@@ -15,9 +19,11 @@ instance's refusal can name the activity ("another core instance is installing")
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import json
 import logging
+import time
 from typing import Any
 
 import peewee as pw
@@ -29,6 +35,8 @@ log = logging.getLogger(__name__)
 HOLDER_KEY = "installer_lock"
 # Any constant works as long as every core uses the same one; this spells "SPKINST".
 ADVISORY_KEY = 0x53504B494E5354
+SETTLE_SECONDS = 1.0
+_SETTLE_POLL = 0.02
 
 
 class Activity(enum.Enum):
@@ -68,28 +76,39 @@ class Lease:
                 await asyncio.to_thread(_close_quietly, self._conn)
         finally:
             self._lock._holder = None
+            self._lock._free.set()
 
 
 class InstallerLock:
     """`lease = await lock.acquire(Activity.GC)` or FailedPrecondition naming what runs."""
 
-    def __init__(self, db: pw.Database | None = None) -> None:
+    def __init__(
+        self, db: pw.Database | None = None, settle_seconds: float = SETTLE_SECONDS
+    ) -> None:
         # Only Postgres needs the cross-instance layer.
         self._pg = db if isinstance(db, pw.PostgresqlDatabase) else None
         self._holder: Activity | None = None
+        self._settle = settle_seconds
+        self._free = asyncio.Event()  # set while nothing holds the lock here
+        self._free.set()
 
     @property
     def holder(self) -> Activity | None:
         return self._holder
 
     async def acquire(self, activity: Activity) -> Lease:
+        if self._holder is not None:  # a holder about to let go gets SETTLE_SECONDS (see above)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._free.wait(), self._settle)
         if self._holder is not None:
             raise FailedPrecondition(f"{self._holder.here}; try again when it has finished")
+        self._free.clear()
         self._holder = activity  # claimed before the first await: no other coroutine can pass
         try:
             conn = None if self._pg is None else await asyncio.to_thread(self._pg_acquire, activity)
         except BaseException:
             self._holder = None
+            self._free.set()
             raise
         return Lease(self, activity, conn)
 
@@ -103,9 +122,14 @@ class InstallerLock:
             raise StoreError(f"cannot reach Postgres for the installer lock: {exc}") from None
         try:
             conn.autocommit = True
+            deadline = time.monotonic() + self._settle
             with conn.cursor() as cur:
-                cur.execute("SELECT pg_try_advisory_lock(%s)", (ADVISORY_KEY,))
-                got = bool(cur.fetchone()[0])
+                while True:
+                    cur.execute("SELECT pg_try_advisory_lock(%s)", (ADVISORY_KEY,))
+                    got = bool(cur.fetchone()[0])
+                    if got or time.monotonic() >= deadline:
+                        break
+                    time.sleep(_SETTLE_POLL)  # another instance's holder about to let go
         except BaseException:
             _close_quietly(conn)
             raise
