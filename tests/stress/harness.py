@@ -130,6 +130,19 @@ def hash_tree(site: Path) -> dict[str, str]:
     return out
 
 
+def read_problem(site: Path, expected: dict[str, str]) -> str | None:
+    """What a script run reading every file of a pinned tree would trip on first; None if
+    every file reads back with its expected sha256."""
+    for rel, sha in expected.items():
+        try:
+            data = (site / rel).read_bytes()
+        except OSError as exc:
+            return f"{rel}: {exc}"
+        if hashlib.sha256(data).hexdigest() != sha:
+            return f"{rel} changed"
+    return None
+
+
 def tree_problems(site: Path, expected: dict[str, str]) -> list[str]:
     """Our own check of a tree against the wheels' contents: missing, changed, extra."""
     try:
