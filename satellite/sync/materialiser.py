@@ -3,9 +3,10 @@
 Pure orchestration like the reconciler, over satellite.sync.ports (a PackageStore and a
 BlobSource). Each package is its own pipeline (pull -> stage), so unpacking the first wheel
 overlaps downloading the next; pulls and unpacks have separate bounds because one waits on the
-network and the other on CPU and disk (the file-system store unpacks in worker processes, so
-unpacks use every core). The biggest packages go first, so the last one to finish is a small
-one rather than numpy started last (on wsci, 2 cores: ~0.2 s of the cold sync). Staged packages are
+network and the other on CPU and disk (the file-system store unpacks a big sync in worker
+processes, so unpacks use every core). The biggest packages go first, so the last one to
+finish is a small one rather than numpy started last (on wsci, 2 cores: ~0.2 s of the cold
+sync). Staged packages are
 published in groups (PUBLISH_GROUP packages or PUBLISH_GROUP_BYTES of wheels, whichever comes
 first): one durability sync per group instead of one per package, and an agent killed halfway
 through a big batch keeps every group published before the kill, so a crash-looping agent still

@@ -115,6 +115,19 @@ def run_timed(argv: Sequence[str], **kw: object) -> float:
     return time.perf_counter() - start
 
 
+def pip_download(dest: Path, index_url: str, pins: Sequence[str], no_deps: bool = False) -> float:
+    """Seconds for `pip download` of `pins` into `dest` (removed afterwards), no cache: the peer
+    of a core install (figures 5 and 10)."""
+    argv = [PYTHON, "-m", "pip", "download", "--isolated", "--disable-pip-version-check", "-q"]
+    argv += ["--no-cache-dir", "--only-binary=:all:", "--index-url", index_url]
+    if no_deps:
+        argv.append("--no-deps")
+    os.sync()
+    elapsed = run_timed([*argv, "-d", str(dest), *pins], env=child_env())
+    remove_tree(dest)
+    return elapsed
+
+
 def remove_tree(path: Path) -> None:
     """rm -rf that also copes with our read-only (sealed) directories."""
     if not path.exists() and not path.is_symlink():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 
-from scripts.benchlib.common import PYTHON, Bench, Row, child_env, median, remove_tree, run_timed
+from scripts.benchlib.common import Bench, Row, child_env, median, pip_download, remove_tree
 from scripts.benchlib.cores import BenchCore
 from scripts.benchlib.workload import Workload, pin_of
 from tests.index_server import PackageIndex
@@ -32,7 +32,7 @@ def run(bench: Bench, work: Workload, index: PackageIndex) -> BenchCore:
         core.set_packages(work.pins)
         os.sync()
         ours.append(core.install()[1])
-        peers.append(_pip_download(bench, index, pins, f"pipdl-{r}"))
+        peers.append(pip_download(bench.scratch(f"pipdl-{r}"), index.url, pins))
         uvs.append(_uv_compile_and_download(bench, index, pins, f"uvdl-{r}"))
     assert core is not None
     _one_pin_changed(bench, work, index, core)
@@ -68,16 +68,6 @@ def run(bench: Bench, work: Workload, index: PackageIndex) -> BenchCore:
         + ", ".join(f"{v:.2f}" for v in uvs)
     )
     return core
-
-
-def _pip_download(bench: Bench, index: PackageIndex, pins: list[str], name: str) -> float:
-    dest = bench.scratch(name)
-    os.sync()
-    argv = [PYTHON, "-m", "pip", "download", "--isolated", "--disable-pip-version-check"]
-    argv += ["-q", "--no-cache-dir", "--only-binary=:all:", "--index-url", index.url]
-    elapsed = run_timed([*argv, "-d", str(dest), *pins], env=child_env())
-    remove_tree(dest)
-    return elapsed
 
 
 def _uv_compile_and_download(
@@ -117,7 +107,7 @@ def _one_pin_changed(bench: Bench, work: Workload, index: PackageIndex, core: Be
         os.sync()
         ours.append(core.install()[1])
         pins = [f"{n}=={v}" for n, v in [*work.pins, changed]]
-        peers.append(_pip_download(bench, index, pins, f"pipdl-change-{r}"))
+        peers.append(pip_download(bench.scratch(f"pipdl-change-{r}"), index.url, pins))
     bench.add(
         Row(
             "5",

@@ -35,9 +35,9 @@ from scripts.benchlib.common import (
     child_env,
     ensure_uv,
     median,
+    pip_download,
     remove_tree,
     rss_kib,
-    run_timed,
 )
 from scripts.benchlib.cores import BenchCore
 from scripts.benchlib.workload import pin_of
@@ -226,7 +226,8 @@ class _Figure:
             core.stop()
         if not self.bench.smoke:
             listed = [f"{n}=={v}" for n, v in self.pins]
-            self._add("pip_download", _pip_download_no_deps(self.bench, self.index, listed, r))
+            dest = self.bench.scratch(f"wsci-pipdl-{r}")
+            self._add("pip_download", pip_download(dest, self.index.url, listed, no_deps=True))
 
     # -- the table ---------------------------------------------------------------------------
 
@@ -345,13 +346,3 @@ def _children_hwm(pid: int) -> list[int]:
         except (OSError, ValueError, IndexError, RuntimeError):
             continue
     return out
-
-
-def _pip_download_no_deps(bench: Bench, index: PackageIndex, listed: list[str], r: int) -> float:
-    dest = bench.scratch(f"wsci-pipdl-{r}")
-    argv = [PYTHON, "-m", "pip", "download", "--isolated", "--disable-pip-version-check", "-q"]
-    argv += ["--no-cache-dir", "--no-deps", "--only-binary=:all:", "--index-url", index.url]
-    os.sync()
-    elapsed = run_timed([*argv, "-d", str(dest), *listed], env=child_env())
-    remove_tree(dest)
-    return elapsed
