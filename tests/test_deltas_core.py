@@ -273,7 +273,9 @@ async def test_a_failed_computation_is_counted_and_not_retried_at_once(tmp_path:
     e1, e2 = _wheel_entry("big", "1.0", BASE), _wheel_entry("big", "2.0", TARGET)
     for data in (BASE, TARGET):
         env.add_blob(data, created_at=0)
-    env.fs.path_for(e2.sha256).write_bytes(TARGET[:-1] + b"!")  # a rotten copy in the store
+    # A rotten copy in the store: the last byte flipped (TARGET ends in a random byte, so
+    # writing a fixed one left it intact once in 256 runs).
+    env.fs.path_for(e2.sha256).write_bytes(TARGET[:-1] + bytes([TARGET[-1] ^ 0xFF]))
     service = DeltaService(env.database, env.registry, DeltaPolicy(level=3), tmp_path / "work")
     service.observer = metrics = CoreMetrics()
     try:
