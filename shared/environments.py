@@ -4,7 +4,8 @@
     HostEnvironment      what a satellite says about its interpreter (shared/tags.py reads it)
     validate_environment the admin's input, refused with the field and the rule
     compatible_platforms a platform tag and every older tag a host of it also runs
-    supported_tags       every wheel tag an environment accepts (the core's check of each wheel)
+    tag_rank             every wheel tag an environment accepts, ranked as an installer prefers
+    supported_tags       the same as a set (the core's check of each wheel)
     choose_environment   the environment that fits a host best, or None (an unserved host)
 
 A platform tag names the oldest host an environment is for: `manylinux_2_28_x86_64` fits every
@@ -199,14 +200,23 @@ def resolution_platforms(env: Environment, native: str) -> list[str]:
     return out
 
 
-def supported_tags(env: Environment, native: str) -> frozenset[Tag]:
-    """Every wheel tag `env` accepts, for checking what the resolver chose."""
+def tag_rank(env: Environment, native: str) -> dict[Tag, int]:
+    """Every wheel tag `env` accepts -> its place in an installer's preference (packaging's
+    order: 0 is the most specific)."""
     minor = int(env.target.python_version.split(".")[1])
     version = (3, minor)
     platforms = resolution_platforms(env, native)
     tags = list(cpython_tags(version, abis=[env.target.abi], platforms=platforms))
     tags += compatible_tags(version, interpreter=f"cp3{minor}", platforms=platforms)
-    return frozenset(tags)
+    rank: dict[Tag, int] = {}
+    for tag in tags:
+        rank.setdefault(tag, len(rank))
+    return rank
+
+
+def supported_tags(env: Environment, native: str) -> frozenset[Tag]:
+    """Every wheel tag `env` accepts, for checking what the resolver chose."""
+    return frozenset(tag_rank(env, native))
 
 
 def wheel_fits(filename_tags: Iterable[Tag], accepted: frozenset[Tag]) -> bool:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from core.install.fetch import Fetcher
-from core.install.uv_resolver import LockedWheel
+from core.install.pylock import LockedWheel
 from core.state.index_config import RegistrySettings
 from shared.errors import IntegrityError, RegistryError, ResolveError
 from tests.http_servers import Handler, Scripted, send

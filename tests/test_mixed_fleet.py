@@ -142,6 +142,8 @@ def test_two_interpreters_converge_each_to_its_own_environment(
     assert state.status == apb.INSTALL_STATUS_READY, state.error
     assert [e.name for e in state.environments] == ["default", "other", "arm"]
     assert {e.status for e in state.environments} == {"ready"}
+    # One universal uv run answered for all three (core/install/resolution.py).
+    assert "resolved 3 environments in one universal resolution" in core.log()
 
     manifests = manifests_of(admin)
     names = {env: {e.name for e in m.entries} for env, m in manifests.items()}

@@ -16,17 +16,20 @@ import pytest
 
 import core.install.uv_resolver as uv_resolver
 from core.install.diagnosis import resolve_or_explain
+from core.install.install_state import EnvProgress
+from core.install.pylock import LockedWheel, parse_pylock
+from core.install.resolution import resolve_all
+from core.install.universal import fleet_marker, select_wheels
 from core.install.uv_resolver import (
-    LockedWheel,
     build_child_env,
     build_uv_argv,
-    parse_pylock,
     render_netrc,
+    resolve_universal,
     uv_platform,
 )
 from core.state.environments import native_target
 from core.state.index_config import RegistrySettings, validate_settings
-from shared.environments import Environment
+from shared.environments import Environment, tag_rank
 from shared.errors import InvalidArgument, RegistryError, ResolveError
 from shared.manifest import TargetEnvironment
 from shared.tags import native_platform
@@ -187,15 +190,36 @@ def test_pylock_is_read_strictly() -> None:
         'lock-version = "1.0"\n[[packages]]\nname = "Six"\nversion = "1.17.0"\n'
         f'wheels = [{{ url = "{url}", size = 10, hashes = {{ sha256 = "{digest}" }} }}]\n'
     )
-    (wheel,) = parse_pylock(good, {"six"}, "e")
+    rank = tag_rank(LINUX, "")
+    (wheel,) = parse_pylock(good, {"six"}, "e", rank)
     assert (wheel.name, wheel.version, wheel.size, wheel.requested) == ("six", "1.17.0", 10, True)
     assert wheel.sha256 == "ab" + "cd" * 31 and wheel.filename == "six-1.17.0-py2.py3-none-any.whl"
     with pytest.raises(ResolveError, match="gave no sha256"):
-        parse_pylock(good.replace("sha256", "md5"), set(), "e")
+        parse_pylock(good.replace("sha256", "md5"), set(), "e", rank)
     with pytest.raises(ResolveError, match="other than a wheel"):
-        parse_pylock(good + 'sdist = { url = "https://f.example/six-1.17.0.tar.gz" }\n', set(), "e")
+        bad = good + 'sdist = { url = "https://f.example/six-1.17.0.tar.gz" }\n'
+        parse_pylock(bad, set(), "e", rank)
     with pytest.raises(ResolveError, match=r"is not Six 1\.16\.0"):
-        parse_pylock(good.replace('version = "1.17.0"', 'version = "1.16.0"'), set(), "e")
+        parse_pylock(good.replace('version = "1.17.0"', 'version = "1.16.0"'), set(), "e", rank)
+    with pytest.raises(ResolveError, match="none of which environment e runs"):
+        parse_pylock(good.replace("py2.py3-none-any", "cp311-cp311-win_amd64"), set(), "e", rank)
+
+
+def test_of_several_fitting_wheels_the_one_the_hosts_prefer_is_taken() -> None:
+    # uv lists every wheel that fits the target: both of these fit a glibc 2.28 host.
+    def entry(tag: str, digit: str) -> str:
+        return (
+            f'{{ url = "https://f.example/n-1.0-cp311-cp311-{tag}.whl",'
+            f' hashes = {{ sha256 = "{digit * 64}" }} }}'
+        )
+
+    text = (
+        'lock-version = "1.0"\n[[packages]]\nname = "n"\nversion = "1.0"\n'
+        f"wheels = [{entry('manylinux_2_17_x86_64', 'a')}, {entry('manylinux_2_28_x86_64', 'b')}]\n"
+    )
+    new = Environment("new", TargetEnvironment("3.11", "cp", "cp311", "manylinux_2_28_x86_64"))
+    assert parse_pylock(text, set(), "new", tag_rank(new, ""))[0].sha256 == "b" * 64
+    assert parse_pylock(text, set(), "linux", tag_rank(LINUX, ""))[0].sha256 == "a" * 64
 
 
 # --------------------------------------------------------------------------- real uv, real index
@@ -243,6 +267,107 @@ async def test_markers_are_evaluated_for_the_target_not_the_core(
         "app",
         "armonly",
     }
+
+
+def fleet_index(wheel_dir: Path, windows_dep: bool = False) -> None:
+    """app -> purelib, native (wheels for cp310 and cp311 x86-64, cp312 aarch64, and cp311
+    manylinux_2_28), two marker-dependent dependencies; and with `windows_dep` one for
+    Windows only that the index does not have (as a mirror of what a Linux fleet needs)."""
+    build_wheel(
+        WheelSpec(
+            "app",
+            "1.0",
+            requires=[
+                "purelib>=1",
+                "native==1.0",
+                'backport==1.0; python_version < "3.11"',
+                'armonly==1.0; platform_machine == "aarch64"',
+                *(['notmirrored==1.0; sys_platform == "win32"'] if windows_dep else []),
+            ],
+        ),
+        wheel_dir,
+    )
+    for tag in (
+        "cp310-cp310-manylinux_2_17_x86_64",
+        "cp311-cp311-manylinux_2_17_x86_64",
+        "cp311-cp311-manylinux_2_28_x86_64",
+        "cp312-cp312-manylinux_2_17_aarch64",
+    ):
+        build_wheel(WheelSpec("native", "1.0", tag=tag), wheel_dir)
+    for name in ("purelib", "backport", "armonly"):
+        build_wheel(WheelSpec(name, "1.0"), wheel_dir)
+
+
+ARM312 = Environment("arm", TargetEnvironment("3.12", "cp", "cp312", "manylinux_2_28_aarch64"))
+NEW311 = Environment("new", TargetEnvironment("3.11", "cp", "cp311", "manylinux_2_28_x86_64"))
+
+
+async def test_one_universal_resolution_picks_what_each_environment_resolves_to(
+    package_index: PackageIndex, wheel_dir: Path, tmp_path: Path
+) -> None:
+    fleet_index(wheel_dir)
+    s = settings_for(package_index)
+    envs = [LINUX, PY310, ARM312, NEW311]
+    marker = fleet_marker(envs, native_platform())
+    packages = await resolve_universal([("app", "1.0")], s, envs, marker, tmp_path / "u")
+    assert list((tmp_path / "u").iterdir()) == []  # scratch removed
+    for env in envs:
+        picked = select_wheels(env, native_platform(), packages, {"app"})
+        alone = await resolve([("app", "1.0")], s, env, tmp_path / env.name)
+        assert sorted(picked, key=lambda w: w.name) == sorted(alone, key=lambda w: w.name), env
+    by_env = {
+        e.name: {w.name: w.filename for w in select_wheels(e, "", packages, {"app"})} for e in envs
+    }
+    assert set(by_env["py310"]) == {"app", "purelib", "native", "backport"}
+    assert set(by_env["arm"]) == {"app", "purelib", "native", "armonly"}
+    assert by_env["new"]["native"] == "native-1.0-cp311-cp311-manylinux_2_28_x86_64.whl"
+    assert by_env["linux"]["native"] == "native-1.0-cp311-cp311-manylinux_2_17_x86_64.whl"
+
+
+async def test_what_the_universal_lockfile_cannot_serve_is_resolved_per_environment(
+    package_index: PackageIndex, wheel_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # uv's universal run needs the metadata of every platform's dependencies, and this index
+    # lacks a Windows-only one: each environment is then resolved on its own, and rightly.
+    fleet_index(wheel_dir, windows_dep=True)
+    s = settings_for(package_index)
+    caplog.set_level("INFO", logger="core.install.resolution")
+    envs = [LINUX, PY310]
+    progress = [EnvProgress(e.name, "pending") for e in envs]
+    pins = [("app", "1.0")]
+    locks = await resolve_all(pins, s, envs, "", tmp_path, tmp_path / "c", progress)
+    assert "resolving each environment on its own" in caplog.text
+    assert "notmirrored" in caplog.text  # uv's reason, for the operator
+    assert [{w.name for w in lock} for lock in locks] == [
+        {"app", "purelib", "native"},
+        {"app", "purelib", "native", "backport"},
+    ]
+    assert [p.status for p in progress] == ["fetching", "fetching"]
+
+    # An environment no wheel serves: the lockfile does not answer for it, and the refusal is
+    # explained from the index, naming environment and wheel, as with one environment.
+    py39 = Environment("py39", TargetEnvironment("3.9", "cp", "cp39", "manylinux_2_17_x86_64"))
+    envs = [LINUX, py39, PY310]
+    progress = [EnvProgress(e.name, "pending") for e in envs]
+    with pytest.raises(ResolveError) as err:
+        await resolve_all(pins, s, envs, "", tmp_path, tmp_path / "c", progress)
+    assert str(err.value).startswith("environment py39: no wheel of native 1.0 for cp39")
+    assert (progress[0].status, progress[1].status) == ("fetching", "error")
+    assert progress[1].error == str(err.value)
+
+
+async def test_several_environments_resolve_in_one_universal_run(
+    package_index: PackageIndex, wheel_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    fleet_index(wheel_dir)
+    caplog.set_level("INFO", logger="core.install.resolution")
+    progress = [EnvProgress(e.name, "pending") for e in (LINUX, PY310)]
+    s = settings_for(package_index)
+    envs = [LINUX, PY310]
+    locks = await resolve_all([("app", "1.0")], s, envs, "", tmp_path, tmp_path / "c", progress)
+    assert "resolved 2 environments in one universal resolution" in caplog.text
+    assert [len(lock) for lock in locks] == [3, 4]
+    assert [p.status for p in progress] == ["fetching", "fetching"]
 
 
 async def test_empty_allowlist_runs_nothing(tmp_path: Path) -> None:

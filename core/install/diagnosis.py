@@ -38,8 +38,8 @@ from core.install.index_client import (
     project_files_sync,
     versions_from_filenames,
 )
+from core.install.pylock import LockedWheel
 from core.install.uv_resolver import (
-    LockedWheel,
     ResolveFailure,
     clean_pins,
     resolution_target,

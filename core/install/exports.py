@@ -14,7 +14,7 @@ import posixpath
 from collections.abc import Mapping
 from urllib.parse import urlsplit, urlunsplit
 
-from core.install.uv_resolver import LockedWheel
+from core.install.pylock import LockedWheel
 from core.state.index_config import RegistrySettings
 from core.state.origins import Origin
 from shared.manifest import Manifest

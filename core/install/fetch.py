@@ -25,7 +25,7 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 
 from core.install.index_client import basic_auth_header
-from core.install.uv_resolver import LockedWheel
+from core.install.pylock import LockedWheel
 from core.state.index_config import RegistrySettings
 from shared.errors import IntegrityError, RegistryError, ResolveError
 

@@ -1,7 +1,7 @@
 """The install pipeline: allowlist -> a resolution per environment -> checked wheels -> a release.
 
-One install at a time (the installer lock). Every environment is resolved (one uv run each: the
-first alone, the others then concurrently on the warm cache); the wheels of all of them are
+One install at a time (the installer lock). Every environment is resolved (one universal uv run
+for all of them where it answers, core/install/resolution.py); the wheels of all of them are
 deduplicated by sha256, so a pure-Python wheel several environments share is downloaded, checked
 and stored once, and a wheel the blob store already holds is not downloaded at all. The release
 (one signed manifest per environment under one sequence) is published in one transaction, or
@@ -26,10 +26,10 @@ from packaging.utils import parse_wheel_filename
 from core.fanout.desired import load_desired
 from core.fanout.hub import Hub
 from core.install.audit import Auditor
-from core.install.diagnosis import resolve_or_explain
 from core.install.exports import origin_for
 from core.install.install_state import EnvProgress, InstallState, read_state, update_state
-from core.install.uv_resolver import LockedWheel, clean_pins
+from core.install.pylock import LockedWheel
+from core.install.resolution import resolve_all
 from core.install.wheel_intake import WheelIntake
 from core.state import allowlist, environments, releases, settings
 from core.state.audits import AuditResult
@@ -273,7 +273,9 @@ class Installer:
         native = native_platform()
         progress[:] = [EnvProgress(e.name, "pending") for e in envs]
         await self._set(phase="resolving", environments=progress)
-        locks = await self._resolve_all(reqs, config.settings, envs, native, progress)
+        locks = await resolve_all(
+            reqs, config.settings, envs, native, self._work_dir, self._uv_cache, progress
+        )
         for env, wheels in zip(envs, locks, strict=True):
             check_fits(env, native, wheels)
         unique = {w.sha256: w for wheels in locks for w in wheels}
@@ -310,53 +312,6 @@ class Installer:
         if blocked:
             raise FailedPrecondition("; ".join(blocked))
         return built
-
-    async def _resolve_all(
-        self,
-        reqs: list[tuple[str, str]],
-        registry: RegistrySettings,
-        envs: list[Environment],
-        native: str,
-        progress: list[EnvProgress],
-    ) -> list[list[LockedWheel]]:
-        """The first environment alone, then every other at once; the first failure (in list
-        order) fails the install. uv's cache (index pages, wheel metadata) is shared, and after
-        one run it is warm: on w31 a further environment then resolved in 0.11-0.15 s against
-        0.21-0.39 s cold, while four cold runs at once took 0.75 s on 2 cores (figure 6: 2.01x
-        one environment before, 1.72x after)."""
-        if not reqs:  # an empty allowlist needs no resolver and no scratch dir
-            clean_pins(reqs)
-            return [[] for _ in envs]
-
-        async def one(env: Environment, p: EnvProgress) -> list[LockedWheel]:
-            p.status = "resolving"
-            wheels = await resolve_or_explain(
-                reqs, registry, env, native, self._work_dir, cache_dir=self._uv_cache
-            )
-            p.status = "fetching"
-            return wheels
-
-        if not envs:
-            return []
-        tasks = [asyncio.create_task(one(envs[0], progress[0]))]
-        try:
-            await asyncio.wait(tasks)
-            if not tasks[0].cancelled() and tasks[0].exception() is None:
-                pairs = zip(envs[1:], progress[1:], strict=True)
-                tasks += [asyncio.create_task(one(e, p)) for e, p in pairs]
-                await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        finally:
-            for task in tasks:
-                task.cancel()
-            results = await asyncio.gather(*tasks, return_exceptions=True)
-        # Environments after a failed first one never started: they stay pending.
-        for p, result in zip(progress[: len(results)], results, strict=True):
-            if isinstance(result, SpkError):
-                p.status, p.error = "error", result.message
-        for result in results:
-            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
-                raise result
-        return [r for r in results if isinstance(r, list)]
 
     async def _obtain_all(
         self, wheels: list[LockedWheel], registry: RegistrySettings

@@ -1,11 +1,12 @@
-"""Resolve the allowlist for one environment with `uv pip compile`, read back as PEP 751 pylock.
+"""Resolve the allowlist with `uv pip compile`, read back as PEP 751 pylock.
 
-    resolve_environment()   I/O: private scratch dir, one uv run, its pylock.toml parsed
+    resolve_environment()   I/O: private scratch dir, one uv run for one environment
+    resolve_universal()     I/O: the same, one run for every environment (core/install/universal.py)
       uv_platform()         pure: a wheel platform tag -> uv's --python-platform target
       build_uv_argv()       pure: the exact command line (never carries a secret)
       build_child_env()     pure: the minimal environment uv runs in
       render_netrc()        pure: the only place the token is written down
-      parse_pylock()        pure: pylock.toml -> the wheels, each with URL and sha256
+    core/install/pylock.py reads the lockfile uv writes.
 
 Why uv and not pip (docs/resolver.md has the measurements): pip's --python-version/--platform
 change only the wheel tags and still evaluate environment markers for the interpreter running
@@ -27,16 +28,13 @@ import re
 import shutil
 import sys
 import tempfile
-import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
-from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
-
+from core.install.pylock import LockedPackage, LockedWheel, parse_pylock, read_packages
 from core.state.index_config import RegistrySettings, validate_settings
-from shared.environments import Environment
+from shared.environments import Environment, tag_rank
 from shared.errors import InvalidArgument, RegistryError, ResolveError, StoreError
 from shared.names import exact_version, normalize_name
 
@@ -58,19 +56,6 @@ _WINDOWS = {
     "win32": "i686-pc-windows-msvc",
 }
 CHILD_GUARD = Path(__file__).with_name("child_guard.py")
-
-
-@dataclass(frozen=True)
-class LockedWheel:
-    """One wheel of a resolution, as the lockfile names it (nothing downloaded yet)."""
-
-    name: str  # PEP 503 normalised
-    version: str
-    filename: str
-    url: str
-    sha256: str  # as the index published it (lower-case hex)
-    size: int | None  # when the index published it
-    requested: bool  # on the allowlist (top level) vs pulled in as a dependency
 
 
 # --------------------------------------------------------------------------- pure builders
@@ -112,8 +97,10 @@ def resolution_target(env: Environment, native: str) -> str:
     return (env.platforms or (native,))[0]
 
 
-def render_requirements(requirements: Sequence[tuple[str, str]]) -> str:
-    return "".join(f"{name}=={version}\n" for name, version in requirements)
+def render_requirements(requirements: Sequence[tuple[str, str]], marker: str = "") -> str:
+    """One `name==version` line per pin, each `; marker` when one is given."""
+    suffix = f" ; {marker}" if marker else ""
+    return "".join(f"{name}=={version}{suffix}\n" for name, version in requirements)
 
 
 def _netrc_quote(value: str) -> str:
@@ -138,12 +125,19 @@ def build_uv_argv(
     requirements_file: Path,
     output_file: Path,
     cache_dir: Path,
+    universal: bool = False,
 ) -> list[str]:
-    """The uv command line. Credentials never appear here: argv is world-readable in /proc."""
-    platform, _ = uv_platform(resolution_target(env, native))
+    """The uv command line. Credentials never appear here: argv is world-readable in /proc.
+
+    `universal`: resolve for every platform and every Python from `env`'s version up (the
+    oldest environment's), markers kept in the lockfile, instead of for `env` alone."""
     argv = [uv, "pip", "compile", "--no-config", "--quiet", "--color", "never", "--no-progress"]
     argv += ["--no-header", "--no-annotate", "--no-python-downloads", "--python", sys.executable]
-    argv += ["--python-version", env.target.python_version, "--python-platform", platform]
+    argv += ["--python-version", env.target.python_version]
+    if universal:
+        argv.append("--universal")
+    else:
+        argv += ["--python-platform", uv_platform(resolution_target(env, native))[0]]
     # Wheels only, always: building an sdist to read its metadata runs the index's code.
     argv += ["--only-binary", ":all:", "--keyring-provider", "disabled"]
     argv += ["--default-index", settings.index_url]
@@ -177,58 +171,6 @@ def build_child_env(
     return env
 
 
-def _wheel_of(entry: object, where: str) -> tuple[str, str, int | None]:
-    if not isinstance(entry, dict):
-        raise ResolveError(f"{where}: a wheel entry is not a table")
-    url, hashes = entry.get("url"), entry.get("hashes")
-    sha256 = hashes.get("sha256") if isinstance(hashes, dict) else None
-    if not isinstance(url, str) or not url:
-        raise ResolveError(f"{where}: a wheel without a URL (only index files are allowed)")
-    if not isinstance(sha256, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
-        raise ResolveError(
-            f"{where}: the index gave no sha256 for {url.rsplit('/', 1)[-1]};"
-            " refusing an unverifiable wheel"
-        )
-    size = entry.get("size")
-    return url, sha256.lower(), size if isinstance(size, int) and size >= 0 else None
-
-
-def parse_pylock(text: str, requested: set[str], env_name: str) -> list[LockedWheel]:
-    """The wheels of a PEP 751 lockfile: exactly one per package, named by URL and sha256."""
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ResolveError(
-            f"environment {env_name}: the resolver wrote an unreadable lockfile: {exc}"
-        ) from None
-    wheels: list[LockedWheel] = []
-    for package in doc.get("packages", []):
-        name, version = package.get("name"), package.get("version")
-        where = f"environment {env_name}: package {name!r}"
-        if not isinstance(name, str) or not isinstance(version, str):
-            raise ResolveError(f"{where}: no name or version in the lockfile")
-        if "sdist" in package or "vcs" in package or "directory" in package or "archive" in package:
-            raise ResolveError(f"{where}: resolved to something other than a wheel; refusing it")
-        entries = package.get("wheels")
-        if not isinstance(entries, list) or len(entries) != 1:
-            count = len(entries) if isinstance(entries, list) else 0
-            raise ResolveError(f"{where}: the lockfile lists {count} wheels, expected one")
-        url, sha256, size = _wheel_of(entries[0], where)
-        filename = unquote(urlsplit(url).path.rsplit("/", 1)[-1])
-        try:
-            wname, wversion, _, _ = parse_wheel_filename(filename)
-        except InvalidWheelFilename:
-            raise ResolveError(f"{where}: {filename!r} is not a wheel file name") from None
-        if wname != canonicalize_name(name) or str(wversion) != str(exact_version(version, where)):
-            raise ResolveError(f"{where}: {filename} is not {name} {version}")
-        wheels.append(
-            LockedWheel(
-                str(wname), str(wversion), filename, url, sha256, size, str(wname) in requested
-            )
-        )
-    return wheels
-
-
 # --------------------------------------------------------------------------- I/O
 
 
@@ -248,14 +190,16 @@ def _write_private(path: Path, text: str) -> None:
         f.write(text)
 
 
-def _prepare_scratch(parent: Path, pins: list[tuple[str, str]], settings: RegistrySettings) -> Path:
+def _prepare_scratch(
+    parent: Path, pins: list[tuple[str, str]], settings: RegistrySettings, marker: str
+) -> Path:
     """A 0700 dir holding requirements.txt, the 0600 netrc and uv's private cache and TMPDIR."""
     parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="resolve-", dir=parent))  # mkdtemp: mode 0700
     try:
         for sub in ("tmp", "cache", "config"):
             (scratch / sub).mkdir(mode=0o700)
-        _write_private(scratch / "requirements.txt", render_requirements(pins))
+        _write_private(scratch / "requirements.txt", render_requirements(pins, marker))
         if netrc := render_netrc(settings):
             _write_private(scratch / "netrc", netrc)  # the token's only plaintext copy on disk
     except BaseException:
@@ -331,7 +275,72 @@ async def resolve_environment(
     if not pins:
         return []
     _, extra = uv_platform(resolution_target(env, native))
-    scratch = _prepare_scratch(scratch_parent, pins, settings)
+    label = f"environment {env.name}"
+    code, err, lockfile = await _compile(
+        pins, settings, env, native, scratch_parent, extra, label, cache_dir, deadline_seconds
+    )
+    if code != 0:
+        raise ResolveFailure(env.name, err)
+    return parse_pylock(lockfile, {n for n, _ in pins}, env.name, tag_rank(env, native))
+
+
+UNIVERSAL = "the universal resolution"
+
+
+async def resolve_universal(
+    requirements: Sequence[tuple[str, str]],
+    settings: RegistrySettings,
+    envs: Sequence[Environment],
+    marker: str,
+    scratch_parent: Path,
+    *,
+    cache_dir: Path | None = None,
+    deadline_seconds: float = 600.0,
+) -> list[LockedPackage]:
+    """One lockfile for every environment: each package with its marker and all its wheels
+    (core/install/universal.py picks each environment's). Python from the oldest of `envs`
+    up; every pin carries `marker` (the fleet's environments, universal.fleet_marker), so
+    what only other platforms need (colorama on Windows, say) is never resolved and need
+    not be on the index. Raises as resolve_environment does; a refusal is a plain
+    ResolveError, which the caller answers by resolving each environment on its own."""
+    pins = clean_pins(requirements)
+    validate_settings(settings)
+    if not pins or not envs:
+        return []
+    floor = min(envs, key=lambda e: int(e.target.python_version.split(".")[1]))
+    code, err, lockfile = await _compile(
+        pins,
+        settings,
+        floor,
+        "",
+        scratch_parent,
+        {},
+        UNIVERSAL,
+        cache_dir,
+        deadline_seconds,
+        marker=marker,
+    )
+    if code != 0:
+        raise ResolveError(f"{UNIVERSAL} failed: {err}")
+    return read_packages(lockfile, {n for n, _ in pins}, UNIVERSAL)
+
+
+async def _compile(
+    pins: list[tuple[str, str]],
+    settings: RegistrySettings,
+    env: Environment,
+    native: str,
+    scratch_parent: Path,
+    extra: Mapping[str, str],
+    label: str,
+    cache_dir: Path | None,
+    deadline_seconds: float,
+    *,
+    marker: str | None = None,
+) -> tuple[int, str, str]:
+    """One uv run in a private scratch dir: (exit code, uv's scrubbed stderr, the lockfile).
+    A `marker` makes it the universal run, each pin carrying it."""
+    scratch = _prepare_scratch(scratch_parent, pins, settings, marker or "")
     try:
         output = scratch / "pylock.toml"
         argv = build_uv_argv(
@@ -342,18 +351,19 @@ async def resolve_environment(
             requirements_file=scratch / "requirements.txt",
             output_file=output,
             cache_dir=cache_dir or scratch / "cache",
+            universal=marker is not None,
         )
         child_env = build_child_env(scratch, settings, extra, os.environ)
         try:
             code, err = await _run(argv, child_env, scratch, deadline_seconds)
         except TimeoutError:
             raise RegistryError(
-                f"environment {env.name}: the resolver did not finish within"
+                f"{label}: the resolver did not finish within"
                 f" {deadline_seconds:.0f} s against {settings.describe_index()}"
             ) from None
         if code != 0:
-            raise ResolveFailure(env.name, _scrub(err, settings))
-        return parse_pylock(output.read_text("utf-8"), {n for n, _ in pins}, env.name)
+            return code, _scrub(err, settings), ""
+        return 0, "", output.read_text("utf-8")
     finally:
         await remove_scratch(scratch)
 

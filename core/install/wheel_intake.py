@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from pathlib import Path
 
 from core.install.fetch import FetchedWheel, Fetcher
-from core.install.uv_resolver import LockedWheel
+from core.install.pylock import LockedWheel
 from core.state.index_config import RegistrySettings
 from core.storage.blobstore import BlobStore
 from shared.tree_content import TreeContentPolicy
