@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from core.install.diagnosis import resolve_or_explain
@@ -36,6 +37,18 @@ from shared.environments import Environment
 from shared.errors import ResolveError, SpkError
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What every resolver run of one install shares."""
+
+    registry: RegistrySettings
+    envs: Sequence[Environment]
+    native: str
+    work_dir: Path
+    cache_dir: Path
+    progress: Sequence[EnvProgress]
 
 
 async def resolve_all(
@@ -52,46 +65,46 @@ async def resolve_all(
     pins = clean_pins(reqs)  # a bad pin is refused before any resolver runs
     if not pins:  # an empty allowlist needs no resolver and no scratch dir
         return [[] for _ in envs]
-    if len(envs) > 1:
-        for p in progress:
-            p.status = "resolving"
-        try:
-            marker = fleet_marker(envs, native)
-            packages = await resolve_universal(
-                pins, registry, envs, marker, work_dir, cache_dir=cache_dir
-            )
-            requested = {name for name, _ in pins}
-            locks = [select_wheels(env, native, packages, requested) for env in envs]
-        except ResolveError as exc:  # a timeout (RegistryError) is not retried per environment
-            # A warning: the operator learns why installs take the slower path (often an
-            # index that lacks another platform's dependency).
-            log.warning("resolving each environment on its own: %s", exc.message)
-        else:
-            for p in progress:
-                p.status = "fetching"
-            log.info("resolved %d environments in one universal resolution", len(envs))
-            return locks
-    return await _each_on_its_own(pins, registry, envs, native, work_dir, cache_dir, progress)
+    run = _Run(registry, envs, native, work_dir, cache_dir, progress)
+    if len(envs) > 1 and (locks := await _universal(run, pins)) is not None:
+        return locks
+    return await _each_on_its_own(run, pins)
 
 
-async def _each_on_its_own(
-    pins: list[tuple[str, str]],
-    registry: RegistrySettings,
-    envs: Sequence[Environment],
-    native: str,
-    work_dir: Path,
-    cache_dir: Path,
-    progress: Sequence[EnvProgress],
-) -> list[list[LockedWheel]]:
+async def _universal(run: _Run, pins: list[tuple[str, str]]) -> list[list[LockedWheel]] | None:
+    """One uv run for every environment, each one's wheels picked from it; None when the
+    lockfile does not answer (the reason is logged)."""
+    for p in run.progress:
+        p.status = "resolving"
+    try:
+        marker = fleet_marker(run.envs, run.native)
+        packages = await resolve_universal(
+            pins, run.registry, run.envs, marker, run.work_dir, cache_dir=run.cache_dir
+        )
+        requested = {name for name, _ in pins}
+        locks = [select_wheels(env, run.native, packages, requested) for env in run.envs]
+    except ResolveError as exc:  # a timeout (RegistryError) is not retried per environment
+        # A warning: the operator learns why installs take the slower path (often an index
+        # that lacks another platform's dependency).
+        log.warning("resolving each environment on its own: %s", exc.message)
+        return None
+    for p in run.progress:
+        p.status = "fetching"
+    log.info("resolved %d environments in one universal resolution", len(run.envs))
+    return locks
+
+
+async def _each_on_its_own(run: _Run, pins: list[tuple[str, str]]) -> list[list[LockedWheel]]:
     """The first environment alone, then every other at once. uv's cache (index pages, wheel
     metadata) is shared, and after one run it is warm: on w31 a further environment then
     resolved in 0.11-0.15 s against 0.21-0.39 s cold, while four cold runs at once took 0.75 s
     on 2 cores."""
+    envs, progress = run.envs, run.progress
 
     async def one(env: Environment, p: EnvProgress) -> list[LockedWheel]:
         p.status = "resolving"
         wheels = await resolve_or_explain(
-            pins, registry, env, native, work_dir, cache_dir=cache_dir
+            pins, run.registry, env, run.native, run.work_dir, cache_dir=run.cache_dir
         )
         p.status = "fetching"
         return wheels

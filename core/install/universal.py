@@ -5,8 +5,8 @@
     select_wheels()       PEP 751's installer rule: the packages whose marker holds, and of
                           each the wheel the environment's hosts prefer
 
-`uv pip compile --universal` resolves once for every platform and every Python from the oldest
-environment's up, keeps each package's marker, and lists all its wheels. Picking from that is
+`uv pip compile --universal` resolves once for the whole fleet (every pin carries fleet_marker),
+keeps each package's marker, and lists all its wheels. Picking from that is
 what a PEP 751 installer does on a host, done here for a host we are not on. So nothing is
 guessed: a marker that reads a value we do not know for the environment (platform_release, the
 host's kernel, say), or whose answer depends on the patch release (the environment names only
@@ -44,15 +44,21 @@ class NotSelectable(ResolveError):
 
 def _platform_values(tag: str) -> dict[str, str]:
     if tag in _WINDOWS:
-        return {"sys_platform": "win32", "platform_system": "Windows", "os_name": "nt",
-                "platform_machine": _WINDOWS[tag]}  # fmt: skip
+        return _values("win32", "Windows", "nt", _WINDOWS[tag])
     if m := _MACOS.match(tag):
-        return {"sys_platform": "darwin", "platform_system": "Darwin", "os_name": "posix",
-                "platform_machine": m.group(1)}  # fmt: skip
+        return _values("darwin", "Darwin", "posix", m.group(1))
     if m := _LINUX.match(tag):
-        return {"sys_platform": "linux", "platform_system": "Linux", "os_name": "posix",
-                "platform_machine": m.group(1)}  # fmt: skip
+        return _values("linux", "Linux", "posix", m.group(1))
     raise NotSelectable(f"no marker values are known for platform {tag}")
+
+
+def _values(sys_platform: str, system: str, os_name: str, machine: str) -> dict[str, str]:
+    return {
+        "sys_platform": sys_platform,
+        "platform_system": system,
+        "os_name": os_name,
+        "platform_machine": machine,
+    }
 
 
 def marker_environment(env: Environment, native: str, patch: int) -> dict[str, str]:
