@@ -24,6 +24,7 @@ from core.install.uv_resolver import (
     build_child_env,
     build_uv_argv,
     render_netrc,
+    render_requirements,
     resolve_universal,
     uv_platform,
 )
@@ -106,6 +107,22 @@ def test_uv_argv_is_exact_and_carries_no_secret(tmp_path: Path) -> None:
     assert pairs["--default-index"] == "https://idx.example/simple"
     assert pairs["--index"] == "https://extra.example/simple"
     assert "SECRET" not in joined and "bob" not in joined
+    # The universal run: the oldest environment's Python, no single platform.
+    universal = build_uv_argv(
+        "/bin/uv",
+        s,
+        PY310,
+        "",
+        requirements_file=tmp_path / "r.txt",
+        output_file=tmp_path / "pylock.toml",
+        cache_dir=tmp_path / "c",
+        universal=True,
+    )
+    assert "--universal" in universal and "--python-platform" not in universal
+    assert dict(itertools.pairwise(universal))["--python-version"] == "3.10"
+    assert render_requirements([("a", "1.0")], "sys_platform == 'linux'") == (
+        "a==1.0 ; sys_platform == 'linux'\n"
+    )
 
 
 @pytest.mark.parametrize(

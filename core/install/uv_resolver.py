@@ -129,8 +129,9 @@ def build_uv_argv(
 ) -> list[str]:
     """The uv command line. Credentials never appear here: argv is world-readable in /proc.
 
-    `universal`: resolve for every platform and every Python from `env`'s version up (the
-    oldest environment's), markers kept in the lockfile, instead of for `env` alone."""
+    `universal`: one resolution for every Python from `env`'s version up (the oldest
+    environment's) and every platform the pins' marker allows, markers kept in the lockfile,
+    instead of for `env` alone."""
     argv = [uv, "pip", "compile", "--no-config", "--quiet", "--color", "never", "--no-progress"]
     argv += ["--no-header", "--no-annotate", "--no-python-downloads", "--python", sys.executable]
     argv += ["--python-version", env.target.python_version]
