@@ -120,10 +120,18 @@ def test_the_fleet_marker_holds_on_exactly_the_fleets_hosts() -> None:
     marker = Marker(fleet_marker([PY310, ARM, MUSL, WIN], ""))
     for e in (PY310, ARM, MUSL, WIN):
         assert marker.evaluate(marker_environment(e, "", 3))
-    for e in (MAC, env("arm313", "3.13", "manylinux_2_28_aarch64"), env("w", "3.12", "win32")):
+    for e in (MAC, env("arm313", "3.13", "manylinux_2_28_aarch64"), env("w", "3.12", "win_arm64")):
         assert not marker.evaluate(marker_environment(e, "", 3))
     # PY312 and MUSL share every marker value: one clause serves both.
     assert fleet_marker([PY312, MUSL], "").count(" or ") == 0
+
+
+def test_a_platform_without_one_marker_value_is_not_guessed() -> None:
+    # 32-bit CPython on 64-bit Windows reports platform_machine AMD64: no single answer.
+    with pytest.raises(NotSelectable, match="no marker values are known for platform win32"):
+        marker_environment(env("w32", "3.12", "win32"), "", 0)
+    with pytest.raises(NotSelectable):
+        fleet_marker([PY310, env("mac2", "3.12", "macosx_11_0_universal2")], "")
 
 
 def test_marker_values_of_each_platform() -> None:

@@ -31,7 +31,9 @@ from shared.errors import ResolveError
 PATCH_BOUNDS = (0, 99)
 _LINUX = re.compile(r"^(?:manylinux\d*|musllinux)_(?:\d+_\d+_)?([a-z0-9_]+)$")
 _MACOS = re.compile(r"^macosx_\d+_\d+_(x86_64|arm64)$")
-_WINDOWS = {"win_amd64": "AMD64", "win_arm64": "ARM64", "win32": "x86"}
+# platform.machine() on Windows names the OS's architecture, not the interpreter's: a 32-bit
+# CPython (win32) on 64-bit Windows says AMD64, so win32 hosts have no one value (not known).
+_WINDOWS = {"win_amd64": "AMD64", "win_arm64": "ARM64"}
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
 _OPERATORS = frozenset({"and", "or", "not", "in"})
