@@ -160,6 +160,7 @@ def test_marker_values_of_each_platform() -> None:
         # The environment says 3.12, not which patch release.
         ([package("k", "1", ["py3-none-any"], "python_full_version >= '3.12.4'")], "patch release"),
         ([package("k", "1", ["cp311-cp311-manylinux_2_17_x86_64"])], "no wheel fits"),
+        ([package("k", "1", ["py3-none-any"], "python_version ~= '3'")], "cannot be"),
         (
             [package("k", "1", ["py3-none-any"]), package("k", "2", ["py3-none-any"])],
             "a second version of k",

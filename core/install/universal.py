@@ -102,7 +102,10 @@ def _holds(marker: str | None, environments: Sequence[dict[str, str]], where: st
         parsed = Marker(marker)
     except InvalidMarker as exc:
         raise NotSelectable(f"{where}: unreadable marker {marker!r}: {exc}") from None
-    answers = {parsed.evaluate(dict(values)) for values in environments}
+    try:
+        answers = {parsed.evaluate(dict(values)) for values in environments}
+    except ValueError as exc:  # packaging's UndefinedComparison, InvalidVersion
+        raise NotSelectable(f"{where}: its marker {marker!r} cannot be evaluated: {exc}") from None
     if len(answers) != 1:
         raise NotSelectable(f"{where}: its marker {marker!r} depends on the patch release")
     return answers.pop()
