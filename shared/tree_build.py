@@ -28,6 +28,7 @@ from shared.errors import IntegrityError, StoreError
 from shared.hashing import sha256_file
 from shared.manifest import Manifest, ManifestEntry
 from shared.tree_content import AT_SATELLITE, TreeContentPolicy
+from shared.wheel_checks import WheelInfo
 from shared.wheels import extract_wheel
 
 SITE = "site-packages"
@@ -85,6 +86,28 @@ def unpack_package(
     """
     pkg_dir.mkdir()
     info = extract_wheel(blob, pkg_dir / SITE, filename=entry.filename, content=content)
+    return finish_package(entry, pkg_dir, info, dict(info.hashes))
+
+
+def unpack_part(
+    entry: ManifestEntry,
+    blob: Path,
+    pkg_dir: Path,
+    content: TreeContentPolicy,
+    part: int,
+    parts: int,
+) -> WheelInfo:
+    """One share of unpack_package for a big wheel, run in several processes at once: the
+    caller made `pkg_dir/site-packages`, and calls finish_package with every part's hashes."""
+    return extract_wheel(
+        blob, pkg_dir / SITE, filename=entry.filename, content=content, part=part, parts=parts
+    )
+
+
+def finish_package(
+    entry: ManifestEntry, pkg_dir: Path, info: WheelInfo, hashes: FileMap
+) -> FileMap:
+    """The end of unpack_package: the identity check, the marker with every file, the seal."""
     if canonicalize_name(info.name) != canonicalize_name(entry.name) or Version(
         info.version
     ) != Version(entry.version):
@@ -96,11 +119,11 @@ def unpack_package(
         "format": 1,
         "sha256": entry.sha256,
         "filename": entry.filename,
-        "files": {rel: [h, size] for rel, (h, size) in sorted(info.hashes.items())},
+        "files": {rel: [h, size] for rel, (h, size) in sorted(hashes.items())},
     }
     (pkg_dir / PKG_MARKER).write_text(json.dumps(marker, sort_keys=True))
     seal(pkg_dir / SITE)
-    return dict(info.hashes)
+    return hashes
 
 
 def package_files(pkg_dir: Path, sha256: str, where: str = "here") -> FileMap:

@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import stat
 import sys
 import zipfile
 from collections.abc import Callable
@@ -41,6 +42,7 @@ from shared.zip_members import CorruptMember, member_chunks
 __all__ = ["WheelInfo", "WheelLimits", "check_identity", "extract_wheel", "inspect_wheel"]
 
 _CHUNK = 256 * 1024
+_FILE_COST = 4096  # what creating a file weighs against its bytes when splitting a wheel
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -66,6 +68,9 @@ def extract_wheel(
     limits: WheelLimits = DEFAULT_LIMITS,
     filename: str | None = None,
     content: TreeContentPolicy = DEFAULT_CONTENT_POLICY,
+    *,
+    part: int = 0,
+    parts: int = 1,
 ) -> WheelInfo:
     """Check the wheel and unpack it into `dest` (created here, must not exist) as site-packages.
 
@@ -73,17 +78,26 @@ def extract_wheel(
     (other .data categories, start-up hooks) is verified but not written. Files are 0o444 (0o555
     when executable in the zip). On any failure `dest` is removed and the error re-raised.
     Nothing is fsynced: the caller fsyncs and renames the tree.
+
+    `part` of `parts` (> 1): several processes unpack one big wheel together into a `dest` the
+    caller made. Each checks the whole wheel first, exactly as above, then writes and checks its
+    share of the members (split by size, the same in every process) and returns their hashes;
+    a directory a sibling made is accepted once it proves a real directory inside `dest`. On a
+    failure the caller removes `dest`, after every part has ended.
     """
     wheel = filename or path.name
     with path.open("rb") as f, open_zip(f, wheel, limits) as zf:
         info, entries = plan(zf, f.fileno(), wheel, limits)
         skipped = left_out(wheel, info, entries, content)
         src = f.fileno()
-        # Created only now, so a structurally hostile wheel never touches the disk; an existing
-        # dest raises FileExistsError and is left alone, since it is not ours to delete.
-        dest.mkdir(mode=0o755, parents=True)
+        if parts > 1:
+            entries = _share(entries, part, parts)
+        else:
+            # Created only now, so a structurally hostile wheel never touches the disk; an
+            # existing dest raises FileExistsError and is left alone: it is not ours to delete.
+            dest.mkdir(mode=0o755, parents=True)
         try:
-            writer = _TreeWriter(dest.resolve(), wheel)
+            writer = _TreeWriter(dest.resolve(), wheel, shared=parts > 1)
             hashes: dict[str, tuple[str, int]] = {}
             for entry in entries:
                 if entry.target in skipped:  # checked against RECORD all the same
@@ -95,9 +109,24 @@ def extract_wheel(
                 finally:
                     os.close(fd)
         except BaseException:
-            _remove_tree(dest)
+            if parts == 1:
+                _remove_tree(dest)
             raise
     return replace(info, hashes=hashes)
+
+
+def _share(entries: list[PlannedEntry], part: int, parts: int) -> list[PlannedEntry]:
+    """This part's members: each goes to the part with the fewest bytes so far (a file costs
+    its size plus a little for creating it), in archive order, so every part computes the same
+    split and reads its members in order."""
+    loads = [0] * parts
+    mine: list[PlannedEntry] = []
+    for entry in entries:
+        lightest = loads.index(min(loads))
+        loads[lightest] += entry.size + _FILE_COST
+        if lightest == part:
+            mine.append(entry)
+    return mine
 
 
 def check_identity(info: WheelInfo, name: str, version: str) -> None:
@@ -162,11 +191,12 @@ class _TreeWriter:
     are then created with O_EXCL|O_NOFOLLOW inside a checked directory, so no link is followed.
     """
 
-    def __init__(self, root: Path, wheel: str) -> None:
+    def __init__(self, root: Path, wheel: str, shared: bool = False) -> None:
         self._root = root
         self._root_str = str(root)
         self._wheel = wheel
         self._dirs = {""}
+        self._shared = shared  # other processes create directories in `root` too
 
     def create_file(self, rel: str, mode: int) -> int:
         self._ensure_dir(rel.rpartition("/")[0])
@@ -181,7 +211,17 @@ class _TreeWriter:
         path = os.path.join(self._root_str, rel)
         if not _inside(self._root, path):
             raise UnsafeWheel(self._wheel, f"directory {rel!r} resolves outside the target")
-        os.mkdir(path, 0o755)
+        try:
+            os.mkdir(path, 0o755)
+        except FileExistsError:
+            # A sibling part made it: only a real directory (never a link) will do, and it
+            # must still resolve inside the target.
+            if not self._shared or not stat.S_ISDIR(os.lstat(path).st_mode):
+                raise
+            if not _inside(self._root, path):
+                raise UnsafeWheel(
+                    self._wheel, f"directory {rel!r} resolves outside the target"
+                ) from None
         os.chmod(path, 0o755)  # noqa: S103 -- the tree is shared read-only with script runs
         self._dirs.add(rel)
 

@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,7 +27,7 @@ from satellite.store import unpack_pool
 from satellite.store.unpack_pool import UnpackPool
 from shared.errors import InvalidArgument, StoreError, UnsafeWheel
 from shared.manifest import ManifestEntry
-from shared.tree_build import PKG_MARKER, SITE, unpack_package
+from shared.tree_build import PKG_MARKER, SITE, unpack_package, unpack_part
 from tests.core_process import eventually
 from tests.wheelfactory import WheelSpec, build_wheel
 
@@ -78,6 +79,50 @@ def test_a_refusal_comes_back_as_the_same_error(tmp_path: Path, pool: UnpackPool
     assert caught.value.wheel == wheel.name
     assert "'pkg/data/big.bin' RECORD hash mismatch" in caught.value.reason
     assert not (tmp_path / "t" / SITE).exists()  # extract_wheel cleaned up after itself
+
+
+def test_a_big_wheel_unpacked_alone_is_split_across_the_workers(
+    tmp_path: Path, pool: UnpackPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(unpack_pool, "SPLIT_MIN_BYTES", 0)
+    files = {**FILES, **{f"pkg/m{i % 5}/f{i}.py": f"V = {i}\n".encode() for i in range(40)}}
+    wheel = build_wheel(WheelSpec("demo", "1.0", files=files), tmp_path / "w")
+    entry = _entry(wheel)
+    executor = pool._acquire()  # the workers' executor, as during a sync
+    pool._release()
+    assert executor is not None
+    parts: list[int] = []
+    submit = executor.submit
+
+    def recording(fn: Any, /, *args: Any) -> Any:
+        if fn is unpack_part:
+            parts.append(args[4])
+        return submit(fn, *args)
+
+    monkeypatch.setattr(executor, "submit", recording)
+    here = unpack_package(entry, wheel, tmp_path / "here")
+    there = pool.unpack(entry, wheel, tmp_path / "there")
+    assert sorted(parts) == [0, 1]  # both workers, one share each
+    assert there == here
+    assert _tree(tmp_path / "there" / SITE) == _tree(tmp_path / "here" / SITE)
+    assert (tmp_path / "there" / PKG_MARKER).read_text() == (
+        tmp_path / "here" / PKG_MARKER
+    ).read_text()
+
+
+def test_a_split_refusal_comes_back_and_leaves_nothing(
+    tmp_path: Path, pool: UnpackPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(unpack_pool, "SPLIT_MIN_BYTES", 0)
+    wrong = base64.urlsafe_b64encode(hashlib.sha256(b"other").digest()).rstrip(b"=").decode()
+    overrides = {"pkg/data/big.bin": f"sha256={wrong},200000"}
+    wheel = build_wheel(
+        WheelSpec("demo", "1.0", files=FILES, record_overrides=overrides), tmp_path / "w"
+    )
+    with pytest.raises(UnsafeWheel) as caught:
+        pool.unpack(_entry(wheel), wheel, tmp_path / "t")
+    assert "'pkg/data/big.bin' RECORD hash mismatch" in caught.value.reason
+    assert not (tmp_path / "t" / SITE).exists()
 
 
 def test_errors_survive_pickling_with_their_fields() -> None:

@@ -7,6 +7,7 @@ entry or rule, leaving no dest behind and nothing written anywhere else under tm
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import stat
 import time
@@ -496,3 +497,71 @@ def test_dist_info_must_match_the_filename(tmp_path: Path) -> None:
         inspect_wheel(wheel, filename="other-1.0-py3-none-any.whl")
     with pytest.raises(UnsafeWheel, match="does not match"):
         inspect_wheel(wheel, filename="demo-2.0-py3-none-any.whl")
+
+
+# --------------------------------------------------------------------------- in parts
+
+
+def _many_files() -> dict[str, bytes]:
+    files = {f"pkg/m{i // 10}/f{i}.py": f"V = {i}\n".encode() * (i % 7 + 1) for i in range(60)}
+    return {**files, "pkg/__init__.py": b"", "pkg/big.bin": bytes(300_000), "top.py": b"T = 1\n"}
+
+
+def test_a_wheel_unpacked_in_parts_is_the_wheel_unpacked_whole(tmp_path: Path) -> None:
+    wheel = build_wheel(spec(_many_files(), executables=["top.py"]), tmp_path / "w")
+    whole = extract_wheel(wheel, tmp_path / "whole")
+    dest = tmp_path / "parts"
+    dest.mkdir()
+    # At once, as the unpack workers run them: each makes directories the other may have made.
+    with ThreadPoolExecutor(3) as pool:
+        infos = list(pool.map(lambda k: extract_wheel(wheel, dest, part=k, parts=3), range(3)))
+    shares = [set(info.hashes) for info in infos]
+    assert all(shares) and sum(len(s) for s in shares) == len(set().union(*shares))  # disjoint
+    merged = {path: h for info in infos for path, h in info.hashes.items()}
+    assert merged == whole.hashes
+    assert tree(dest) == tree(tmp_path / "whole")
+    for path in tree(dest):
+        assert (dest / path).stat().st_mode == (tmp_path / "whole" / path).stat().st_mode, path
+    assert all(
+        dataclasses.replace(i, hashes={}) == dataclasses.replace(whole, hashes={}) for i in infos
+    )
+
+
+def test_every_part_checks_the_whole_wheel_before_writing(tmp_path: Path) -> None:
+    hostile = build_wheel(spec({**_many_files(), "../escape.py": b"x = 1\n"}), tmp_path / "w")
+    dest = tmp_path / "parts"
+    dest.mkdir()
+    for k in range(2):
+        with pytest.raises(UnsafeWheel, match="escapes the target"):
+            extract_wheel(hostile, dest, part=k, parts=2)
+    assert list(dest.iterdir()) == []  # neither part wrote anything
+    assert not (tmp_path / "escape.py").exists()
+
+
+def test_the_part_holding_a_lying_member_refuses_it(tmp_path: Path) -> None:
+    files = _many_files()
+    lie = f"{record_hash(b'something else')},{len(files['pkg/big.bin'])}"
+    wheel = build_wheel(spec(files, record_overrides={"pkg/big.bin": lie}), tmp_path / "w")
+    dest = tmp_path / "parts"
+    dest.mkdir()
+    outcomes = []
+    for k in range(2):
+        try:
+            extract_wheel(wheel, dest, part=k, parts=2)
+            outcomes.append("ok")
+        except UnsafeWheel as exc:
+            outcomes.append(exc.reason)
+    assert sorted(o == "ok" for o in outcomes) == [False, True]
+    assert any("'pkg/big.bin' RECORD hash mismatch" in o for o in outcomes)
+
+
+def test_a_link_where_a_sibling_made_a_directory_is_refused(tmp_path: Path) -> None:
+    wheel = build_wheel(spec(_many_files()), tmp_path / "w")
+    dest = tmp_path / "parts"
+    dest.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (dest / "pkg").symlink_to(outside)  # not a directory a sibling part made
+    with pytest.raises((UnsafeWheel, FileExistsError)):
+        extract_wheel(wheel, dest, part=0, parts=2)
+    assert list(outside.iterdir()) == []
