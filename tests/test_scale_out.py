@@ -131,8 +131,11 @@ def test_an_install_reaches_every_satellite_whichever_instance_it_landed_on(
     second = _install(admin, package_index, ("alpha", "1.0"), ("beta", "1.0"))
     for sat in sats:
         _converged(sat, second)
-    rows = admin.ListSatellites()
-    assert {s.name for s in rows.satellites if s.status == "ready"} == {s.name for s in sats}
+    # Each agent reports READY after its flip; the report may land a moment after `current`.
+    def ready() -> set[str]:
+        return {s.name for s in admin.ListSatellites().satellites if s.status == "ready"}
+
+    eventually(lambda: ready() == {s.name for s in sats}, timeout=30)
     # The admin CLI works through nginx too.
     cli = subprocess.run(
         [sys.executable, "-m", "core.app.cli", "admin", "--core", deployment.lb.grpc_target,
