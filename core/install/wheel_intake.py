@@ -3,11 +3,11 @@ checked completely and stored.
 
 Biggest first: the largest wheel's download and check are the longest single steps, so they
 should not start last. Downloads and checks have separate bounds (the index is the limit of
-one, our CPU of the other); each wheel costs one thread hop for its download and one for its
-check and store. Downloads start biggest first when the index publishes sizes (pypiserver does
-not); checks always do, by the size downloaded: on wsci from a local index every download was
-done at 0.86 s and the checks (2.2 s of CPU) are the critical path, which in arrival order
-ended with scipy checked alone on one core.
+one, our CPU of the other); each wheel costs a thread hop each for its download, its check and
+storing it (an fsync, outside the check slot). Downloads start biggest first when the index
+publishes sizes (pypiserver does not); checks always do, by the size downloaded: on wsci from a
+local index every download was done at 0.86 s and the checks (2.2 s of CPU) are the critical
+path, which in arrival order ended with scipy checked alone on one core.
 """
 
 from __future__ import annotations

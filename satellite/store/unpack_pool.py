@@ -12,8 +12,8 @@ that starts agents must guard its main module (`if __name__ == "__main__"`), as 
 requires of spawned children. The worker runs exactly shared.tree_build.unpack_package, every
 check included (a big wheel unpacked alone is split: every worker runs unpack_part, each
 checking the whole wheel before writing its share); its errors come back as themselves
-(shared.errors pickles). Where processes
-cannot be started at all, unpacking stays in the calling thread, with one warning.
+(shared.errors pickles). Where processes cannot be started at all, unpacking stays in the
+calling thread, with one warning.
 """
 
 from __future__ import annotations
