@@ -131,6 +131,7 @@ def test_an_install_reaches_every_satellite_whichever_instance_it_landed_on(
     second = _install(admin, package_index, ("alpha", "1.0"), ("beta", "1.0"))
     for sat in sats:
         _converged(sat, second)
+
     # Each agent reports READY after its flip; the report may land a moment after `current`.
     def ready() -> set[str]:
         return {s.name for s in admin.ListSatellites().satellites if s.status == "ready"}
