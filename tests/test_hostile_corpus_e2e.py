@@ -24,6 +24,7 @@ def _outside_target(sat: SatelliteProcess) -> set[str]:
         for p in sat.data_dir.rglob("*")
         if not str(p.relative_to(sat.data_dir)).startswith(("pkgs", "blobs"))
         and p.name != "state.json"
+        and not p.name.startswith(".tmp-state.json")  # its atomic write, caught mid-way once
     }
 
 
