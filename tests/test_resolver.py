@@ -87,15 +87,20 @@ def test_uv_argv_is_exact_and_carries_no_secret(tmp_path: Path) -> None:
         username="bob",
         token="SECRET",
     )
-    argv = build_uv_argv(
-        "/bin/uv",
-        s,
-        LINUX,
-        "",
-        requirements_file=tmp_path / "r.txt",
-        output_file=tmp_path / "pylock.toml",
-        cache_dir=tmp_path / "c",
-    )
+
+    def argv_for(env: Environment, universal: bool = False) -> list[str]:
+        return build_uv_argv(
+            "/bin/uv",
+            s,
+            env,
+            "",
+            requirements_file=tmp_path / "r.txt",
+            output_file=tmp_path / "pylock.toml",
+            cache_dir=tmp_path / "c",
+            universal=universal,
+        )
+
+    argv = argv_for(LINUX)
     joined = " ".join(argv)
     assert argv[:3] == ["/bin/uv", "pip", "compile"]
     for flag in ("--no-config", "--only-binary", "--keyring-provider", "--no-python-downloads"):
@@ -108,16 +113,7 @@ def test_uv_argv_is_exact_and_carries_no_secret(tmp_path: Path) -> None:
     assert pairs["--index"] == "https://extra.example/simple"
     assert "SECRET" not in joined and "bob" not in joined
     # The universal run: the oldest environment's Python, no single platform.
-    universal = build_uv_argv(
-        "/bin/uv",
-        s,
-        PY310,
-        "",
-        requirements_file=tmp_path / "r.txt",
-        output_file=tmp_path / "pylock.toml",
-        cache_dir=tmp_path / "c",
-        universal=True,
-    )
+    universal = argv_for(PY310, universal=True)
     assert "--universal" in universal and "--python-platform" not in universal
     assert dict(itertools.pairwise(universal))["--python-version"] == "3.10"
     assert render_requirements([("a", "1.0")], "sys_platform == 'linux'") == (
