@@ -75,17 +75,30 @@ def temp_name(final_name: str) -> str:
 
 
 def unpack_package(
-    entry: ManifestEntry, blob: Path, pkg_dir: Path, content: TreeContentPolicy = AT_SATELLITE
+    entry: ManifestEntry,
+    blob: Path,
+    pkg_dir: Path,
+    content: TreeContentPolicy = AT_SATELLITE,
+    *,
+    reuse_from: Path | None = None,
 ) -> FileMap:
     """Extract the (already sha256-verified) blob of `entry` into `pkg_dir` and seal it.
 
     `pkg_dir` must not exist. Writes `site-packages/` (every RECORD check applied while
     writing), refuses a wheel that is not the entry's project and version, records every
     file's hash in the marker, makes the directories read-only. Not durable: callers fsync
-    (a satellite syncs a whole batch at once) and rename into place.
+    (a satellite syncs a whole batch at once) and rename into place. `reuse_from`: another
+    unpacked package (the project's previous version) whose files may be hard-linked where
+    RECORD names the same bytes (shared.wheels `reuse`).
     """
     pkg_dir.mkdir()
-    info = extract_wheel(blob, pkg_dir / SITE, filename=entry.filename, content=content)
+    info = extract_wheel(
+        blob,
+        pkg_dir / SITE,
+        filename=entry.filename,
+        content=content,
+        reuse=reusable_files(reuse_from),
+    )
     return finish_package(entry, pkg_dir, info, dict(info.hashes))
 
 
@@ -96,12 +109,35 @@ def unpack_part(
     content: TreeContentPolicy,
     part: int,
     parts: int,
+    reuse_from: Path | None = None,
 ) -> WheelInfo:
     """One share of unpack_package for a big wheel, run in several processes at once: the
     caller made `pkg_dir/site-packages`, and calls finish_package with every part's hashes."""
     return extract_wheel(
-        blob, pkg_dir / SITE, filename=entry.filename, content=content, part=part, parts=parts
+        blob,
+        pkg_dir / SITE,
+        filename=entry.filename,
+        content=content,
+        part=part,
+        parts=parts,
+        reuse=reusable_files(reuse_from),
     )
+
+
+def reusable_files(pkg_dir: Path | None) -> dict[str, str]:
+    """sha256 hex -> path of a file of the unpacked package at `pkg_dir`, by its marker.
+
+    Only a hint: shared.wheels hashes whatever it links. A package that is gone or unreadable
+    offers nothing (the unpack then writes every file, as without one).
+    """
+    if pkg_dir is None:
+        return {}
+    try:
+        files = package_files(pkg_dir, pkg_dir.name)
+    except (StoreError, OSError, KeyError, TypeError, ValueError):
+        return {}
+    site = pkg_dir / SITE
+    return {sha: str(site / rel) for rel, (sha, size) in files.items() if size > 0}
 
 
 def finish_package(

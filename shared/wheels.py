@@ -17,7 +17,7 @@ import shutil
 import stat
 import sys
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ __all__ = ["WheelInfo", "WheelLimits", "check_identity", "extract_wheel", "inspe
 
 _CHUNK = 256 * 1024
 _FILE_COST = 4096  # what creating a file weighs against its bytes when splitting a wheel
+_LINKED_SHARE = 2  # a linked member is still inflated and hashed (its donor too): ~half the cost
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -71,6 +72,7 @@ def extract_wheel(
     *,
     part: int = 0,
     parts: int = 1,
+    reuse: Mapping[str, str] | None = None,
 ) -> WheelInfo:
     """Check the wheel and unpack it into `dest` (created here, must not exist) as site-packages.
 
@@ -84,14 +86,22 @@ def extract_wheel(
     share of the members (split by size, the same in every process) and returns their hashes;
     a directory a sibling made is accepted once it proves a real directory inside `dest`. On a
     failure the caller removes `dest`, after every part has ended.
+
+    `reuse` (sha256 hex -> path of a file said to hold exactly those bytes: the previous
+    version's unpacked files) lets a member whose RECORD sha256 is there be hard-linked instead
+    of written. The link is made inside a checked directory and must prove a regular file with
+    the member's mode whose bytes hash to RECORD's; otherwise the member is written as usual.
+    The member itself is still inflated and checked against RECORD: only the file creation and
+    the writes are saved, and every check stays as it is (docs/storage.md).
     """
     wheel = filename or path.name
     with path.open("rb") as f, open_zip(f, wheel, limits) as zf:
         info, entries = plan(zf, f.fileno(), wheel, limits)
         skipped = left_out(wheel, info, entries, content)
         src = f.fileno()
+        donors = reuse or {}
         if parts > 1:
-            entries = _share(entries, part, parts)
+            entries = _share(entries, part, parts, donors)
         else:
             # Created only now, so a structurally hostile wheel never touches the disk; an
             # existing dest raises FileExistsError and is left alone: it is not ours to delete.
@@ -102,6 +112,11 @@ def extract_wheel(
             for entry in entries:
                 if entry.target in skipped:  # checked against RECORD all the same
                     _copy_verified(src, wheel, entry, None)
+                    continue
+                donor = _donor(entry, donors)
+                if donor is not None and _link_verified(writer, entry, donor):
+                    # The member is checked against RECORD all the same, only not written.
+                    hashes[entry.target] = (_copy_verified(src, wheel, entry, None), entry.size)
                     continue
                 fd = writer.create_file(entry.target, entry.mode)
                 try:
@@ -115,15 +130,18 @@ def extract_wheel(
     return replace(info, hashes=hashes)
 
 
-def _share(entries: list[PlannedEntry], part: int, parts: int) -> list[PlannedEntry]:
+def _share(
+    entries: list[PlannedEntry], part: int, parts: int, donors: Mapping[str, str]
+) -> list[PlannedEntry]:
     """This part's members: each goes to the part with the fewest bytes so far (a file costs
-    its size plus a little for creating it), in archive order, so every part computes the same
-    split and reads its members in order."""
+    its size plus a little for creating it; a linked one about half), in archive order,
+    so every part computes the same split and reads its members in order."""
     loads = [0] * parts
     mine: list[PlannedEntry] = []
     for entry in entries:
         lightest = loads.index(min(loads))
-        loads[lightest] += entry.size + _FILE_COST
+        linked = _donor(entry, donors) is not None
+        loads[lightest] += (entry.size // _LINKED_SHARE if linked else entry.size) + _FILE_COST
         if lightest == part:
             mine.append(entry)
     return mine
@@ -183,6 +201,43 @@ def _copy_verified(fd_in: int, wheel: str, entry: PlannedEntry, fd: int | None) 
     return hasher.hexdigest()
 
 
+def _donor(entry: PlannedEntry, donors: Mapping[str, str]) -> str | None:
+    """A file to link for this member: only by a sha256 RECORD row, never for an empty file
+    (nothing to inflate, and a link per empty `__init__.py` would pile onto one inode)."""
+    if not donors or entry.size == 0 or entry.algorithm != "sha256" or entry.digest is None:
+        return None
+    return donors.get(entry.digest.hex())
+
+
+def _link_verified(writer: _TreeWriter, entry: PlannedEntry, donor: str) -> bool:
+    """Hard-link `donor` as the member and hash it against RECORD; False (nothing left
+    behind) when it is not a regular file with the member's mode and bytes."""
+    path = writer.link_file(entry.target, donor)
+    if path is None:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:  # a symlink among the donors (O_NOFOLLOW: ELOOP), or gone
+        os.unlink(path)
+        return False
+    try:
+        st = os.fstat(fd)
+        same = stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == entry.mode
+        same = same and st.st_size == entry.size and _sha256_fd(fd) == entry.digest
+    finally:
+        os.close(fd)
+    if not same:  # changed since it was unpacked: this member comes from the wheel instead
+        os.unlink(path)
+    return same
+
+
+def _sha256_fd(fd: int) -> bytes:
+    hasher = hashlib.sha256()
+    while chunk := os.read(fd, _CHUNK):
+        hasher.update(chunk)
+    return hasher.digest()
+
+
 class _TreeWriter:
     """Creates files under `root`; every directory it makes is checked to resolve inside root.
 
@@ -203,6 +258,19 @@ class _TreeWriter:
         fd = os.open(os.path.join(self._root_str, rel), _FILE_FLAGS, mode)
         os.fchmod(fd, mode)  # the umask must not change what a content-addressed tree looks like
         return fd
+
+    def link_file(self, rel: str, donor: str) -> str | None:
+        """Hard-link `donor` (itself, never what a symlink names) as `rel`; its path, or None
+        when the link cannot be made (another file system, too many links, donor gone)."""
+        self._ensure_dir(rel.rpartition("/")[0])
+        path = os.path.join(self._root_str, rel)
+        try:
+            os.link(donor, path, follow_symlinks=False)
+        except FileExistsError:
+            raise  # as create_file: a duplicate member is a bug upstream, never overwritten
+        except OSError:
+            return None
+        return path
 
     def _ensure_dir(self, rel: str) -> None:
         if rel in self._dirs:

@@ -18,17 +18,20 @@ package is never visible before its bytes are durable, and the set costs one syn
 one per package (sync(2) where syncfs is missing); fsync of every file was measured far slower
 (w31-shaped set, 3,999 files, loaded 2-core VM: fsync each 4.4 s, one syncfs 0.34 s).
 File hashes for the marker come from extraction itself (every file is hashed while it is written
-and checked against RECORD), so nothing is read back. Extraction, the marker and the file-system
-helpers trees use are shared with `spk-core admin tree` (shared/tree_build.py).
+and checked against RECORD), so nothing is read back. An upgrade hard-links the files it shares
+with the project's package in the current tree (`donor`; docs/storage.md, "Upgrades link what
+they share"). Extraction, the marker and the file-system helpers trees use are shared with
+`spk-core admin tree` (shared/tree_build.py).
 """
 
 from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from satellite.store.blobs import checked_sha
 from shared.fsutil import exchange, fsync_dir
@@ -70,7 +73,12 @@ __all__ = [
 ]
 
 
-Unpacker = Callable[[ManifestEntry, Path, Path], FileMap]
+class Unpacker(Protocol):
+    """shared.tree_build.unpack_package, or a stand-in running it elsewhere (unpack_pool.py)."""
+
+    def __call__(
+        self, entry: ManifestEntry, blob: Path, pkg_dir: Path, *, reuse_from: Path | None = None
+    ) -> FileMap: ...
 
 
 @dataclass(frozen=True)
@@ -102,9 +110,9 @@ class PkgDir:
         """The marker's file map; StoreError when the package is not unpacked."""
         return package_files(self.dir(sha256), sha256, where="on this satellite")
 
-    def unpack(self, entry: ManifestEntry, blob: Path) -> Path:
+    def unpack(self, entry: ManifestEntry, blob: Path, donor: str | None = None) -> Path:
         """Extract the (already verified) blob of `entry` durably; returns its site-packages dir."""
-        staged = self.stage(entry, blob)
+        staged = self.stage(entry, blob, donor=donor)
         if staged is not None:
             self.publish([staged])
         return self.site(entry.sha256)
@@ -115,12 +123,15 @@ class PkgDir:
         blob: Path,
         replace: bool = False,
         unpack: Unpacker = unpack_package,
+        donor: str | None = None,
     ) -> StagedPkg | None:
         """Extract and seal the blob in a temp dir, not yet durable nor visible (see publish).
 
         None when the package is already unpacked, unless `replace` (drift repair: a fresh copy
         that publish swaps in). Safe to run for different shas in parallel. `unpack` is
         shared.tree_build.unpack_package or a stand-in running it elsewhere (unpack_pool.py).
+        `donor`: an unpacked package (the project's previous version) whose identical files
+        are hard-linked rather than inflated again, each hashed against RECORD all the same.
         """
         sha = checked_sha(entry.sha256)
         if self.has(sha) and not replace:
@@ -128,8 +139,9 @@ class PkgDir:
         self.root.mkdir(parents=True, exist_ok=True)
         self.staging.mkdir(parents=True, exist_ok=True)
         tmp = self.staging / temp_name(sha)
+        reuse_from = self.dir(donor) if donor is not None and self.has(donor) else None
         try:
-            unpack(entry, blob, tmp)
+            unpack(entry, blob, tmp, reuse_from=reuse_from)
         except BaseException:
             remove_dir(tmp)
             raise

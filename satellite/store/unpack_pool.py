@@ -79,17 +79,21 @@ class UnpackPool:
         blob: Path,
         pkg_dir: Path,
         content: TreeContentPolicy = AT_SATELLITE,
+        *,
+        reuse_from: Path | None = None,
     ) -> FileMap:
         """shared.tree_build.unpack_package in a worker; blocks the calling thread."""
         executor = self._acquire()
         try:
             if executor is None:
-                return unpack_package(entry, blob, pkg_dir, content)
+                return unpack_package(entry, blob, pkg_dir, content, reuse_from=reuse_from)
             try:
                 if entry.size >= SPLIT_MIN_BYTES and self.workers > 1 and self._alone():
-                    files = self._split(executor, entry, blob, pkg_dir, content)
+                    files = self._split(executor, entry, blob, pkg_dir, content, reuse_from)
                 else:
-                    job = executor.submit(unpack_package, entry, blob, pkg_dir, content)
+                    job = executor.submit(
+                        unpack_package, entry, blob, pkg_dir, content, reuse_from=reuse_from
+                    )
                     files = job.result()
             except BrokenProcessPool as exc:  # a worker died (OOM kill, say): a new pool next
                 self._broken(executor, exc, give_up=False)
@@ -112,6 +116,7 @@ class UnpackPool:
         blob: Path,
         pkg_dir: Path,
         content: TreeContentPolicy,
+        reuse_from: Path | None,
     ) -> FileMap:
         """One big wheel on every worker (shared.wheels `part`): when it is the only unpack
         running, the other workers would idle (one pin changed: sympy 155 -> 100 ms, scipy
@@ -121,7 +126,7 @@ class UnpackPool:
         pkg_dir.mkdir()
         (pkg_dir / SITE).mkdir(mode=0o755)
         futures = [
-            executor.submit(unpack_part, entry, blob, pkg_dir, content, k, self.workers)
+            executor.submit(unpack_part, entry, blob, pkg_dir, content, k, self.workers, reuse_from)
             for k in range(self.workers)
         ]
         wait(futures)
