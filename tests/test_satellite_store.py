@@ -7,12 +7,14 @@ test_reconciler.py and test_runner.py.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
 import pytest
 
 from satellite.store import SatelliteStore
+from satellite.store.trees import TREE_META, TreeDir
 from satellite.sync import AgentState
 from shared.errors import BlobCorrupt, IntegrityError, NotFound, StoreError, UnsafeWheel
 from shared.manifest import Manifest, ManifestEntry, TargetEnvironment
@@ -266,6 +268,49 @@ def test_verify_tree_reports_changed_missing_and_extra_files(
     # The tree links into pkgs/: the write and the delete damaged the package cache too.
     assert store.verify_pkg(entries[0].sha256) != []
     assert store.verify_pkg(entries[1].sha256) != []
+
+
+def test_a_tree_meta_names_links_not_files_and_a_gone_package_is_drift(
+    store: SatelliteStore, two: Two
+) -> None:
+    entries, blobs = two
+    manifest = make_manifest(entries)
+    materialise(store, manifest, blobs)
+    meta = json.loads((store.trees.dir(manifest.lockfile_hash) / TREE_META).read_text())
+    assert meta["format"] == 3 and "files" not in meta  # the packages' markers hold those
+    assert store.tree_size_bytes(manifest.lockfile_hash) == sum(
+        size for e in entries for _, size in store.pkgs.files(e.sha256).values()
+    )
+    store.discard_pkg(entries[1].sha256)
+    problems = store.verify_tree(manifest.lockfile_hash)
+    assert any(f"package {entries[1].sha256} is not unpacked" in p for p in problems), problems
+
+
+def test_a_format_2_tree_of_an_older_agent_is_still_verified_by_its_own_record(
+    store: SatelliteStore, two: Two
+) -> None:
+    entries, blobs = two
+    manifest = make_manifest(entries)
+    site = materialise(store, manifest, blobs)
+    path = store.trees.dir(manifest.lockfile_hash) / TREE_META
+    meta = json.loads(path.read_text())
+    files = {
+        rel: [sha, size, e.sha256]
+        for e in entries
+        for rel, (sha, size) in store.pkgs.files(e.sha256).items()
+    }
+    meta.update(format=2, files=files)
+    path.chmod(0o644)
+    path.write_text(json.dumps(meta))
+    store.trees = TreeDir(store.trees.root, store.pkgs.files)  # nothing cached
+    assert store.tree_manifest(manifest.lockfile_hash) == manifest
+    assert store.verify_tree(manifest.lockfile_hash) == []
+    changed = site / "alpha" / "__init__.py"
+    for directory in (site, site / "alpha"):
+        directory.chmod(0o755)
+    changed.chmod(0o644)
+    changed.write_text("HACKED = True\n")
+    assert any("changed alpha/__init__.py" in p for p in store.verify_tree(manifest.lockfile_hash))
 
 
 def test_reassembling_replaces_a_drifted_tree(store: SatelliteStore, two: Two) -> None:

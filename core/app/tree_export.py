@@ -121,12 +121,7 @@ def _assemble(manifest: Manifest, root: Path) -> tuple[Path, TreeFiles, dict[str
     (tmp / SITE).mkdir(parents=True)
     try:
         links = link_tree(files, tmp / SITE, os.path.relpath(pkgs, trees))
-        meta = {
-            "format": 2,
-            "manifest": json.loads(manifest.to_json()),
-            "files": {rel: [sha, size, pkg] for rel, (sha, size, pkg) in files.items()},
-            "links": links,
-        }
+        meta = {"format": 3, "manifest": json.loads(manifest.to_json()), "links": links}
         (tmp / TREE_META).write_text(json.dumps(meta, sort_keys=True))
         seal(tmp / SITE)
         syncfs(tmp)

@@ -67,7 +67,7 @@ class SatelliteStore:
         self.root = Path(root)
         self.blobs = BlobDir(self.root / "blobs")
         self.pkgs = PkgDir(self.root / "pkgs", self.root / STAGING)
-        self.trees = TreeDir(self.root / "trees")
+        self.trees = TreeDir(self.root / "trees", self.pkgs.files)
 
     # -- agent lock ------------------------------------------------------------------------
 

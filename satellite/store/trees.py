@@ -1,7 +1,8 @@
 """Install trees on a satellite: `trees/<lockfile hash>/`, assembled from `pkgs/` by links.
 
     trees/<hash>/site-packages/   what scripts import; sealed read-only after assembly
-    trees/<hash>/.spk-tree.json   the manifest, every expected file and link (drift checks)
+    trees/<hash>/.spk-tree.json   the manifest and every link (format 3; format 2 also listed
+                                  every file, see TreeDir.meta)
     trees/<hash>/.spk-pin         runs hold a shared flock on it; GC needs it exclusive
     trees/<hash>/.spk-retired     when it stopped being current (absent while current)
     trees/<hash>/pycache/         the runner's bytecode cache (-X pycache_prefix); dies with it
@@ -27,7 +28,7 @@ import fcntl
 import json
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,15 +70,17 @@ class TreePin:
 @dataclass(frozen=True)
 class TreeMeta:
     manifest: Manifest
-    files: FileMap
+    files: FileMap | None  # as recorded by a format 2 meta; None: the packages' markers say
     links: dict[str, str]  # relative path in site-packages -> symlink text
 
 
 class TreeDir:
     """The `trees/` directory: assembly, verification, retirement, pins and GC."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, files_of: Callable[[str], FileMap]) -> None:
+        """`files_of(sha256)`: an unpacked package's file map (PkgDir.files)."""
         self.root = root
+        self._files_of = files_of
         # Manifests by lockfile hash: immutable for a hash, asked for on every flip (the drift
         # watcher's scope) and parsing wsci's 1.5 MB tree meta on the event loop took 30 ms.
         self._manifests: dict[str, Manifest] = {}
@@ -102,6 +105,11 @@ class TreeDir:
         )
 
     def meta(self, lockfile_hash: str) -> TreeMeta:
+        """The tree's record. Format 3 (this agent's) holds the manifest and the links; every
+        file's expected hash is in the markers of the packages the manifest names, which were
+        written when they were unpacked. Format 2 (older agents) repeated every file of every
+        package, which cost wsci's one-pin sync 30-45 ms to write (2.7 MB of JSON) and every
+        read of the manifest as much again; both are read."""
         path = self.dir(lockfile_hash) / TREE_META
         try:
             raw = json.loads(path.read_text())
@@ -109,7 +117,12 @@ class TreeDir:
             raise NotFound(f"tree {lockfile_hash} is not on this satellite") from None
         except ValueError as exc:
             raise StoreError(f"tree {lockfile_hash}: unreadable {path}: {exc}") from None
-        files = {rel: (str(v[0]), int(v[1])) for rel, v in raw["files"].items()}
+        recorded = raw.get("files")
+        files = (
+            None
+            if recorded is None
+            else {rel: (str(v[0]), int(v[1])) for rel, v in recorded.items()}
+        )
         links = {str(rel): str(text) for rel, text in raw.get("links", {}).items()}
         manifest = Manifest.from_json(json.dumps(raw["manifest"]))
         self._manifests[lockfile_hash] = manifest
@@ -143,12 +156,7 @@ class TreeDir:
             to_pkgs = os.path.relpath(pkgs.root, self.root)
             links = link_tree(files, site, to_pkgs)
             (tmp / PIN_FILE).touch(0o444)
-            meta = {
-                "format": 2,
-                "manifest": json.loads(manifest.to_json()),
-                "files": {rel: [sha, size, pkg] for rel, (sha, size, pkg) in files.items()},
-                "links": links,
-            }
+            meta = {"format": 3, "manifest": json.loads(manifest.to_json()), "links": links}
             (tmp / TREE_META).write_text(json.dumps(meta, sort_keys=True))
             seal(site)
             syncfs(tmp)
@@ -176,12 +184,23 @@ class TreeDir:
         self._manifests[lockfile_hash] = manifest
         return final / SITE
 
+    def files(self, meta: TreeMeta) -> FileMap:
+        """Every file the tree should hold, with its recorded hash and size."""
+        if meta.files is not None:
+            return meta.files
+        claimed = claim_files(meta.manifest, self._files_of)
+        return {rel: (sha, size) for rel, (sha, size, _) in claimed.items()}
+
     def verify(self, lockfile_hash: str) -> list[str]:
         """Missing, changed and extra files (and directories) compared with the recorded hashes."""
         meta = self.meta(lockfile_hash)
-        site = self.site(lockfile_hash)
-        files = {rel: (sha, size, "") for rel, (sha, size) in meta.files.items()}
-        return tree_problems(site, files, meta.links, f"tree {lockfile_hash[:12]}")
+        label = f"tree {lockfile_hash[:12]}"
+        try:
+            expected = self.files(meta)
+        except StoreError as exc:  # a package it links to is gone: drift, which repair fixes
+            return [f"{label}: {exc}"]
+        files = {rel: (sha, size, "") for rel, (sha, size) in expected.items()}
+        return tree_problems(self.site(lockfile_hash), files, meta.links, label)
 
     def retire_others(self, current: str | None, now: float) -> list[str]:
         """Mark every tree except `current` as retired at `now`, unless it already is."""
@@ -290,7 +309,7 @@ class TreeDir:
             os.close(fd)
 
     def size_bytes(self, lockfile_hash: str) -> int:
-        return sum(size for _, size in self.meta(lockfile_hash).files.values())
+        return sum(size for _, size in self.files(self.meta(lockfile_hash)).values())
 
     def cleanup_temp(self) -> list[Path]:
         removed: list[Path] = []
