@@ -199,6 +199,9 @@ class _NoInotifyLeft:
     ) -> object:
         raise self._error
 
+    def unschedule(self, watch: object) -> None:
+        raise AssertionError("not reached")
+
     def start(self) -> None:
         raise AssertionError("not reached")
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -96,6 +96,9 @@ class PkgDir:
     def __init__(self, root: Path, staging: Path) -> None:
         self.root = root
         self.staging = staging  # temp dirs: builds, swapped-out and doomed copies
+        # Called with the shas just published (new or swapped in), in the publishing thread:
+        # the drift watcher puts a watch on each (satellite/drift.py). Its errors are its own.
+        self.on_published: Callable[[list[str]], None] | None = None
 
     def dir(self, sha256: str) -> Path:
         return self.root / checked_sha(sha256)
@@ -171,6 +174,8 @@ class PkgDir:
             for item in staged:
                 remove_dir(item.tmp)
             raise
+        if self.on_published is not None:
+            self.on_published([item.sha256 for item in staged])
 
     def _swap_in(self, tmp: Path, final: Path) -> None:
         """Trees link into `final`: swap atomically where the kernel can, so no run ever finds
