@@ -260,8 +260,11 @@ class DriftWatcher:
                     return
                 self._limit_reached(exc)
                 self._observer = None
-        if self._observer is None:  # the limit: release what was started, off this thread
-            threading.Thread(target=_stop, args=(observer,), daemon=True).start()
+                self._pkg_watches.clear()
+            else:
+                return
+        # The limit: drift repair is off; what was started is released, off this thread.
+        threading.Thread(target=_stop, args=(observer,), daemon=True).start()
 
     def _path(self, sha: str) -> str:
         return os.path.join(self._pkgs_root, sha)

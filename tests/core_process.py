@@ -166,6 +166,15 @@ class AdminClient:
 
         return call
 
+    def install_pins(self, *pins: tuple[str, str]) -> str:
+        """Set the allowlist to these (name, version) pins, install, insist on READY; the hash."""
+        self.SetPackages(
+            apb.SetPackagesRequest(packages=[apb.PackageSpec(name=n, version=v) for n, v in pins])
+        )
+        state = self.install_and_wait()
+        assert state.status == apb.INSTALL_STATUS_READY, state.error
+        return str(state.lockfile_hash)
+
     def install_and_wait(self, timeout: float = 120.0) -> apb.InstallState:
         self.InstallNow(apb.InstallNowRequest())
         state: apb.InstallState = eventually(

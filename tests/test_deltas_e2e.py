@@ -41,12 +41,7 @@ def _big(version: str, wheel_dir: Path) -> Path:
 
 
 def _install(admin: AdminClient, version: str) -> str:
-    admin.SetPackages(
-        apb.SetPackagesRequest(packages=[apb.PackageSpec(name="bigpkg", version=version)])
-    )
-    state = admin.install_and_wait()
-    assert state.status == apb.INSTALL_STATUS_READY, state.error
-    return str(state.lockfile_hash)
+    return admin.install_pins(("bigpkg", version))
 
 
 def _converged(sat: SatelliteProcess, wanted: str) -> apb.Satellite:

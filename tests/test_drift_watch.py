@@ -8,7 +8,13 @@ every package is watched from the moment it is published.
 from __future__ import annotations
 
 import asyncio
+import errno
+import threading
 from pathlib import Path
+from typing import Any
+
+import pytest
+from watchdog.observers import Observer
 
 from satellite.drift import DriftWatcher
 from satellite.store import SatelliteStore
@@ -96,3 +102,59 @@ async def test_a_package_deleted_by_gc_gives_its_watch_back(tmp_path: Path) -> N
         assert set(watcher.watched_packages) == {entries[1].sha256}
     finally:
         await watcher.stop()
+
+
+class _RunsOutOfWatches:
+    """watchdog's observer, until `full` is set: then a new watch hits the watch limit."""
+
+    def __init__(self) -> None:
+        self._real = Observer()
+        self.full = False
+        self.stopped = threading.Event()
+
+    @property
+    def daemon(self) -> bool:
+        return bool(self._real.daemon)
+
+    @daemon.setter
+    def daemon(self, value: bool) -> None:
+        self._real.daemon = value
+
+    def schedule(self, handler: Any, path: str, **kw: Any) -> object:
+        if self.full:
+            raise OSError(errno.ENOSPC, "inotify watch limit reached")
+        return self._real.schedule(handler, path, **kw)
+
+    def unschedule(self, watch: Any) -> None:
+        self._real.unschedule(watch)
+
+    def start(self) -> None:
+        self._real.start()
+
+    def stop(self) -> None:
+        self._real.stop()
+        self.stopped.set()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._real.join(timeout)
+
+
+async def test_the_watch_limit_met_while_publishing_turns_drift_repair_off_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = SatelliteStore(tmp_path / "data")
+    observer = _RunsOutOfWatches()
+    watcher = DriftWatcher(store, _Repairs(), lambda: observer)
+    await watcher.start()
+    try:
+        assert watcher.active
+        observer.full = True
+        entry, data = wheel_entry(tmp_path / "w", WheelSpec("late", "1.0"))
+        put_blob(store, entry, data)
+        await asyncio.to_thread(store.unpack, entry)  # published all the same
+        assert store.pkgs.has(entry.sha256) and not watcher.active
+        assert await asyncio.to_thread(observer.stopped.wait, 10)
+    finally:
+        await watcher.stop()
+    off = [r.getMessage() for r in caplog.records if "drift repair is off" in r.getMessage()]
+    assert len(off) == 1 and "fs.inotify.max_user_watches" in off[0]

@@ -235,12 +235,7 @@ def test_unpack_package_records_linked_files_like_written_ones(
 
 
 def _install(admin: AdminClient, version: str) -> str:
-    admin.SetPackages(
-        apb.SetPackagesRequest(packages=[apb.PackageSpec(name="pkg", version=version)])
-    )
-    state = admin.install_and_wait()
-    assert state.status == apb.INSTALL_STATUS_READY, state.error
-    return str(state.lockfile_hash)
+    return admin.install_pins(("pkg", version))
 
 
 def test_an_agent_upgrading_links_the_unchanged_files_and_nothing_looks_like_drift(

@@ -10,22 +10,13 @@ import signal
 from pathlib import Path
 
 from shared.proto.scriptpkgs.v1 import admin_pb2 as apb
-from tests.core_process import AdminClient, CoreProcess, eventually
+from tests.core_process import CoreProcess, eventually
 from tests.index_server import PackageIndex
 from tests.satellite_process import SatelliteProcess
 from tests.tcp_proxy import TcpProxy
 from tests.wheelfactory import WheelSpec, build_wheel
 
 CLUTTER = ("Traceback", "Task exception was never retrieved", "different Context", "Overwritten")
-
-
-def _install(admin: AdminClient, *pins: tuple[str, str]) -> str:
-    admin.SetPackages(
-        apb.SetPackagesRequest(packages=[apb.PackageSpec(name=n, version=v) for n, v in pins])
-    )
-    state = admin.install_and_wait()
-    assert state.status == apb.INSTALL_STATUS_READY, state.error
-    return str(state.lockfile_hash)
 
 
 def _partial_size(sat: SatelliteProcess) -> int:
@@ -44,7 +35,7 @@ def test_agent_killed_mid_download_leaves_a_clean_core_log_and_resumes_loudly(
     try:
         admin = core.admin()
         admin.SetRegistryConfig(apb.SetRegistryConfigRequest(index_url=package_index.url))
-        wanted = _install(admin, ("big", "1.0"))
+        wanted = admin.install_pins(("big", "1.0"))
         sat = SatelliteProcess(core, "sat-kill", tmp_path).register()
         sat.target = proxy.target
         for _ in range(2):  # killed twice mid-stream, the second time after a resume
@@ -90,11 +81,11 @@ def test_json_logs_carry_structured_fields_and_no_watchdog_dumps(
     try:
         admin = core.admin()
         admin.SetRegistryConfig(apb.SetRegistryConfigRequest(index_url=package_index.url))
-        first = _install(admin, ("deep", "1.0"), ("wide", "1.0"))
+        first = admin.install_pins(("deep", "1.0"), ("wide", "1.0"))
         sat = SatelliteProcess(core, "sat-json", tmp_path, "--log-format", "json").register()
         satellites.append(sat.start())
         eventually(lambda: sat.current() == first, timeout=60)
-        second = _install(admin, ("deep", "2.0"), ("wide", "2.0"))
+        second = admin.install_pins(("deep", "2.0"), ("wide", "2.0"))
         eventually(lambda: sat.current() == second, timeout=60)
         eventually(lambda: '"status":"flipped"' in sat.log(), timeout=30)
     finally:

@@ -13,7 +13,7 @@ import pytest
 
 from shared.proto.scriptpkgs.v1 import admin_pb2 as apb
 from tests import core_tamper
-from tests.core_process import AdminClient, CoreProcess, eventually
+from tests.core_process import CoreProcess, eventually
 from tests.index_server import PackageIndex
 from tests.satellite_process import SatelliteProcess
 from tests.tcp_proxy import TcpProxy
@@ -33,15 +33,6 @@ def _sat(
     sat = SatelliteProcess(core, name, tmp_path, *extra).register().start()
     started.append(sat)
     return sat
-
-
-def _install(admin: AdminClient, *pins: tuple[str, str]) -> str:
-    admin.SetPackages(
-        apb.SetPackagesRequest(packages=[apb.PackageSpec(name=n, version=v) for n, v in pins])
-    )
-    state = admin.install_and_wait()
-    assert state.status == apb.INSTALL_STATUS_READY, state.error
-    return str(state.lockfile_hash)
 
 
 def _converged(sat: SatelliteProcess, wanted: str, timeout: float = 60) -> apb.Satellite:
@@ -72,7 +63,7 @@ def test_two_satellites_converge_and_delta_pulls_one_wheel(
         WheelSpec("gamma", "3.0", files={"gamma/__init__.py": b"X = 3\n" * 500}), wheel_dir
     )
     admin = core.admin()
-    first = _install(admin, ("alpha", "1.0"))
+    first = admin.install_pins(("alpha", "1.0"))
     a = _sat(core, tmp_path, satellites, "sat-a")
     b = _sat(core, tmp_path, satellites, "sat-b")
     row_a, row_b = _converged(a, first), _converged(b, first)
@@ -90,7 +81,7 @@ def test_two_satellites_converge_and_delta_pulls_one_wheel(
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["1.0", "2.0"]
 
-    second = _install(admin, ("alpha", "1.0"), ("gamma", "3.0"))
+    second = admin.install_pins(("alpha", "1.0"), ("gamma", "3.0"))
     row = _converged(a, second)
     assert row.last_pull_blobs == 1
     assert row.last_pull_bytes == extra.stat().st_size  # exactly that wheel's bytes
@@ -117,13 +108,13 @@ def test_corrupted_blob_is_refused_and_current_kept(
     build_wheel(WheelSpec("alpha", "1.0"), wheel_dir)
     build_wheel(WheelSpec("beta", "2.0"), wheel_dir)
     admin = core.admin()
-    first = _install(admin, ("alpha", "1.0"))
+    first = admin.install_pins(("alpha", "1.0"))
     sat = _sat(core, tmp_path, satellites, "sat-c")
     _converged(sat, first)
     # Offline while the blob is corrupted: a satellite pulls within milliseconds of the install,
     # so corrupting it afterwards would race the pull.
     sat.stop()
-    second = _install(admin, ("alpha", "1.0"), ("beta", "2.0"))
+    second = admin.install_pins(("alpha", "1.0"), ("beta", "2.0"))
     manifest = admin.GetManifest(apb.AdminGetManifestRequest(lockfile_hash=second))
     beta = next(e for e in manifest.entries if e.name == "beta")
     blob = core.data_dir / "blobs" / beta.sha256[:2] / f"{beta.sha256}.whl"
@@ -155,12 +146,12 @@ def test_offline_satellite_converges_on_reconnect_and_revoke_closes_stream(
     build_wheel(WheelSpec("alpha", "1.0"), wheel_dir)
     build_wheel(WheelSpec("alpha", "1.1"), wheel_dir)
     admin = core.admin()
-    first = _install(admin, ("alpha", "1.0"))
+    first = admin.install_pins(("alpha", "1.0"))
     sat = _sat(core, tmp_path, satellites, "sat-d")
     _converged(sat, first)
     sat.stop()
     eventually(lambda: not sat.fleet_row().connected, timeout=20)
-    second = _install(admin, ("alpha", "1.1"))
+    second = admin.install_pins(("alpha", "1.1"))
     sat.start()
     _converged(sat, second)
 
@@ -172,7 +163,7 @@ def test_offline_satellite_converges_on_reconnect_and_revoke_closes_stream(
     )
     # And it stays refused: an install after the revoke does not reach it.
     build_wheel(WheelSpec("alpha", "1.2"), wheel_dir)
-    _install(admin, ("alpha", "1.2"))
+    admin.install_pins(("alpha", "1.2"))
     assert sat.current() == second
 
 
@@ -182,7 +173,7 @@ def test_pinned_run_survives_flip_and_gc(
     build_wheel(WheelSpec("alpha", "1.0"), wheel_dir)
     build_wheel(WheelSpec("alpha", "2.0"), wheel_dir)
     admin = core.admin()
-    first = _install(admin, ("alpha", "1.0"))
+    first = admin.install_pins(("alpha", "1.0"))
     sat = _sat(core, tmp_path, satellites, "sat-e", "--tree-grace", "0")
     _converged(sat, first)
     go = tmp_path / "go"
@@ -218,7 +209,7 @@ def test_pinned_run_survives_flip_and_gc(
     try:
         assert run.stdout is not None
         assert run.stdout.readline().split() == ["started", "1.0"]
-        second = _install(admin, ("alpha", "2.0"))
+        second = admin.install_pins(("alpha", "2.0"))
         _converged(sat, second)
         assert (sat.data_dir / "trees" / first).is_dir()  # grace 0, but pinned by the run
         go.write_text("")
@@ -230,7 +221,7 @@ def test_pinned_run_survives_flip_and_gc(
     assert out.split() == ["after", "1.0"]
     # Unpinned now: the next GC pass (after the next flip) removes it.
     build_wheel(WheelSpec("alpha", "3.0"), wheel_dir)
-    third = _install(admin, ("alpha", "3.0"))
+    third = admin.install_pins(("alpha", "3.0"))
     _converged(sat, third)
     eventually(lambda: not (sat.data_dir / "trees" / first).exists(), timeout=20)
     assert (sat.data_dir / "trees" / third).is_dir()
@@ -241,7 +232,7 @@ def test_deleted_file_in_current_tree_is_repaired(
 ) -> None:
     build_wheel(WheelSpec("alpha", "1.0"), wheel_dir)
     admin = core.admin()
-    first = _install(admin, ("alpha", "1.0"))
+    first = admin.install_pins(("alpha", "1.0"))
     sat = _sat(core, tmp_path, satellites, "sat-f")
     _converged(sat, first)
     target = sat.data_dir / "trees" / first / "site-packages" / "alpha" / "__init__.py"
@@ -267,10 +258,10 @@ def test_drift_is_watched_in_the_tree_current_names_after_a_flip(
     build_wheel(WheelSpec("alpha", "1.0"), wheel_dir)
     build_wheel(WheelSpec("alpha", "2.0"), wheel_dir)
     admin = core.admin()
-    first = _install(admin, ("alpha", "1.0"))
+    first = admin.install_pins(("alpha", "1.0"))
     sat = _sat(core, tmp_path, satellites, "sat-drift-flip")
     _converged(sat, first)
-    second = _install(admin, ("alpha", "2.0"))
+    second = admin.install_pins(("alpha", "2.0"))
     _converged(sat, second)
     target = sat.data_dir / "trees" / second / "site-packages" / "alpha" / "__init__.py"
     original = target.read_bytes()
@@ -299,7 +290,7 @@ def test_core_killed_mid_download_resumes_without_repulling(
     try:
         admin = core.admin()
         admin.SetRegistryConfig(apb.SetRegistryConfigRequest(index_url=package_index.url))
-        wanted = _install(admin, ("big", "1.0"))
+        wanted = admin.install_pins(("big", "1.0"))
         sat = SatelliteProcess(core, "sat-g", tmp_path).register()
         sat.target = proxy.target
         satellites.append(sat.start())
@@ -331,14 +322,14 @@ def test_foreign_wheels_are_refused_with_both_environments(
     build_wheel(WheelSpec("alpha", "1.0"), wheel_dir)
     build_wheel(WheelSpec("winonly", "1.0", tag="cp311-cp311-win_amd64"), wheel_dir)
     admin = core.admin()
-    first = _install(admin, ("alpha", "1.0"))
+    first = admin.install_pins(("alpha", "1.0"))
     sat = _sat(core, tmp_path, satellites, "sat-h")
     _converged(sat, first)
     req = apb.SetRegistryConfigRequest()
     req.target.python_version, req.target.implementation = "3.11", "cp"
     req.target.abi, req.target.platform = "cp311", "win_amd64"
     admin.SetRegistryConfig(req)
-    _install(admin, ("alpha", "1.0"), ("winonly", "1.0"))
+    admin.install_pins(("alpha", "1.0"), ("winonly", "1.0"))
     # The only environment is Windows now: the core serves this Linux host nothing, says why,
     # and the host keeps its tree.
     row = eventually(lambda: (r := sat.fleet_row()).status == "unserved" and r, timeout=60)
@@ -357,7 +348,7 @@ def test_foreign_wheels_are_refused_with_both_environments(
 def test_second_agent_on_the_same_data_dir_exits_clearly(
     core: CoreProcess, tmp_path: Path, satellites: list[SatelliteProcess]
 ) -> None:
-    first = _install(core.admin())
+    first = core.admin().install_pins()
     sat = _sat(core, tmp_path, satellites, "sat-i")
     _converged(sat, first)
     second = subprocess.run(
@@ -375,14 +366,14 @@ def test_run_refuses_when_not_ready_and_runs_bare_when_nothing_desired(
 ) -> None:
     build_wheel(WheelSpec("alpha", "1.0"), wheel_dir)
     admin = core.admin()
-    empty = _install(admin)
+    empty = admin.install_pins()
     sat = _sat(core, tmp_path, satellites, "sat-j")
     _converged(sat, empty)
     script = _script(tmp_path, "import sys; print('bare'); sys.exit(3)\n")
     out = sat.run(script)
     assert out.returncode == 3 and out.stdout.strip() == "bare"
     sat.stop()
-    wanted = _install(admin, ("alpha", "1.0"))
+    wanted = admin.install_pins(("alpha", "1.0"))
     # Pretend the agent heard of the new hash but has not materialised it yet.
     state_file = sat.data_dir / "state.json"
     state = json.loads(state_file.read_text())
