@@ -89,8 +89,9 @@ def extract_wheel(
 
     `reuse` (sha256 hex -> path of a file said to hold exactly those bytes: the previous
     version's unpacked files) lets a member whose RECORD sha256 is there be hard-linked instead
-    of written. The link is made inside a checked directory and must prove a regular file with
-    the member's mode whose bytes hash to RECORD's; otherwise the member is written as usual.
+    of written: the donor must prove a regular file with the member's mode whose bytes hash to
+    RECORD's, and the inode so checked is linked into a checked directory; otherwise the member
+    is written as usual.
     The member itself is still inflated and checked against RECORD: only the file creation and
     the writes are saved, and every check stays as it is (docs/storage.md).
     """
@@ -210,25 +211,22 @@ def _donor(entry: PlannedEntry, donors: Mapping[str, str]) -> str | None:
 
 
 def _link_verified(writer: _TreeWriter, entry: PlannedEntry, donor: str) -> bool:
-    """Hard-link `donor` as the member and hash it against RECORD; False (nothing left
-    behind) when it is not a regular file with the member's mode and bytes."""
-    path = writer.link_file(entry.target, donor)
-    if path is None:
-        return False
+    """Link `donor` as the member if it is a regular file with the member's mode, size and
+    sha256; False (nothing written) otherwise. The inode that was checked is the one linked
+    (through /proc/self/fd), so nothing can be swapped in between; O_NONBLOCK, so a FIFO put
+    in a donor's place cannot stall the unpack."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:  # a symlink among the donors (O_NOFOLLOW: ELOOP), or gone
-        os.unlink(path)
+        fd = os.open(donor, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:  # gone, or a symlink (O_NOFOLLOW: ELOOP)
         return False
     try:
         st = os.fstat(fd)
         same = stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == entry.mode
         same = same and st.st_size == entry.size and _sha256_fd(fd) == entry.digest
+        # A donor changed since it was unpacked is left alone: the member is written instead.
+        return same and writer.link_file(entry.target, f"/proc/self/fd/{fd}")
     finally:
         os.close(fd)
-    if not same:  # changed since it was unpacked: this member comes from the wheel instead
-        os.unlink(path)
-    return same
 
 
 def _sha256_fd(fd: int) -> bytes:
@@ -259,18 +257,25 @@ class _TreeWriter:
         os.fchmod(fd, mode)  # the umask must not change what a content-addressed tree looks like
         return fd
 
-    def link_file(self, rel: str, donor: str) -> str | None:
-        """Hard-link `donor` (itself, never what a symlink names) as `rel`; its path, or None
-        when the link cannot be made (another file system, too many links, donor gone)."""
-        self._ensure_dir(rel.rpartition("/")[0])
-        path = os.path.join(self._root_str, rel)
+    def link_file(self, rel: str, fd_path: str) -> bool:
+        """Hard-link the open file `fd_path` (/proc/self/fd/N) names as `rel`; False when the
+        link cannot be made (no /proc, another file system, too many links)."""
+        parent, _, name = rel.rpartition("/")
+        self._ensure_dir(parent)
+        # A directory fd makes os.link call linkat(AT_SYMLINK_FOLLOW), which resolves the
+        # /proc link to the open inode; plain link(2) would try to link the /proc entry itself.
+        dir_fd = os.open(
+            os.path.join(self._root_str, parent), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+        )
         try:
-            os.link(donor, path, follow_symlinks=False)
+            os.link(fd_path, name, dst_dir_fd=dir_fd, follow_symlinks=True)
         except FileExistsError:
             raise  # as create_file: a duplicate member is a bug upstream, never overwritten
         except OSError:
-            return None
-        return path
+            return False
+        finally:
+            os.close(dir_fd)
+        return True
 
     def _ensure_dir(self, rel: str) -> None:
         if rel in self._dirs:

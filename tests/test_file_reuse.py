@@ -109,6 +109,15 @@ def test_a_symlink_among_the_donors_is_never_followed(tmp_path: Path) -> None:
     assert got.stat().st_ino != real.stat().st_ino and real.stat().st_nlink == 1
 
 
+def test_a_fifo_in_a_donors_place_neither_stalls_nor_is_linked(tmp_path: Path) -> None:
+    fifo = tmp_path / "same.py"
+    os.mkfifo(fifo)  # opening it for reading would block until a writer came
+    wheel = build_wheel(WheelSpec("pkg", "2.0", files=NEW_FILES), tmp_path / "w2")
+    extract_wheel(wheel, tmp_path / "new", reuse={_sha(SAME): str(fifo)})
+    got = tmp_path / "new" / "pkg" / "same.py"
+    assert got.read_bytes() == SAME and got.stat().st_nlink == 1
+
+
 def test_a_lying_member_is_refused_even_when_a_donor_has_what_record_says(
     tmp_path: Path, old_site: Path
 ) -> None:
