@@ -91,9 +91,9 @@ def extract_wheel(
     version's unpacked files) lets a member whose RECORD sha256 is there be hard-linked instead
     of written: the donor must prove a regular file with the member's mode whose bytes hash to
     RECORD's, and the inode so checked is linked into a checked directory; otherwise the member
-    is written as usual.
-    The member itself is still inflated and checked against RECORD: only the file creation and
-    the writes are saved, and every check stays as it is (docs/storage.md).
+    is written as usual. The member itself is still inflated and checked against RECORD: only
+    the file creation and the writes are saved, and every check stays as it is
+    (docs/storage.md).
     """
     wheel = filename or path.name
     with path.open("rb") as f, open_zip(f, wheel, limits) as zf:

@@ -134,7 +134,7 @@ class PkgDir:
         that publish swaps in). Safe to run for different shas in parallel. `unpack` is
         shared.tree_build.unpack_package or a stand-in running it elsewhere (unpack_pool.py).
         `donor`: an unpacked package (the project's previous version) whose identical files
-        are hard-linked rather than inflated again, each hashed against RECORD all the same.
+        are hard-linked rather than written again (each still checked against RECORD).
         """
         sha = checked_sha(entry.sha256)
         if self.has(sha) and not replace:
