@@ -246,17 +246,23 @@ def test_current_hash_is_none_when_missing_dangling_or_foreign(
         store.flip_current("0" * 64)
 
 
+def _hack(path: Path) -> None:
+    """Write into a sealed tree's file as an intruder would (its directories unsealed first:
+    root would not care about the modes, others would)."""
+    for directory in (path.parent.parent, path.parent):
+        directory.chmod(0o755)
+    path.chmod(0o644)
+    path.write_text("HACKED = True\n")
+
+
 def test_verify_tree_reports_changed_missing_and_extra_files(
     store: SatelliteStore, two: Two
 ) -> None:
     entries, blobs = two
     manifest = make_manifest(entries)
     site = materialise(store, manifest, blobs)
-    for directory in (site, site / "alpha", site / "beta"):
-        directory.chmod(0o755)  # sealed read-only; root would not care, others would
-    changed = site / "alpha" / "__init__.py"
-    changed.chmod(0o644)
-    changed.write_text("HACKED = True\n")
+    _hack(site / "alpha" / "__init__.py")
+    (site / "beta").chmod(0o755)
     (site / "beta" / "__init__.py").unlink()
     (site / "extra.py").write_text("")
     (site / "alpha" / "__pycache__").mkdir()
@@ -305,11 +311,7 @@ def test_a_format_2_tree_of_an_older_agent_is_still_verified_by_its_own_record(
     store.trees = TreeDir(store.trees.root, store.pkgs.files)  # nothing cached
     assert store.tree_manifest(manifest.lockfile_hash) == manifest
     assert store.verify_tree(manifest.lockfile_hash) == []
-    changed = site / "alpha" / "__init__.py"
-    for directory in (site, site / "alpha"):
-        directory.chmod(0o755)
-    changed.chmod(0o644)
-    changed.write_text("HACKED = True\n")
+    _hack(site / "alpha" / "__init__.py")
     assert any("changed alpha/__init__.py" in p for p in store.verify_tree(manifest.lockfile_hash))
 
 
