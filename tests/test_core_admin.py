@@ -174,6 +174,61 @@ def test_registry_config_token_is_write_only(core: CoreProcess) -> None:
     assert secret not in core.log()
 
 
+def test_credentials_and_hashes_travel_only_over_tls(core: CoreProcess) -> None:
+    admin = core.admin()
+    secret = "canary-registry-token-77ab"
+    before = admin.SetRegistryConfig(
+        apb.SetRegistryConfigRequest(index_url="https://index.example.invalid/simple")
+    )
+    for request, field in [
+        (
+            apb.SetRegistryConfigRequest(index_url="http://10.1.2.3/simple", auth_token=secret),
+            "index_url",
+        ),
+        (
+            apb.SetRegistryConfigRequest(index_url="http://pkgs.lan/simple", username="bot"),
+            "index_url",
+        ),
+        (apb.SetRegistryConfigRequest(index_url="http://pkgs.lan/simple"), "index_url"),
+        (
+            apb.SetRegistryConfigRequest(
+                extra_index_urls=["http://pkgs.lan/simple"], replace_extra_index_urls=True
+            ),
+            "extra_index_urls[0]",
+        ),
+    ]:
+        with pytest.raises(grpc.RpcError) as err:
+            admin.SetRegistryConfig(request)
+        details = err.value.details() or ""
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert details.startswith(f"{field}: plain http is only allowed for localhost"), details
+        assert "use https" in details and secret not in details
+    after = admin.GetRegistryConfig()
+    assert after == before and not after.has_auth_token  # nothing changed
+    # Loopback is not a network path: a local mirror may speak plain http, with a token too.
+    local = apb.SetRegistryConfigRequest(index_url="http://[::1]:8080/simple", auth_token=secret)
+    assert admin.SetRegistryConfig(local).has_auth_token
+    assert secret not in core.log()
+
+
+def test_wheels_only_cannot_be_switched_off(core: CoreProcess) -> None:
+    admin = core.admin()
+    before = admin.GetRegistryConfig()
+    with pytest.raises(grpc.RpcError) as err:
+        admin.SetRegistryConfig(
+            apb.SetRegistryConfigRequest(
+                index_url="https://other.example.invalid/simple", wheels_only=False
+            )
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (err.value.details() or "").startswith(
+        "wheels_only: must be true: installing from a source"
+    )
+    assert admin.GetRegistryConfig() == before  # the URL beside it was not taken either
+    kept = admin.SetRegistryConfig(apb.SetRegistryConfigRequest(wheels_only=True))
+    assert kept.wheels_only
+
+
 def test_size_cap_rules(core: CoreProcess) -> None:
     admin = core.admin()
     default = admin.GetSizeCap()

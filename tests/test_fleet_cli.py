@@ -10,7 +10,14 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from core.app.fleet_view import FleetCounts, satellites_table, state_of, wait_fleet
+from core.api.admin_service import fleet_summary
+from core.app.fleet_view import (
+    FleetCounts,
+    environment_lines,
+    satellites_table,
+    state_of,
+    wait_fleet,
+)
 from shared.proto.scriptpkgs.v1 import admin_pb2 as apb
 from tests.core_process import ADMIN_TOKEN, CoreProcess
 from tests.index_server import PackageIndex
@@ -65,8 +72,11 @@ def test_install_waits_for_the_fleet_and_names_who_did_not_converge(
     assert table[0].split() == [
         "NAME", "ENVIRONMENT", "CURRENT", "DESIRED", "STATE", "LAST", "SEEN", "LAST", "ERROR"
     ]  # fmt: skip
-    row = {line.split()[0]: line.split() for line in table[1:-1]}
+    fleet_at = next(i for i, line in enumerate(table) if line.startswith("fleet: "))
+    row = {line.split()[0]: line.split() for line in table[1:fleet_at]}
     assert row["host-up"][4] == "converged" and row["host-up"][5] == "connected"
+    # The core counts per environment; host-down never reported, so it is neither of the three.
+    assert table[fleet_at + 1 :] == ["  default        1 converged, 0 syncing, 0 error, 1 other"]
     assert row["host-down"][4] == "offline" and "never" in row["host-down"]
     listed = json.loads(admin("--json", "satellites", "list").stdout)
     assert {s["name"] for s in listed["satellites"]} == {"host-up", "host-down"}
@@ -153,6 +163,37 @@ def test_states_and_the_wait_loop() -> None:
     assert "c (no environment): error: blob 1111: sha256 mismatch" in report
     assert "e (no environment): offline, last seen" in report
     assert "f (no environment): unserved" in report
+
+
+def test_the_fleet_is_counted_per_environment() -> None:
+    fleet = [
+        _sat("a", "ready", H2, H2, environment="default"),
+        _sat("b", "syncing", H1, H2, environment="default", connected=True),
+        _sat("c", "error", H1, H2, environment="default", connected=True),
+        _sat("d", "ready", H1, H2, environment="default"),  # offline on an older release: other
+        _sat("e", "ready", H2, H2, environment="arm"),
+        _sat("f", "syncing", "", H2, environment="arm", connected=True),
+        _sat("g", "unserved", "", "", unserved=True),
+        _sat("h", "unserved", "", "", unserved=True),
+        _sat("i", "ready", H1, H2, environment="arm", revoked=True),  # not counted
+    ]
+    summary = fleet_summary(fleet)
+    assert [
+        (r.environment, r.converged, r.syncing, r.error, r.unserved, r.other) for r in summary
+    ] == [
+        ("", 0, 0, 0, 2, 0),
+        ("arm", 1, 1, 0, 0, 0),
+        ("default", 1, 1, 1, 0, 1),
+    ]
+    assert environment_lines(summary) == [
+        "  (unserved)     2 unserved",
+        "  arm            1 converged, 1 syncing, 0 error",
+        "  default        1 converged, 1 syncing, 1 error, 1 other",
+    ]
+    listed = satellites_table(apb.ListSatellitesResponse(satellites=fleet, summary=summary), 100)
+    assert listed.splitlines()[-4:] == [
+        "fleet: 2 converged, 2 syncing, 1 error, 1 offline, 2 unserved (of 8)"
+    ] + [line.rstrip() for line in environment_lines(summary)]
 
 
 def test_fleet_progress_is_one_live_line_on_a_terminal() -> None:

@@ -32,7 +32,10 @@ def test_hostile_corpus_is_refused_by_the_satellite(tmp_path: Path) -> None:
     core = CoreProcess(tmp_path / "core")
     core.extra_args = ["--desired-poll-seconds", "0.2"]
     core.start()
-    sat = SatelliteProcess(core, "sat-hostile", tmp_path)
+    # No retry of a refused sync while the data dir is compared: it would unpack in staging/.
+    sat = SatelliteProcess(
+        core, "sat-hostile", tmp_path, "--retry-base", "3600", "--retry-cap", "3600"
+    )
     try:
         baseline = core_tamper.publish_signed(core.data_dir, [])
         sat.register().start()

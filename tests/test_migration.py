@@ -340,11 +340,14 @@ def test_postgres_cores_migrate_while_a_satellite_syncs(
         admin.SetPackages(apb.SetPackagesRequest(packages=pins))
         first = admin.install_and_wait()
         assert first.status == apb.INSTALL_STATUS_READY, first.error
-        # ~8 s of copying at 100 kB/s: the satellite syncs in the middle of it, and core B's
-        # install is refused while it runs (a holder gets a second to let go, not eight).
+        # Core B is up before the copy starts, so what must happen during it is short.
+        core_b = CoreProcess(tmp_path / "core-b", env=s3).start()  # same Postgres, another instance
+        admin_b = core_b.admin()
+        # ~16 s of copying: the satellite syncs in the middle of it, and core B's install is
+        # refused while it runs (a holder gets a second to let go, not sixteen).
         admin.MigrateStorage(
             apb.MigrateStorageRequest(
-                target="s3", delete_source=True, max_bytes_per_second=size // 2
+                target="s3", delete_source=True, max_bytes_per_second=size // 4
             )
         )
         sat = SatelliteProcess(core_a, "sat-pg", tmp_path).register().start()
@@ -355,8 +358,6 @@ def test_postgres_cores_migrate_while_a_satellite_syncs(
         during = admin.GetStorageMigrationState()
         assert during.status == "migrating" and during.done < during.total, during
 
-        core_b = CoreProcess(tmp_path / "core-b", env=s3).start()  # same Postgres, another instance
-        admin_b = core_b.admin()
         with pytest.raises(grpc.RpcError) as err:
             admin_b.InstallNow(apb.InstallNowRequest())
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -364,7 +365,7 @@ def test_postgres_cores_migrate_while_a_satellite_syncs(
         assert admin_b.GetStorageMigrationState().status == "migrating"  # shared state
 
         done = eventually(
-            lambda: (s := admin.GetStorageMigrationState()).status == "done" and s, timeout=30
+            lambda: (s := admin.GetStorageMigrationState()).status == "done" and s, timeout=90
         )
         assert done.done == done.total == 4 and done.error == ""
         assert admin_b.GetStorageBackend().name == "s3"

@@ -138,14 +138,24 @@ def test_two_interpreters_converge_each_to_its_own_environment(
     admin = setup_core(core, package_index)
     add_env(admin, "other", version, "manylinux_2_17_x86_64")
     add_env(admin, "arm", version, "manylinux_2_28_aarch64")
-    state = admin.install_and_wait()
+    admin.InstallNow(apb.InstallNowRequest())
+    # WatchInstall shows each environment's step while the install runs (uv alone takes
+    # hundreds of ms, so the stream sees it), and its results at the end.
+    watched = list(admin.WatchInstall(apb.WatchInstallRequest(), timeout=120))
+    state = watched[-1]
     assert state.status == apb.INSTALL_STATUS_READY, state.error
+    steps = {e.status for s in watched[:-1] for e in s.environments}
+    assert steps & {"resolving", "fetching"}, [list(s.environments) for s in watched]
     assert [e.name for e in state.environments] == ["default", "other", "arm"]
     assert {e.status for e in state.environments} == {"ready"}
     # One universal uv run answered for all three (core/install/resolution.py).
     assert "resolved 3 environments in one universal resolution" in core.log()
 
     manifests = manifests_of(admin)
+    assert {
+        e.name: (e.lockfile_hash, e.wheels, e.total_bytes)
+        for e in admin.GetInstallState().environments
+    } == {env: (m.lockfile_hash, len(m.entries), m.total_size) for env, m in manifests.items()}
     names = {env: {e.name for e in m.entries} for env, m in manifests.items()}
     mine_is_older = older(MINE, version)
     old, new = ("default", "other") if mine_is_older else ("other", "default")
@@ -249,22 +259,28 @@ def test_an_unserved_satellite_is_told_how_to_fix_it_and_converges_once_served(
         check=True,
     ).stdout.split()
     assert env_line[:5] == ["spk-core", "admin", "envs", "add", "other"]
-    pasted = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "core.app.cli",
-            "admin",
-            "--core",
-            core.target,
-            "envs",
-            "add",
-            *env_line[4:],
-        ],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, SPK_ADMIN_TOKEN=core.admin_token),
+    as_json = json.loads(
+        subprocess.run(
+            [other, "-m", "satellite.cli", "env", "--name", "other", "--json"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
     )
+    assert as_json["add_command"].split() == env_line
+    assert as_json["environment"]["python_version"] == version
+    assert as_json["environment"]["abi"] == as_json["abi"] == abi(version)
+
+    def admin_cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "core.app.cli", "admin", "--core", core.target, *args],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, SPK_ADMIN_TOKEN=core.admin_token),
+        )
+
+    assert "  (unserved)     1 unserved" in admin_cli("status").stdout.splitlines()
+    pasted = admin_cli("envs", "add", *env_line[4:])
     assert pasted.returncode == 0, pasted.stderr
     # Added, not installed yet: still unserved, and now the message says to install.
     eventually(lambda: "has no manifest for it yet" in sat.fleet_row().error, 30)
@@ -320,6 +336,7 @@ def test_a_core_upgraded_from_before_environments_keeps_serving_its_satellites(
         ("3.12", "manylinux_2_17_sparc", "environment.platform"),
         ("3.12", "manylinux_2_12_x86_64", "environment.platform"),
         ("3.12", "", "environment.platform"),
+        ("3.12", "manylinux_2_17_x86_64,linux_x86_64", "environment.platform[1]"),
     ],
 )
 def test_bad_environments_are_refused_naming_the_field(
@@ -333,6 +350,38 @@ def test_bad_environments_are_refused_naming_the_field(
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert (err.value.details() or "").startswith(f"{field}: ")
     assert [e.name for e in admin.ListEnvironments().environments] == ["default"]
+
+
+def test_environments_are_kept_by_name_and_one_always_stays(core: CoreProcess) -> None:
+    import grpc
+
+    admin = core.admin()
+
+    def listed() -> list[tuple[str, str]]:
+        return [(e.name, e.target.platform) for e in admin.ListEnvironments().environments]
+
+    (default,) = admin.ListEnvironments().environments
+    add_env(admin, "arm", "3.12", "manylinux_2_17_aarch64")
+    add_env(admin, "arm", "3.12", "manylinux_2_28_aarch64")  # the same name: replaced in place
+    assert listed() == [("default", default.target.platform), ("arm", "manylinux_2_28_aarch64")]
+    refused = [
+        # Two names for one target would be two names for one manifest.
+        ("arm2", "manylinux_2_28_aarch64", "environment: 'arm' already has this target"),
+        ("Not A Name", "manylinux_2_17_x86_64", "environment.name: "),
+    ]
+    for name, platform, start in refused:
+        with pytest.raises(grpc.RpcError) as err:
+            add_env(admin, name, "3.12", platform)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert (err.value.details() or "").startswith(start), err.value.details()
+    assert len(listed()) == 2
+    assert not admin.RemoveEnvironment(apb.RemoveEnvironmentRequest(name="nosuch")).removed
+    assert admin.RemoveEnvironment(apb.RemoveEnvironmentRequest(name="default")).removed
+    with pytest.raises(grpc.RpcError) as err:
+        admin.RemoveEnvironment(apb.RemoveEnvironmentRequest(name="arm"))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "'arm' is the only environment; add another" in (err.value.details() or "")
+    assert listed() == [("arm", "manylinux_2_28_aarch64")]
 
 
 def test_size_caps_rollback_and_gc_work_per_release(

@@ -187,16 +187,17 @@ def test_a_superseded_tree_goes_right_after_the_flip_and_a_pinned_one_on_the_tim
         # A run holds the current tree while the next release flips: it stays while pinned,
         # and the timer collects it once the run is over (no release needed for that).
         script = tmp_path / "hold.py"
-        flag = tmp_path / "release-me"
+        flag, started = tmp_path / "release-me", tmp_path / "started"
         script.write_text(
             "import pathlib, sys, time\n"
+            f"pathlib.Path({str(started)!r}).touch()\n"
             f"while not pathlib.Path({str(flag)!r}).exists(): time.sleep(0.05)\n"
         )
         run = subprocess.Popen(
             [sys.executable, "-m", "satellite.cli", "run", "--data-dir", str(sat.data_dir),
              str(script)],
         )  # fmt: skip
-        time.sleep(1.0)  # the run has pinned `second`
+        eventually(started.exists, timeout=30)  # the runner pins `second` before it starts it
         third = install("3.0")
         eventually(lambda: sat.current() == third, timeout=60)
         time.sleep(2.5)  # flip GC and two timer passes: the pin holds it

@@ -348,7 +348,12 @@ async def test_what_the_universal_lockfile_cannot_serve_is_resolved_per_environm
     envs = [LINUX, PY310]
     progress = [EnvProgress(e.name, "pending") for e in envs]
     pins = [("app", "1.0")]
-    locks = await resolve_all(pins, s, envs, "", tmp_path, tmp_path / "c", progress)
+    seen = _Reports(progress)
+    locks = await resolve_all(pins, s, envs, "", tmp_path, tmp_path / "c", progress, seen)
+    # The universal try, then the first environment alone, then the others: each step recorded.
+    assert seen.steps[:2] == [("resolving", "resolving"), ("pending", "pending")]
+    assert seen.steps[2:4] == [("resolving", "pending"), ("fetching", "pending")]
+    assert seen.steps[-1] == ("fetching", "fetching")
     assert "resolving each environment on its own" in caplog.text
     assert "notmirrored" in caplog.text  # uv's reason, for the operator
     assert [{w.name for w in lock} for lock in locks] == [
@@ -363,7 +368,7 @@ async def test_what_the_universal_lockfile_cannot_serve_is_resolved_per_environm
     envs = [LINUX, py39, PY310]
     progress = [EnvProgress(e.name, "pending") for e in envs]
     with pytest.raises(ResolveError) as err:
-        await resolve_all(pins, s, envs, "", tmp_path, tmp_path / "c", progress)
+        await resolve_all(pins, s, envs, "", tmp_path, tmp_path / "c", progress, _Reports(progress))
     assert str(err.value).startswith("environment py39: no wheel of native 1.0 for cp39")
     assert (progress[0].status, progress[1].status) == ("fetching", "error")
     assert progress[1].error == str(err.value)
@@ -377,10 +382,25 @@ async def test_several_environments_resolve_in_one_universal_run(
     progress = [EnvProgress(e.name, "pending") for e in (LINUX, PY310)]
     s = settings_for(package_index)
     envs = [LINUX, PY310]
-    locks = await resolve_all([("app", "1.0")], s, envs, "", tmp_path, tmp_path / "c", progress)
+    seen = _Reports(progress)
+    locks = await resolve_all(
+        [("app", "1.0")], s, envs, "", tmp_path, tmp_path / "c", progress, seen
+    )
     assert "resolved 2 environments in one universal resolution" in caplog.text
     assert [len(lock) for lock in locks] == [3, 4]
+    assert seen.steps == [("resolving", "resolving"), ("fetching", "fetching")]
     assert [p.status for p in progress] == ["fetching", "fetching"]
+
+
+class _Reports:
+    """What resolve_all recorded: every environment's status at each report."""
+
+    def __init__(self, progress: list[EnvProgress]) -> None:
+        self.progress = progress
+        self.steps: list[tuple[str, ...]] = []
+
+    async def __call__(self) -> None:
+        self.steps.append(tuple(p.status for p in self.progress))
 
 
 async def test_empty_allowlist_runs_nothing(tmp_path: Path) -> None:
@@ -429,6 +449,28 @@ async def test_sdist_only_package_is_refused_and_never_built(
         await resolve([("sdonly", "1.0")], settings_for(package_index), NATIVE, tmp_path / "s")
     assert "'sdonly' 1.0 is only published as a source distribution" in str(err.value)
     assert "building them runs code from the index on the core" in str(err.value)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("pinned", [True, False], ids=["pinned", "a-dependency"])
+async def test_no_resolver_path_builds_an_sdist(
+    package_index: PackageIndex, wheel_dir: Path, tmp_path: Path, pinned: bool
+) -> None:
+    # Several environments take the universal run first, then the per-environment runs that
+    # explain a refusal: neither may run the sdist's setup.py, pinned or pulled in.
+    marker = tmp_path / "build-ran"
+    build_sdist("sdonly", "1.0", wheel_dir, setup_marker=marker)
+    build_wheel(WheelSpec("usesit", "1.0", requires=["sdonly==1.0"]), wheel_dir)
+    pins = [("sdonly", "1.0")] if pinned else [("usesit", "1.0")]
+    s = settings_for(package_index)
+    envs = [LINUX, PY310]
+    with pytest.raises(ResolveError):
+        await resolve_universal(pins, s, envs, fleet_marker(envs, ""), tmp_path / "u")
+    progress = [EnvProgress(e.name, "pending") for e in envs]
+    with pytest.raises(ResolveError) as err:
+        await resolve_all(pins, s, envs, "", tmp_path, tmp_path / "c", progress, _Reports(progress))
+    assert str(err.value).startswith("environment linux: ")
+    assert "'sdonly' 1.0 is only published as a source distribution" in str(err.value)
     assert not marker.exists()
 
 

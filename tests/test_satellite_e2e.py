@@ -27,6 +27,9 @@ def core(package_index: PackageIndex, core: CoreProcess) -> CoreProcess:
     return core
 
 
+NO_RETRY = ("--retry-base", "3600", "--retry-cap", "3600")
+
+
 def _sat(
     core: CoreProcess, tmp_path: Path, started: list[SatelliteProcess], name: str, *extra: str
 ) -> SatelliteProcess:
@@ -109,7 +112,8 @@ def test_corrupted_blob_is_refused_and_current_kept(
     build_wheel(WheelSpec("beta", "2.0"), wheel_dir)
     admin = core.admin()
     first = admin.install_pins(("alpha", "1.0"))
-    sat = _sat(core, tmp_path, satellites, "sat-c")
+    # No retry while the leftovers are looked for below: a retry's download is a .tmp- file.
+    sat = _sat(core, tmp_path, satellites, "sat-c", *NO_RETRY)
     _converged(sat, first)
     # Offline while the blob is corrupted: a satellite pulls within milliseconds of the install,
     # so corrupting it afterwards would race the pull.

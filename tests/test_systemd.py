@@ -4,7 +4,6 @@ goes NOT_SERVING while a core drains on SIGTERM."""
 
 from __future__ import annotations
 
-import asyncio
 import configparser
 import os
 import shutil
@@ -21,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shared.proto.scriptpkgs.v1 import admin_pb2 as apb
 from shared.sd_notify import Notifier
-from tests.core_process import CoreProcess, eventually
+from tests.core_process import CoreProcess, eventually, eventually_async
 from tests.satellite_process import SatelliteProcess
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -174,9 +173,8 @@ def test_notifier_speaks_to_the_abstract_namespace_and_is_silent_outside_systemd
 async def test_watchdog_pings_while_the_loop_runs(tmp_path: Path) -> None:
     with NotifySocketContext(tmp_path / "wd.sock") as sock:
         notifier = Notifier(str(sock.path), watchdog_usec=40_000)
-        async with notifier.watchdog():
-            await asyncio.sleep(0.2)
-        assert sock.lines().count("WATCHDOG=1") >= 3
+        async with notifier.watchdog():  # every 20 ms; a stalled test process sees fewer
+            await eventually_async(lambda: sock.lines().count("WATCHDOG=1") >= 3, timeout=10)
 
 
 class NotifySocketContext(NotifySocket):

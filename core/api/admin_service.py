@@ -13,6 +13,7 @@ from core.api.auth import current_identity
 from core.api.environment_service import EnvironmentAdminMixin
 from core.api.release_tools import ReleaseTools, ReleaseToolsMixin
 from core.api.storage_service import StorageAdminMixin, StorageOps
+from core.fanout.desired import load_desired
 from core.fanout.hub import Hub
 from core.install.index_search import IndexCatalog
 from core.install.install_state import EnvProgress
@@ -259,7 +260,10 @@ class AdminService(
         if wanted:
             wanted = check_lockfile_hash(wanted)
         else:
-            desired = self._hub.desired
+            # The database, not this instance's hub: an install's `ready` commits with its
+            # release, and the hub (here or on another instance behind the balancer) learns of
+            # it a moment later, so a client that saw `ready` would be shown the old manifest.
+            desired = await self._db.run(load_desired)
             if not desired.manifests:
                 raise NotFound("nothing has been installed yet; run InstallNow")
             name = request.environment or desired.manifests[0][0]
@@ -273,7 +277,7 @@ class AdminService(
         self, request: pb.ListLockfilesRequest, context: object
     ) -> pb.ListLockfilesResponse:
         rows = await self._db.run(lockfiles.list_lockfiles)
-        current = set(self._hub.desired_hashes())
+        current = {h for _, _, h in (await self._db.run(load_desired)).manifests}  # as above
         return pb.ListLockfilesResponse(
             lockfiles=[
                 pb.LockfileSummary(

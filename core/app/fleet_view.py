@@ -123,7 +123,22 @@ def satellites_table(reply: pb.ListSatellitesResponse, now: float) -> str:
     ]
     counts = FleetCounts.of(reply.satellites)
     lines.append(f"fleet: {counts.line()}")
+    lines += environment_lines(reply.summary)
     return "\n".join(line.rstrip() for line in lines)
+
+
+def environment_lines(summary: Sequence[pb.FleetSummary]) -> list[str]:
+    """The core's per-environment counts, a line each; unserved and other only when there
+    are some (hosts no environment serves have a row of their own)."""
+    out = []
+    for row in summary:
+        counts = [("converged", row.converged), ("syncing", row.syncing), ("error", row.error)]
+        counts += [(k, n) for k, n in (("unserved", row.unserved), ("other", row.other)) if n]
+        if not row.environment:
+            counts = [(k, n) for k, n in counts if n]
+        parts = ", ".join(f"{n} {k}" for k, n in counts)
+        out.append(f"  {row.environment or '(unserved)':<14} {parts}")
+    return out
 
 
 @dataclass(frozen=True)
@@ -183,10 +198,7 @@ def status_screen(r: StatusReplies, now: float) -> str:
         out.append(f"  error: {_one_line(i.error, 200)}")
     counts = FleetCounts.of(r.satellites.satellites)
     out.append(f"fleet            {counts.line()}")
-    for row in r.satellites.summary:
-        name = row.environment or "(unserved)"
-        parts = [f"{getattr(row, k)} {k}" for k in ("converged", "syncing", "error", "other")]
-        out.append(f"  {name:<14} {', '.join(parts)}")
+    out += environment_lines(r.satellites.summary)
     for state in ("error", "offline", "unserved"):
         names = [s.name for s in counts.by_state[state]]
         if names:

@@ -274,7 +274,14 @@ class Installer:
         progress[:] = [EnvProgress(e.name, "pending") for e in envs]
         await self._set(phase="resolving", environments=progress)
         locks = await resolve_all(
-            reqs, config.settings, envs, native, self._work_dir, self._uv_cache, progress
+            reqs,
+            config.settings,
+            envs,
+            native,
+            self._work_dir,
+            self._uv_cache,
+            progress,
+            lambda: self._set(environments=progress),
         )
         for env, wheels in zip(envs, locks, strict=True):
             check_fits(env, native, wheels)

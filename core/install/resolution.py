@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +49,14 @@ class _Run:
     work_dir: Path
     cache_dir: Path
     progress: Sequence[EnvProgress]
+    report: Callable[[], Awaitable[object]]
+
+    async def mark(self, status: str, *rows: EnvProgress) -> None:
+        """Moves these rows (all when none are named) to `status`, and records it, so
+        GetInstallState and WatchInstall show each environment's step while it runs."""
+        for p in rows or self.progress:
+            p.status = status
+        await self.report()
 
 
 async def resolve_all(
@@ -59,13 +67,15 @@ async def resolve_all(
     work_dir: Path,
     cache_dir: Path,
     progress: Sequence[EnvProgress],
+    report: Callable[[], Awaitable[object]],
 ) -> list[list[LockedWheel]]:
     """Every environment's wheels; the first failure (in list order) fails the install and is
-    recorded on its environment's progress row."""
+    recorded on its environment's progress row. `report` records the rows whenever an
+    environment moves on."""
     pins = clean_pins(reqs)  # a bad pin is refused before any resolver runs
     if not pins:  # an empty allowlist needs no resolver and no scratch dir
         return [[] for _ in envs]
-    run = _Run(registry, envs, native, work_dir, cache_dir, progress)
+    run = _Run(registry, envs, native, work_dir, cache_dir, progress, report)
     if len(envs) > 1 and (locks := await _universal(run, pins)) is not None:
         return locks
     return await _each_on_its_own(run, pins)
@@ -74,8 +84,7 @@ async def resolve_all(
 async def _universal(run: _Run, pins: list[tuple[str, str]]) -> list[list[LockedWheel]] | None:
     """One uv run for every environment, each one's wheels picked from it; None when the
     lockfile does not answer (the reason is logged)."""
-    for p in run.progress:
-        p.status = "resolving"
+    await run.mark("resolving")
     try:
         marker = fleet_marker(run.envs, run.native)
         packages = await resolve_universal(
@@ -88,8 +97,7 @@ async def _universal(run: _Run, pins: list[tuple[str, str]]) -> list[list[Locked
         # that lacks another platform's dependency).
         log.warning("resolving each environment on its own: %s", exc.message)
         return None
-    for p in run.progress:
-        p.status = "fetching"
+    await run.mark("fetching")
     log.info("resolved %d environments in one universal resolution", len(run.envs))
     return locks
 
@@ -102,15 +110,14 @@ async def _each_on_its_own(run: _Run, pins: list[tuple[str, str]]) -> list[list[
     envs, progress = run.envs, run.progress
 
     async def one(env: Environment, p: EnvProgress) -> list[LockedWheel]:
-        p.status = "resolving"
+        await run.mark("resolving", p)
         wheels = await resolve_or_explain(
             pins, run.registry, env, run.native, run.work_dir, cache_dir=run.cache_dir
         )
-        p.status = "fetching"
+        await run.mark("fetching", p)
         return wheels
 
-    for p in progress:
-        p.status = "pending"
+    await run.mark("pending")
     if not envs:
         return []
     tasks = [asyncio.create_task(one(envs[0], progress[0]))]

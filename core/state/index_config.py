@@ -76,14 +76,15 @@ def _check_secretish(value: str, field_name: str) -> None:
         raise InvalidArgument(field_name, "must not contain control characters")
 
 
-def validate_settings(settings: RegistrySettings) -> None:
-    """Raise InvalidArgument naming the field; messages never echo the token."""
-    _check_url(settings.index_url, "registry.index_url")
+def validate_settings(settings: RegistrySettings, prefix: str = "registry.") -> None:
+    """Raise InvalidArgument naming the field (`prefix` + its name: SetRegistryConfig's
+    request names them bare); messages never echo the token."""
+    _check_url(settings.index_url, f"{prefix}index_url")
     for i, url in enumerate(settings.extra_index_urls):
-        _check_url(url, f"registry.extra_index_urls[{i}]")
-    _check_secretish(settings.username, "registry.username")
-    _check_secretish(settings.token, "registry.token")
+        _check_url(url, f"{prefix}extra_index_urls[{i}]")
+    _check_secretish(settings.username, f"{prefix}username")
+    _check_secretish(settings.token, f"{prefix}token")
     if not 1 <= settings.timeout_seconds <= 600:
-        raise InvalidArgument("registry.timeout_seconds", "must be between 1 and 600")
+        raise InvalidArgument(f"{prefix}timeout_seconds", "must be between 1 and 600")
     if not 0 <= settings.retries <= 10:
-        raise InvalidArgument("registry.retries", "must be between 0 and 10")
+        raise InvalidArgument(f"{prefix}retries", "must be between 0 and 10")

@@ -116,7 +116,7 @@ def update_registry(box: SecretBox, update: RegistryUpdate) -> RegistryConfig:
             if not 1 <= update.timeout_seconds <= 600:
                 raise InvalidArgument("timeout_seconds", "must be between 1 and 600")
             s = replace(s, timeout_seconds=update.timeout_seconds)
-        validate_settings(s)  # the whole result: e.g. plain http to a remote host
+        validate_settings(s, prefix="")  # the whole result: e.g. plain http to a remote host
         if update.clear_target:
             environments.set_default_target(None)
         elif update.target is not None:
