@@ -118,6 +118,26 @@ def manifests_of(admin: AdminClient) -> dict[str, cpb.Manifest]:
     }
 
 
+def old_agent_refresh(core: CoreProcess) -> tuple[str, str]:
+    """The first Refresh a subscribe without `host` (as agents before environments send) gets."""
+    import grpc
+
+    from shared.proto.scriptpkgs.v1 import distribution_pb2 as dpb
+    from shared.proto.scriptpkgs.v1 import distribution_pb2_grpc
+
+    token = core.admin().CreateSatellite(apb.CreateSatelliteRequest(name="sat-old-agent")).token
+    with grpc.insecure_channel(core.target) as channel:
+        stub = distribution_pb2_grpc.PackageDistributionStub(channel)
+        old = dpb.SubscribeRequest(agent_version="0.9", python_version=MINE, platform="linux")
+        stream = stub.RefreshScriptPackages(
+            old, metadata=(("authorization", f"Bearer {token}"),), timeout=30
+        )
+        first = next(stream)
+        stream.cancel()
+    assert not first.unserved_reason, first
+    return first.environment, first.lockfile_hash
+
+
 def run_json(sat: SatelliteProcess, tmp_path: Path) -> dict[str, object]:
     script = tmp_path / f"probe-{sat.name}.py"
     script.write_text(SCRIPT)
@@ -171,6 +191,9 @@ def test_two_interpreters_converge_each_to_its_own_environment(
     assert stored == {f"{sha}.whl" for sha in unique}
     release = admin.ListReleases().releases[0]
     assert {m.sequence for m in manifests.values()} == {release.sequence}
+    # An agent older than environments says nothing of its host: the default environment
+    # serves it, as before, while the upgraded agents below get their own.
+    assert old_agent_refresh(core) == ("default", manifests["default"].lockfile_hash)
 
     mine_sat = SatelliteProcess(core, "sat-mine", tmp_path).register()
     other_sat = SatelliteProcess(core, "sat-other", tmp_path).register()
