@@ -277,7 +277,7 @@ class AdminService(
         self, request: pb.ListLockfilesRequest, context: object
     ) -> pb.ListLockfilesResponse:
         rows = await self._db.run(lockfiles.list_lockfiles)
-        current = {h for _, _, h in (await self._db.run(load_desired)).manifests}  # as above
+        current = (await self._db.run(load_desired)).hashes()  # as in GetManifest
         return pb.ListLockfilesResponse(
             lockfiles=[
                 pb.LockfileSummary(

@@ -41,6 +41,9 @@ class Desired:
     def hash_for(self, environment: str) -> str:
         return next((h for name, _, h in self.manifests if name == environment), "")
 
+    def hashes(self) -> set[str]:
+        return {h for _, _, h in self.manifests}
+
 
 @dataclass(frozen=True)
 class Offer:
@@ -129,9 +132,6 @@ class Hub:
         # Called after a change made on this instance (not one read back from the database),
         # so other core instances can be told at once (Postgres NOTIFY).
         self.on_local_change: Callable[[Desired], None] | None = None
-
-    def desired_hashes(self) -> list[str]:
-        return [h for _, _, h in self.desired.manifests]
 
     def offer_for(self, host: HostEnvironment | None) -> Offer:
         offer = self._offers.get(host)
