@@ -11,9 +11,10 @@ upstream list, the blob store's root), so the tests run what operators are told 
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -44,10 +45,23 @@ http {{
 """
 
 
-def _accepts(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
+def _listening_ports(pid: int) -> set[int]:
+    """The TCP ports process `pid` listens on (its socket inodes in /proc/net/tcp*)."""
+    inodes = set()
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            for row in f.readlines()[1:]:
+                cols = row.split()
+                if cols[3] == "0A" and cols[9] in inodes:  # 0A: LISTEN
+                    ports.add(int(cols[1].rsplit(":", 1)[1], 16))
+    return ports
 
 
 def _deploy(text: str, replacements: dict[str, str]) -> str:
@@ -107,7 +121,16 @@ class Nginx:
         (self.prefix / "spk-core-upstreams.conf").write_text("\n".join(lines) + "\n")
 
     def start(self) -> Nginx:
-        self.prefix.mkdir(parents=True)
+        for _attempt in range(4):  # a free port can be taken between the probe and nginx's bind
+            if self._start_once():
+                return self
+            self.grpc_port = free_port() if self.grpc_port else 0
+            self.http_port = free_port() if self.http_port else 0
+        raise RuntimeError(f"nginx did not start: {self.error_log()}")
+
+    def _start_once(self) -> bool:
+        """True once nginx listens; False when a port was taken (the config is rewritten)."""
+        self.prefix.mkdir(parents=True, exist_ok=True)
         includes = []
         if self.lb_upstreams is not None:
             self._write_upstreams()
@@ -134,12 +157,23 @@ class Nginx:
         assert check.returncode == 0, check.stderr
         log = (self.prefix / "stdout.log").open("ab")
         self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        # Probing a port is not enough: another process holding it would answer, while nginx
+        # retries its bind for ~2 s and exits. Wait until nginx's own sockets listen on them.
         deadline = time.monotonic() + 10
-        while not all(_accepts(p) for p in (self.grpc_port, self.http_port) if p):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
+        ports = {p for p in (self.grpc_port, self.http_port) if p}
+        while not ports <= _listening_ports(self.proc.pid):
+            if self.proc.poll() is not None:
+                if "Address already in use" in self.error_log() + self._stdout():
+                    return False  # a free port was taken between the probe and the bind
+                raise RuntimeError(f"nginx did not start: {self.error_log()}")
+            if time.monotonic() > deadline:
                 raise RuntimeError(f"nginx did not start: {self.error_log()}")
             time.sleep(0.05)
-        return self
+        return True
+
+    def _stdout(self) -> str:
+        path = self.prefix / "stdout.log"
+        return path.read_text(errors="replace") if path.exists() else ""
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
