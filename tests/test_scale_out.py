@@ -127,6 +127,20 @@ def test_an_install_reaches_every_satellite_whichever_instance_it_landed_on(
     for sat in sats:
         _converged(sat, first)
     assert all(_served(core) for core in deployment.cores), "nginx sent everyone to one instance"
+    # Whichever instance an admin reaches, it sees every agent connected (stream leases), and
+    # one that stops as offline at once.
+    names = {s.name for s in sats}
+
+    def everywhere(wanted: set[str]) -> bool:
+        return all(
+            {s.name for s in core.admin().ListSatellites().satellites if s.connected} == wanted
+            for core in deployment.cores
+        )
+
+    eventually(lambda: everywhere(names), timeout=30)
+    sats[0].stop()
+    eventually(lambda: everywhere(names - {sats[0].name}), timeout=30)
+    sats[0].start()
     # A second release, installed by whichever instance nginx picks, reaches all of them.
     second = _install(admin, package_index, ("alpha", "1.0"), ("beta", "1.0"))
     for sat in sats:

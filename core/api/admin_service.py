@@ -15,6 +15,7 @@ from core.api.release_tools import ReleaseTools, ReleaseToolsMixin
 from core.api.storage_service import StorageAdminMixin, StorageOps
 from core.fanout.desired import load_desired
 from core.fanout.hub import Hub
+from core.fanout.stream_leases import StreamLeases
 from core.install.index_search import IndexCatalog
 from core.install.install_state import EnvProgress
 from core.install.installer import Installer, InstallState
@@ -143,8 +144,10 @@ class AdminService(
         hub: Hub,
         ops: StorageOps,
         tools: ReleaseTools,
+        leases: StreamLeases | None = None,
     ) -> None:
         self._tools = tools  # audits, exports, blobs (core/api/release_tools.py)
+        self._leases = leases or StreamLeases(db, hub, shared=False)  # who is connected
         self._db = db
         self._box = box
         self._installer = installer
@@ -347,7 +350,7 @@ class AdminService(
             satellites.append(
                 pb.Satellite(
                     name=r.name,
-                    connected=self._hub.is_connected(r.name),
+                    connected=self._leases.connected(r.name, r.stream_until),
                     last_seen_unix=r.last_seen,
                     desired_hash=offer.lockfile_hash,
                     current_hash=r.current_hash,

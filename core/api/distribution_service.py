@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from core.api.auth import current_identity
 from core.api.metrics import CoreMetrics
 from core.fanout.hub import Hub
+from core.fanout.stream_leases import StreamLeases
 from core.state import fleet, lockfiles
 from core.state.db import Database, database_proxy
 from core.storage.blob_urls import BlobUrls
@@ -144,8 +145,10 @@ class DistributionService(distribution_pb2_grpc.PackageDistributionServicer):
         urls: BlobUrls | None = None,
         deltas: DeltaService | None = None,
         metrics: CoreMetrics | None = None,
+        leases: StreamLeases | None = None,
     ) -> None:
         limits = limits or ClientLimits()
+        self._leases = leases or StreamLeases(db, hub, shared=False)
         self._deltas = deltas
         self._metrics = metrics
         self._downloads = _Counter(limits.max_downloads, "blob downloads")
@@ -175,6 +178,7 @@ class DistributionService(distribution_pb2_grpc.PackageDistributionServicer):
         )
         with self._subscriptions.enter(name):
             subscription = self._hub.subscribe(name, host)
+            self._leases.opened(name)
             log.info("satellite %s subscribed", name, extra=fields(satellite=name))
             if self._metrics is not None:
                 self._metrics.subscriptions.inc()
@@ -196,6 +200,9 @@ class DistributionService(distribution_pb2_grpc.PackageDistributionServicer):
             finally:
                 if self._metrics is not None:
                     self._metrics.subscriptions.dec()
+                # Now, not when the inner generator is finalised: the lease check needs it.
+                self._hub.unsubscribe(subscription)
+                self._leases.closed(name)
                 log.info("satellite %s unsubscribed", name, extra=fields(satellite=name))
         if subscription.revoked:
             raise Unauthenticated("satellite token revoked")

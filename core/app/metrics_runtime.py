@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from core.api.admin_service import AdminService
 from core.api.metrics import FLEET_STATES, CoreMetrics
@@ -28,9 +29,14 @@ AUDIT_HISTORY = 10  # older audits searched for the last complete one
 class MetricsSampler:
     """Sets the database-derived gauges of `metrics` from `admin`'s answers."""
 
-    def __init__(self, metrics: CoreMetrics, admin: AdminService) -> None:
+    def __init__(
+        self, metrics: CoreMetrics, admin: AdminService, here: Callable[[str], bool] | None = None
+    ) -> None:
         self._m = metrics
         self._admin = admin
+        # Streams open on this instance (the hub): ListSatellites' `connected` counts any
+        # instance's, and spk_satellites_connected is per instance (summed across them).
+        self._here = here
         self._fleet_labels: set[tuple[str, str]] = set()
         self._connected_labels: set[str] = set()
 
@@ -82,7 +88,8 @@ class MetricsSampler:
         connected: dict[str, int] = {}
         for s in reply.satellites:
             if not s.revoked:
-                connected[s.environment] = connected.get(s.environment, 0) + int(s.connected)
+                here = self._here(s.name) if self._here is not None else s.connected
+                connected[s.environment] = connected.get(s.environment, 0) + int(here)
         for env, count in connected.items():
             self._m.satellites_connected.labels(env).set(count)
         for env in self._connected_labels - set(connected):

@@ -33,6 +33,7 @@ from core.app.storage_runtime import StorageRuntime
 from core.fanout import notify
 from core.fanout.desired import load_desired
 from core.fanout.hub import Desired, Hub
+from core.fanout.stream_leases import StreamLeases
 from core.install.audit import DAY_SECONDS, Auditor, FindingsCounter
 from core.install.install_state import recover_stale_install, remove_stale_work
 from core.install.installer import Installer
@@ -122,6 +123,7 @@ class CoreServer:
         self._background: set[asyncio.Future[Any]] = set()  # kept referenced until done
         self._grace = 5.0
         self.hub = Hub()
+        self.leases: StreamLeases | None = None  # set in start(): it needs the database
         self.health = health.aio.HealthServicer()
         self.installer: Installer | None = None
         self.deltas: DeltaService | None = None
@@ -189,7 +191,9 @@ class CoreServer:
         tools = ReleaseTools(db, box, auditor, store)
         storage_ops = storage.bind(self.hub, key, cfg.gc)
         await storage.migrator.resume_if_stuck()  # before serving, so no install can slip in
-        admin = AdminService(db, box, installer, self.hub, storage_ops, tools)
+        self.leases = StreamLeases(db, self.hub, shared=cfg.shares_state)
+        stack.push_async_callback(self.leases.flush)  # after the drain (the stack unwinds LIFO)
+        admin = AdminService(db, box, installer, self.hub, storage_ops, tools, self.leases)
         server = self._build_server(db, admin, store, key.public_key())
         credentials = server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
         try:
@@ -208,6 +212,7 @@ class CoreServer:
         self._spawn(self._poll_desired(), "desired-poll")
         if cfg.shares_state and cfg.database_url:
             self._start_notify(cfg.database_url, db)
+            self._spawn(self.leases.run(), "stream-leases")
         storage.start_background()
         self._spawn(auditor.run_schedule(), "audit-schedule")
         if self.metrics is not None and cfg.metrics_listen:
@@ -223,7 +228,7 @@ class CoreServer:
     def _serve_metrics(self, metrics: CoreMetrics, listen: str, admin: AdminService) -> None:
         self.metrics_server = served = MetricsServer.start(listen, metrics.registry)
         self._stack.push_async_callback(asyncio.to_thread, served.close)
-        self._spawn(MetricsSampler(metrics, admin).run(), "metrics-sampler")
+        self._spawn(MetricsSampler(metrics, admin, self.hub.is_connected).run(), "metrics-sampler")
         log.info("metrics on %s", served.url)
 
     def _build_server(
@@ -257,6 +262,7 @@ class CoreServer:
                 urls=BlobUrls(cfg.blob_urls, store),
                 deltas=self.deltas,
                 metrics=self.metrics,
+                leases=self.leases,
             ),
             server,
         )

@@ -176,6 +176,9 @@ class Hub:
     def is_connected(self, key: str) -> bool:
         return bool(self._subs.get(key))
 
+    def connected_keys(self) -> list[str]:
+        return list(self._subs)
+
     def subscriber_count(self) -> int:
         return sum(len(s) for s in self._subs.values())
 

@@ -173,6 +173,10 @@ class SatelliteRow(BaseModel):
     platform = pw.CharField(max_length=128, default="")
     environment = pw.CharField(max_length=64, default="")  # serving it; "" while unserved
     host_json = pw.TextField(default="")  # its HostEnvironment as reported on subscribe
+    # Several instances (Postgres): the instance holding its refresh stream renews this lease,
+    # so every instance can tell connected from offline (core/fanout/stream_leases.py).
+    stream_owner = pw.CharField(max_length=64, default="")
+    stream_until = pw.BigIntegerField(default=0)
 
 
 class StoredBlob(BaseModel):
@@ -307,6 +311,11 @@ def _migration_5(db: pw.Database) -> None:
     db.create_tables([DeltaPatch])
 
 
+def _migration_6(db: pw.Database) -> None:
+    """Refresh-stream leases, so each instance behind a balancer sees who is connected."""
+    _add_missing_columns(db, [SatelliteRow.stream_owner, SatelliteRow.stream_until])
+
+
 # Append-only: each entry brings the schema from version i to i + 1.
 MIGRATIONS: list[Callable[[pw.Database], None]] = [
     _migration_1,
@@ -314,6 +323,7 @@ MIGRATIONS: list[Callable[[pw.Database], None]] = [
     _migration_3,
     _migration_4,
     _migration_5,
+    _migration_6,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

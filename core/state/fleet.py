@@ -123,5 +123,21 @@ def record_report(name: str, report: SyncReportIn) -> None:
     SatelliteRow.update(fields).where(SatelliteRow.name == name).execute()
 
 
+def lease_streams(names: list[str], owner: str, until: int) -> None:
+    """`owner` holds these satellites' refresh streams until `until` (Unix time)."""
+    for i in range(0, len(names), 500):  # SQLite's bound-parameter limit, with room
+        batch = names[i : i + 500]
+        SatelliteRow.update(stream_owner=owner, stream_until=until).where(
+            SatelliteRow.name.in_(batch)
+        ).execute()
+
+
+def release_stream(name: str, owner: str) -> None:
+    """`owner` no longer holds the stream; a lease another instance took since is kept."""
+    SatelliteRow.update(stream_until=0).where(
+        (SatelliteRow.name == name) & (SatelliteRow.stream_owner == owner)
+    ).execute()
+
+
 def list_all() -> list[SatelliteRow]:
     return list(SatelliteRow.select().order_by(SatelliteRow.name))

@@ -1,0 +1,84 @@
+"""Who holds a refresh stream, seen from every core instance.
+
+One instance knows its own subscribers (the hub); behind a load balancer an admin's call lands
+on any instance, which would show every satellite streaming to another one as offline. With
+shared state (Postgres) each instance therefore leases the streams it holds: it writes a lease
+when a stream opens, renews all of its leases every LEASE_SECONDS / 3, and drops one when its
+last stream for that satellite closes (unless another instance took the lease meanwhile). An
+instance that dies leaves leases that run out within LEASE_SECONDS; its agents reconnect to
+another instance within seconds, which takes them over.
+
+A single instance (SQLite) needs none of this: its hub is the whole truth, and nothing is
+written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable
+
+from core.fanout.hub import Hub
+from core.state import fleet
+from core.state.db import Database
+
+log = logging.getLogger(__name__)
+LEASE_SECONDS = 60
+
+
+class StreamLeases:
+    def __init__(self, db: Database, hub: Hub, shared: bool, owner: str = "") -> None:
+        self._db = db
+        self._hub = hub
+        self.shared = shared
+        self.owner = owner or uuid.uuid4().hex  # this instance, for as long as it runs
+        self._writes: set[asyncio.Task[None]] = set()
+
+    def connected(self, name: str, stream_until: int, now: float | None = None) -> bool:
+        """Streaming to this instance, or (shared state) to another one holding a lease."""
+        if self._hub.is_connected(name):
+            return True
+        return self.shared and stream_until > (time.time() if now is None else now)
+
+    def opened(self, name: str) -> None:
+        self._write(fleet.lease_streams, [name], self.owner, self._until())
+
+    def closed(self, name: str) -> None:
+        if not self._hub.is_connected(name):  # its last stream to this instance
+            self._write(fleet.release_stream, name, self.owner)
+
+    async def run(self) -> None:
+        """Renew this instance's leases until cancelled (shared state only)."""
+        while self.shared:
+            await asyncio.sleep(LEASE_SECONDS / 3)
+            names = self._hub.connected_keys()
+            if not names:
+                continue
+            try:
+                await self._db.run(fleet.lease_streams, names, self.owner, self._until())
+            except Exception as exc:  # the next round retries; leases outlive two misses
+                log.warning("renewing %d stream leases failed: %s", len(names), exc)
+
+    async def flush(self) -> None:
+        """Wait for the lease writes in flight (at shutdown: streams just closed release theirs)."""
+        await asyncio.gather(*self._writes, return_exceptions=True)
+
+    def _until(self) -> int:
+        return int(time.time() + LEASE_SECONDS)
+
+    def _write(self, fn: Callable[..., None], *args: object) -> None:
+        # In the background: a stream neither waits for the database to open nor to close
+        # (closing may run while gRPC tears the stream's generator down).
+        if not self.shared:
+            return
+        task = asyncio.get_running_loop().create_task(self._run_write(fn, *args))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def _run_write(self, fn: Callable[..., None], *args: object) -> None:
+        try:
+            await self._db.run(fn, *args)
+        except Exception as exc:
+            log.warning("recording a stream lease failed: %s", exc)
