@@ -10,11 +10,17 @@ from pathlib import Path
 import pytest
 
 from core.fanout import stream_leases
-from core.fanout.hub import Hub
+from core.fanout.hub import Hub, Subscription
 from core.fanout.stream_leases import LEASE_SECONDS, StreamLeases
 from core.state import fleet
 from core.state.db import Database, SatelliteRow, open_database
 from tests.core_process import eventually_async
+
+
+async def _subscribe(db: Database, hub: Hub, leases: StreamLeases, name: str) -> Subscription:
+    """What RefreshScriptPackages does as a stream opens."""
+    await db.run(fleet.touch, name, "1.0", "3.11", "linux", "", None, leases.lease())
+    return hub.subscribe(name)
 
 
 def _until(name: str) -> int:
@@ -31,9 +37,8 @@ async def test_instances_on_one_database_see_each_others_streams(
         hub_a, hub_b = Hub(), Hub()
         a, b = StreamLeases(db, hub_a, shared=True), StreamLeases(db, hub_b, shared=True)
 
-        sub = hub_a.subscribe("sat-a")
-        a.opened("sat-a")
-        await eventually_async(lambda: _until("sat-a") > time.time(), timeout=10)
+        sub = await _subscribe(db, hub_a, a, "sat-a")
+        assert _until("sat-a") > time.time()
         row = await db.run(SatelliteRow.get, SatelliteRow.name == "sat-a")
         assert a.connected("sat-a", row.stream_until)  # its own hub
         assert b.connected("sat-a", row.stream_until)  # the lease, on the other instance
@@ -43,12 +48,8 @@ async def test_instances_on_one_database_see_each_others_streams(
 
         # The agent moves to B before A notices its old stream ended: A's release must not
         # drop the lease B holds now.
-        sub_b = hub_b.subscribe("sat-a")
-        b.opened("sat-a")
-        await eventually_async(
-            lambda: SatelliteRow.get(SatelliteRow.name == "sat-a").stream_owner == b.owner,
-            timeout=10,
-        )
+        sub_b = await _subscribe(db, hub_b, b, "sat-a")
+        assert SatelliteRow.get(SatelliteRow.name == "sat-a").stream_owner == b.owner
         hub_a.unsubscribe(sub)
         a.closed("sat-a")
         await a.flush()
@@ -90,10 +91,8 @@ async def test_a_single_instance_writes_no_lease(tmp_path: Path) -> None:
         await db.run(fleet.create, "sat-a")
         hub = Hub()
         leases = StreamLeases(db, hub, shared=False)
-        hub.subscribe("sat-a")
-        leases.opened("sat-a")
-        await leases.flush()
-        assert _until("sat-a") == 0
+        await _subscribe(db, hub, leases, "sat-a")
+        assert leases.lease() is None and _until("sat-a") == 0
         assert leases.connected("sat-a", 0)
         assert not leases.connected("sat-b", int(time.time()) + 60)  # a stale lease is ignored
     finally:

@@ -175,10 +175,10 @@ class DistributionService(distribution_pb2_grpc.PackageDistributionServicer):
             request.platform,
             request.current_hash,
             host,
+            self._leases.lease(),
         )
         with self._subscriptions.enter(name):
             subscription = self._hub.subscribe(name, host)
-            self._leases.opened(name)
             log.info("satellite %s subscribed", name, extra=fields(satellite=name))
             if self._metrics is not None:
                 self._metrics.subscriptions.inc()

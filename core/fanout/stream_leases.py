@@ -2,11 +2,12 @@
 
 One instance knows its own subscribers (the hub); behind a load balancer an admin's call lands
 on any instance, which would show every satellite streaming to another one as offline. With
-shared state (Postgres) each instance therefore leases the streams it holds: it writes a lease
-when a stream opens, renews all of its leases every LEASE_SECONDS / 3, and drops one when its
-last stream for that satellite closes (unless another instance took the lease meanwhile). An
-instance that dies leaves leases that run out within LEASE_SECONDS; its agents reconnect to
-another instance within seconds, which takes them over.
+shared state (Postgres) each instance therefore leases the streams it holds. It writes a lease
+when a stream opens (in the subscribe's own row update, fleet.touch), renews all of its leases
+every LEASE_SECONDS / 3, and drops one when its last stream for that satellite closes (unless
+another instance took the lease meanwhile). An instance that dies leaves leases that run out
+within LEASE_SECONDS; its agents reconnect to another instance within seconds, which takes them
+over.
 
 A single instance (SQLite) needs none of this: its hub is the whole truth, and nothing is
 written.
@@ -42,8 +43,9 @@ class StreamLeases:
             return True
         return self.shared and stream_until > (time.time() if now is None else now)
 
-    def opened(self, name: str) -> None:
-        self._write(fleet.lease_streams, [name], self.owner, self._until())
+    def lease(self) -> tuple[str, int] | None:
+        """(owner, until) for a stream opening now, written with its subscribe; None alone."""
+        return (self.owner, self._until()) if self.shared else None
 
     def closed(self, name: str) -> None:
         if not self._hub.is_connected(name):  # its last stream to this instance

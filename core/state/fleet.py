@@ -81,15 +81,20 @@ def touch(
     platform: str,
     current: str,
     host: HostEnvironment | None = None,
+    lease: tuple[str, int] | None = None,
 ) -> None:
-    SatelliteRow.update(
-        last_seen=now(),
-        agent_version=agent_version[:64],
-        python_version=python_version[:64],
-        platform=platform[:128],
-        current_hash=current[:64],
-        host_json=json.dumps(dataclasses.asdict(host)) if host is not None else "",
-    ).where(SatelliteRow.name == name).execute()
+    """A satellite subscribed; `lease` (owner, until): the stream's lease, in the same write."""
+    fields: dict[str, object] = {
+        "last_seen": now(),
+        "agent_version": agent_version[:64],
+        "python_version": python_version[:64],
+        "platform": platform[:128],
+        "current_hash": current[:64],
+        "host_json": json.dumps(dataclasses.asdict(host)) if host is not None else "",
+    }
+    if lease is not None:
+        fields["stream_owner"], fields["stream_until"] = lease
+    SatelliteRow.update(**fields).where(SatelliteRow.name == name).execute()
 
 
 def host_of(row: SatelliteRow) -> HostEnvironment | None:
