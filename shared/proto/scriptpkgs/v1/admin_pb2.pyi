@@ -995,6 +995,7 @@ class Satellite(_message.Message):
     LAST_PULL_PATCHES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     connected: _builtins.bool
+    """a refresh stream open to this instance or (Postgres) another one"""
     last_seen_unix: _builtins.int
     desired_hash: _builtins.str
     current_hash: _builtins.str
