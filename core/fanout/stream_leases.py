@@ -19,7 +19,6 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable
 
 from core.fanout.hub import Hub
 from core.state import fleet
@@ -48,8 +47,12 @@ class StreamLeases:
         return (self.owner, self._until()) if self.shared else None
 
     def closed(self, name: str) -> None:
-        if not self._hub.is_connected(name):  # its last stream to this instance
-            self._write(fleet.release_stream, name, self.owner)
+        """A stream ended: release the lease once this instance holds none for `name`. In the
+        background, as closing may run while gRPC tears the stream's generator down."""
+        if self.shared and not self._hub.is_connected(name):
+            task = asyncio.get_running_loop().create_task(self._release(name))
+            self._writes.add(task)
+            task.add_done_callback(self._writes.discard)
 
     async def run(self) -> None:
         """Renew this instance's leases until cancelled (shared state only)."""
@@ -70,17 +73,8 @@ class StreamLeases:
     def _until(self) -> int:
         return int(time.time() + LEASE_SECONDS)
 
-    def _write(self, fn: Callable[..., None], *args: object) -> None:
-        # In the background: a stream neither waits for the database to open nor to close
-        # (closing may run while gRPC tears the stream's generator down).
-        if not self.shared:
-            return
-        task = asyncio.get_running_loop().create_task(self._run_write(fn, *args))
-        self._writes.add(task)
-        task.add_done_callback(self._writes.discard)
-
-    async def _run_write(self, fn: Callable[..., None], *args: object) -> None:
+    async def _release(self, name: str) -> None:
         try:
-            await self._db.run(fn, *args)
-        except Exception as exc:
-            log.warning("recording a stream lease failed: %s", exc)
+            await self._db.run(fleet.release_stream, name, self.owner)
+        except Exception as exc:  # it runs out within LEASE_SECONDS anyway
+            log.warning("releasing the stream lease of %s failed: %s", name, exc)

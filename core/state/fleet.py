@@ -130,7 +130,7 @@ def record_report(name: str, report: SyncReportIn) -> None:
 
 def lease_streams(names: list[str], owner: str, until: int) -> None:
     """`owner` holds these satellites' refresh streams until `until` (Unix time)."""
-    for i in range(0, len(names), 500):  # SQLite's bound-parameter limit, with room
+    for i in range(0, len(names), 500):  # bounded statements, however many streams it holds
         batch = names[i : i + 500]
         SatelliteRow.update(stream_owner=owner, stream_until=until).where(
             SatelliteRow.name.in_(batch)
